@@ -1,0 +1,84 @@
+"""Shared builders for the tests: tiny models of every family and batches with varied images and padding."""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from vtprune.testing import FAMILIES, IMAGE_TOKEN, VIDEO_TOKEN, Image, Video, collate, make_batch, tiny_model
+
+__all__ = [
+    "FAMILIES",
+    "Image",
+    "Video",
+    "collate",
+    "make_batch",
+    "tiny_model",
+    "samples_for",
+    "singles_for",
+    "with_positions",
+    "rows_of",
+    "visual_counts",
+    "visual_mask",
+    "newline_tokens",
+    "pooled",
+    "is_qwen",
+]
+
+
+def samples_for(family: str) -> list[list]:
+    """Prompts of different lengths, image counts and image sizes; the last sample has no image."""
+    if family == "llava":
+        return [[4, Image(), 6], [2, Image(), 3, Image(), 5], [9]]
+    if family == "llava_next":
+        return [[4, Image((32, 48)), 6], [2, Image((48, 32)), 3, Image((64, 64)), 2], [9]]
+    return [[4, Image((16, 16)), 6], [2, Image((24, 16)), 3, Video(2, (16, 16)), 2], [9]]
+
+
+def singles_for(model, family: str) -> list[dict]:
+    """Each prompt of :func:`samples_for` as its own one-sample batch."""
+    return [make_batch(model, [prompt], seed=i) for i, prompt in enumerate(samples_for(family))]
+
+
+def is_qwen(model) -> bool:
+    return type(model).__name__.startswith("Qwen")
+
+
+def with_positions(model, batch: dict) -> dict:
+    """The batch with the position ids generate() would use (padding-aware), for 1-D RoPE families."""
+    if is_qwen(model):
+        return batch
+    mask = batch["attention_mask"]
+    return {**batch, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+
+
+def rows_of(logits: torch.Tensor, index: torch.Tensor, sample: int) -> torch.Tensor:
+    """The logits rows of one sample's real tokens, in prompt order; ``index[b, j]`` = prompt position or -1."""
+    row = index[sample]
+    order = row[row >= 0].argsort()
+    return logits[sample][row >= 0][order]
+
+
+def visual_mask(batch: dict) -> torch.Tensor:
+    ids = batch["input_ids"]
+    return (ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)
+
+
+def visual_counts(batch: dict) -> list[int]:
+    return visual_mask(batch).sum(1).tolist()
+
+
+def newline_tokens(model, image: Image) -> int:
+    """LLaVA-NeXT's newline tokens for an image of this size, from transformers' own any-res arithmetic."""
+    if not type(model).__name__.startswith("LlavaNext"):
+        return 0
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    rows, cols = get_anyres_image_grid_shape(list(image.size), config.image_grid_pinpoints, config.vision_config.image_size)
+    # one newline per row of the unpadded high-resolution grid
+    return unpad_image(torch.empty(0, rows * side, cols * side), torch.tensor(image.size)).shape[1]
+
+
+def pooled(rows: list[torch.Tensor]) -> BaseModelOutputWithPooling:
+    return BaseModelOutputWithPooling(pooler_output=list(rows))

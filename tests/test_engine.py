@@ -1,0 +1,332 @@
+"""The engine on all four families: equivalences that must hold for any method at either pruning point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import vtprune
+from tests.helpers import (
+    FAMILIES,
+    Image,
+    Video,
+    collate,
+    is_qwen,
+    make_batch,
+    newline_tokens,
+    pooled,
+    rows_of,
+    samples_for,
+    singles_for,
+    tiny_model,
+    visual_counts,
+    visual_mask,
+    with_positions,
+)
+
+# (method, options): every method at each pruning point it supports, and both position conventions.
+CONFIGS = [
+    ("random", {}),
+    ("random", {"layer": 2}),
+    ("uniform", {}),
+    ("uniform", {"layer": 1}),
+    ("fastv", {}),
+    ("random", {"positions": "keep"}),
+    ("fastv", {"layer": 1, "positions": "renumber"}),
+]
+# Random models may emit any id; keep placeholder/special ids out of generated text.
+NO_SPECIAL = {"suppress_tokens": list(range(120, 128)), "pad_token_id": 0}
+IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in CONFIGS]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def _extend(batch: dict, ids: torch.Tensor) -> dict:
+    """The batch with its prompt extended by generated tokens."""
+    extra = ids.shape[1] - batch["input_ids"].shape[1]
+    full = {**batch, "input_ids": ids}
+    full["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(ids.shape[0], extra, dtype=torch.long)], 1)
+    if "mm_token_type_ids" in batch:
+        zeros = torch.zeros(ids.shape[0], extra, dtype=batch["mm_token_type_ids"].dtype)
+        full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], zeros], 1)
+    return full
+
+
+@pytest.mark.parametrize("method,options", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("keep", [1.0, 10_000])
+def test_keep_all_equals_dense(family, method, options, keep):
+    model = tiny_model(family)
+    batch = make_batch(model, samples_for(family))
+    dense = model(**batch).logits
+    with vtprune.wrap(model, method, keep=keep, **options) as pruning:
+        pruned = model(**batch).logits
+    assert_close(pruned, dense)
+    assert all(len(kept) == 3 for kept in pruning.kept)
+
+
+def test_unwrap_restores_the_model(family):
+    model = tiny_model(family)
+    batch = make_batch(model, samples_for(family))
+    before = model(**batch).logits
+    hooks_before = _hook_count(model)
+    pruning = vtprune.wrap(model, "fastv", keep=3)
+    assert _hook_count(model) > hooks_before
+    assert not torch.equal(model(**batch).logits[:, -1], before[:, -1])
+    pruning.unwrap()
+    pruning.unwrap()  # idempotent
+    assert _hook_count(model) == hooks_before
+    assert not hasattr(model, "_vtprune_pruning") and not hasattr(model.model, "_vtprune_pruning")
+    assert_close(model(**batch).logits, before, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with vtprune.wrap(model, "random", keep=2):
+            raise RuntimeError("boom")
+    assert _hook_count(model) == hooks_before
+    assert_close(model(**batch).logits, before, rtol=0, atol=0)
+    vtprune.wrap(model, "uniform", keep=2).unwrap()  # wrapping again after unwrap is fine
+
+
+@pytest.mark.parametrize("positions", ["renumber", "keep"])
+@pytest.mark.parametrize("method", ["random", "uniform"])
+def test_pre_llm_pruning_equals_born_short_prompt(family, method, positions):
+    """Pruning before the LLM = the unwrapped model fed only the kept image tokens, with the same positions."""
+    model = tiny_model(family)
+    batch = with_positions(model, make_batch(model, samples_for(family)[:2]))
+    with vtprune.wrap(model, method, keep=5, positions=positions) as pruning:
+        pruned = model(**batch).logits
+    record = pruning.last
+    index = record.output_index
+    valid = index >= 0
+
+    vlm = model.model
+    if is_qwen(model):
+        image = list(vlm.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
+        video = list(vlm.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"]).pooler_output)
+        full_positions, _ = vlm.get_rope_index(
+            batch["input_ids"],
+            batch["mm_token_type_ids"],
+            batch["image_grid_thw"],
+            batch["video_grid_thw"],
+            attention_mask=batch["attention_mask"],
+        )
+    else:
+        pixel_inputs = {k: batch[k] for k in ("pixel_values", "image_sizes") if k in batch}
+        image, video = list(vlm.get_image_features(**pixel_inputs).pooler_output), []
+        full_positions = batch["position_ids"]
+    kept = record.stages[0].kept_per_item
+    encoder_outputs = {"image": pooled([rows[k] for rows, k in zip(image, kept)])}
+    if video:  # one video, its frames are consecutive items
+        per_frame = video[0].shape[0] // (len(kept) - len(image))
+        frames = [video[0][i * per_frame : (i + 1) * per_frame][k] for i, k in enumerate(kept[len(image) :])]
+        encoder_outputs["video"] = pooled([torch.cat(frames)])
+    short_ids = batch["input_ids"].gather(1, index.clamp(min=0)).masked_fill(~valid, 0)
+    short_mask = valid.long()
+    if positions == "keep" or is_qwen(model):
+        short_positions = full_positions.gather(-1, index.clamp(min=0).expand(*full_positions.shape[:-2], -1, -1))
+    else:
+        short_positions = (short_mask.cumsum(-1) - 1).clamp(min=0)
+    born_short = model(
+        input_ids=short_ids, attention_mask=short_mask, position_ids=short_positions, mm_encoder_outputs=encoder_outputs
+    ).logits
+    assert valid.sum(1).max() < batch["input_ids"].shape[1]
+    assert_close(pruned[valid], born_short[valid], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,options", CONFIGS, ids=IDS)
+def test_cached_decoding_equals_recomputation_with_frozen_selection(family, method, options):
+    model = tiny_model(family)
+    batch = make_batch(model, samples_for(family))
+    steps = 4
+    with vtprune.wrap(model, method, keep=3, **options) as pruning:
+        generated = model.generate(
+            **batch,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **NO_SPECIAL,
+        )
+        prompt = batch["input_ids"].shape[1]
+        with pruning.freeze():
+            for step in range(steps):
+                full = _extend(batch, generated.sequences[:, : prompt + step])
+                logits = model(**with_positions(model, full), use_cache=False).logits
+                assert_close(logits[:, -1], generated.logits[step], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("method,options", CONFIGS, ids=IDS)
+def test_batch_equals_each_sample_alone(family, method, options, padding_side):
+    model = tiny_model(family)
+    singles = singles_for(model, family)
+    batch = with_positions(model, collate(model, singles, padding_side=padding_side))
+    with vtprune.wrap(model, method, keep=4, **options) as pruning:
+        batched = model(**batch).logits
+        batched_index = pruning.last.output_index
+        batched_kept = [[k.clone() for k in stage] for stage in pruning.kept]
+        for sample, single in enumerate(singles):
+            alone = model(**with_positions(model, single)).logits
+            has_image = sample < 2
+            alone_index = pruning.last.output_index if has_image else torch.arange(alone.shape[1])[None]
+            assert_close(rows_of(batched, batched_index, sample), rows_of(alone, alone_index, 0), rtol=1e-4, atol=1e-4)
+            if has_image:
+                for stage, kept in enumerate(pruning.kept):
+                    assert torch.equal(kept[0], batched_kept[stage][sample])
+
+
+@pytest.mark.parametrize("method,options", CONFIGS, ids=IDS)
+def test_sdpa_equals_eager(family, method, options):
+    results = []
+    for implementation in ("sdpa", "eager"):
+        model = tiny_model(family, attn_implementation=implementation)
+        batch = with_positions(model, make_batch(model, samples_for(family)))
+        with vtprune.wrap(model, method, keep=4, **options) as pruning:
+            logits = model(**batch).logits
+            real = pruning.last.output_index >= 0  # padding rows attend to nothing; kernels differ there
+            results.append((logits[real], [[k.clone() for k in s] for s in pruning.kept]))
+    assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
+    for stage_sdpa, stage_eager in zip(results[0][1], results[1][1]):
+        for a, b in zip(stage_sdpa, stage_eager):
+            assert torch.equal(a, b)
+
+
+def test_recomputed_attention_rows_equal_eager_attention_map(family):
+    model = tiny_model(family, attn_implementation="eager")
+    batch = with_positions(model, make_batch(model, samples_for(family)))
+    layer = 2
+    attention = model(**batch, output_attentions=True).attentions[layer - 1].mean(1)  # [B, L, L]
+    with vtprune.wrap(model, "fastv", keep=10_000, layer=layer) as pruning:
+        model(**batch)
+    record = pruning.last
+    mask = batch["attention_mask"].bool()
+    last = torch.where(mask, torch.arange(mask.shape[1]), -1).max(1).values
+    visual = visual_mask(batch)
+    scores = iter(record.stages[0].scores_per_item)
+    for sample in range(mask.shape[0]):
+        n_items = sum(1 for item in record.items if item["sample"] == sample)
+        if n_items:
+            ours = torch.cat([next(scores) for _ in range(n_items)])
+            assert_close(ours, attention[sample, last[sample]][visual[sample]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,options", CONFIGS, ids=IDS)
+def test_sequence_lengths_and_kept_follow_the_budget(family, method, options):
+    model = tiny_model(family)
+    samples = samples_for(family)
+    batch = make_batch(model, samples)
+    seen: list[int] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].shape[1]), with_kwargs=True)
+        for layer in model.model.language_model.layers
+    ]
+    keep = 3
+    with vtprune.wrap(model, method, keep=keep, **options) as pruning:
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    record = pruning.last
+
+    # Expected: per image, `keep` tokens plus LLaVA-NeXT's newline tokens (always kept); a video keeps `keep` per frame.
+    expected_items = []
+    for sample, prompt in enumerate(samples):
+        for part in prompt:
+            if isinstance(part, Image):
+                expected_items.append((sample, keep + newline_tokens(model, part)))
+            elif isinstance(part, Video):
+                expected_items += [(sample, keep)] * part.frames
+    assert [(i["sample"]) for i in record.items] == [s for s, _ in expected_items]
+    kept_visual = [0] * len(samples)
+    for sample, count in expected_items:
+        kept_visual[sample] += count
+    real = batch["attention_mask"].sum(1).tolist()
+    pruned_length = max(r - v + k for r, v, k in zip(real, visual_counts(batch), kept_visual))
+    layer = options.get("layer", 2 if method == "fastv" else None)
+    expected = [
+        pruned_length if layer is None or index >= layer else batch["input_ids"].shape[1]
+        for index in range(len(model.model.language_model.layers))
+    ]
+    assert seen == expected == pruning.seq_lens
+
+    for stage in record.stages:
+        for (sample, count), item, kept in zip(expected_items, record.items, stage.kept_per_item):
+            assert kept.numel() == kept.unique().numel() == count
+            assert 0 <= int(kept.min()) and int(kept.max()) < item["num_tokens"]
+        for sample, kept in enumerate(stage.kept):
+            assert kept.numel() == kept.unique().numel() == kept_visual[sample]
+            assert kept.numel() == 0 or int(kept.max()) < visual_counts(batch)[sample]
+
+
+def test_text_only_batches_pass_through(family):
+    model = tiny_model(family)
+    batch = make_batch(model, [[5], [3]])
+    dense = model(**batch).logits
+    expected = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with vtprune.wrap(model, "random", keep=1) as pruning:
+        assert_close(model(**batch).logits, dense, rtol=0, atol=0)
+        assert torch.equal(model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0), expected)
+    assert pruning.last is None
+
+
+def test_labels_follow_the_kept_tokens(family):
+    model = tiny_model(family)
+    batch = make_batch(model, samples_for(family)[:2])
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with vtprune.wrap(model, "random", keep=2) as pruning:
+        out = model(**batch, labels=labels)
+    index = pruning.last.output_index
+    kept_labels = labels.gather(1, index.clamp(min=0)).masked_fill(index < 0, -100)
+    expected = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1), kept_labels[:, 1:].flatten(), ignore_index=-100
+    )
+    assert out.logits.shape[1] == index.shape[1] < labels.shape[1]
+    assert_close(out.loss, expected)
+
+
+@dataclass
+class _TwoStage(vtprune.Random):
+    """A test-only progressive schedule: halve before the LLM, prune again at layer 2."""
+
+    name = "two_stage_test"
+
+    def stages(self, model, keep):
+        return [vtprune.Stage(layer=None, keep=2 * keep), vtprune.Stage(layer=2, keep=keep)]
+
+
+def test_progressive_schedule_with_two_stages(family):
+    model = tiny_model(family)
+    batch = make_batch(model, samples_for(family))
+    with vtprune.wrap(model, _TwoStage(), keep=2) as pruning:
+        generated = model.generate(
+            **batch, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True, **NO_SPECIAL
+        )
+        first, second = pruning.kept
+        for before, after in zip(first[:2], second[:2]):
+            assert torch.isin(after, before).all() and after.numel() < before.numel()
+        lengths = pruning.seq_lens
+        assert lengths[0] == lengths[1] > lengths[2] == lengths[3]
+        with pruning.freeze():
+            full = _extend(batch, generated.sequences[:, : batch["input_ids"].shape[1] + 2])
+            logits = model(**with_positions(model, full), use_cache=False).logits
+    assert_close(logits[:, -1], generated.logits[2], rtol=1e-4, atol=1e-4)
+
+
+def test_budget_applies_per_image_and_per_video_frame():
+    model = tiny_model("qwen2_vl")
+    batch = make_batch(model, [[3, Image((16, 24)), 2, Video(3, (16, 16)), 4]])
+    with vtprune.wrap(model, "uniform", keep=2) as pruning:
+        model(**batch)
+    items = pruning.last.items
+    assert [i["modality"] for i in items] == ["image", "video", "video", "video"]
+    assert [i["num_tokens"] for i in items] == [24, 16, 16, 16]  # 16x24 px -> 8x12 patches -> 4x6 merged
+    assert [k.numel() for k in pruning.last.stages[0].kept_per_item] == [2, 2, 2, 2]
+    assert pruning.kept[0][0].numel() == 8

@@ -1,0 +1,32 @@
+"""vtprune: prune and compress the visual tokens of vision-language models.
+
+    pruning = vtprune.wrap(model, method="fastv", keep=64)
+    model.generate(**inputs)
+    pruning.kept, pruning.seq_lens
+    pruning.unwrap()
+"""
+
+from vtprune.api import unwrap, wrap
+from vtprune.core.context import ItemView, PruneContext
+from vtprune.core.handle import Pruning
+from vtprune.core.registry import Method, ModelInfo, Stage, list_methods, method_class, register_method
+from vtprune.methods import FastV, Random, Uniform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "wrap",
+    "unwrap",
+    "list_methods",
+    "method_class",
+    "register_method",
+    "Method",
+    "ModelInfo",
+    "Stage",
+    "PruneContext",
+    "ItemView",
+    "Pruning",
+    "FastV",
+    "Random",
+    "Uniform",
+]

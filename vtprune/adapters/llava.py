@@ -1,0 +1,62 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP ViT with [CLS], MLP projector, Llama-style decoder.
+
+Each image is one item of ``(image_size / patch_size)^2`` tokens on a square grid (576 = 24 x 24 for
+LLaVA-1.5-7B). With ``vision_feature_select_strategy="full"`` the [CLS] feature precedes the grid and is kept
+as a structural token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk
+from vtprune.core.layout import GridPart
+
+
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_class_names = ("LlavaForConditionalGeneration", "LlavaModel")
+
+    def _image_features(self, inputs: dict[str, Any]) -> list[Tensor] | None:
+        precomputed = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        if precomputed is not None:
+            return list(precomputed.pooler_output)
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is None or pixel_values.numel() == 0:
+            return None
+        output = self.call_with_supported(
+            self.vlm.get_image_features,
+            pixel_values=pixel_values,
+            image_sizes=inputs.get("image_sizes"),
+            vision_feature_layer=inputs.get("vision_feature_layer"),
+            vision_feature_select_strategy=inputs.get("vision_feature_select_strategy"),
+            return_dict=True,
+        )
+        return list(output.pooler_output)
+
+    def _patch_grid(self) -> int:
+        vision = self.vlm.config.vision_config
+        return vision.image_size // vision.patch_size
+
+    def _select_strategy(self, inputs: dict[str, Any]) -> str:
+        return inputs.get("vision_feature_select_strategy") or self.vlm.config.vision_feature_select_strategy
+
+    def image_item(self, features: Tensor, inputs: dict[str, Any]) -> ItemSpec:
+        num_tokens = features.shape[0]
+        side = self._patch_grid()
+        if num_tokens == side * side:
+            return ItemSpec(0, num_tokens, (GridPart(0, side, side, side),))
+        if num_tokens == side * side + 1 and self._select_strategy(inputs) == "full":
+            structural = torch.zeros(num_tokens, dtype=torch.bool)
+            structural[0] = True
+            return ItemSpec(0, num_tokens, (GridPart(1, side, side, side),), structural)
+        return ItemSpec(0, num_tokens)
+
+    def encode(self, inputs: dict[str, Any]) -> list[VisualChunk]:
+        features = self._image_features(inputs)
+        if features is None:
+            return []
+        return [VisualChunk("image", rows, [self.image_item(rows, inputs)]) for rows in features]

@@ -1,0 +1,46 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): any-resolution LLaVA.
+
+An image becomes a base view (a square grid, 576 tokens on LLaVA-NeXT-7B) followed by the unpadded high-resolution
+grid, each of its rows ended by an ``image_newline`` token. The whole image is one item with two grids; the newline
+tokens are structural: always kept and not counted in the budget (as FasterVLM keeps them).
+
+The layout is read off the features themselves: newline rows are exact copies of the model's ``image_newline``
+vector. This works also inside ``generate``, which encodes images before prefill and drops ``image_sizes``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtprune.adapters.llava import LlavaAdapter
+from vtprune.core.adapter import ItemSpec
+from vtprune.core.layout import GridPart
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+    model_class_names = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+
+    def image_item(self, features: Tensor, inputs: dict[str, Any]) -> ItemSpec:
+        num_tokens = features.shape[0]
+        newline = self.vlm.image_newline.to(features.device, features.dtype)
+        structural = (features == newline).all(-1).cpu()
+        side = self._patch_grid()
+        base = side * side
+        if self._select_strategy(inputs) != "default" or num_tokens <= base:
+            return ItemSpec(0, num_tokens, structural=structural if structural.any() else None)
+        high_res = structural[base:]
+        newlines = high_res.nonzero().squeeze(1)
+        if newlines.numel() == 1 and num_tokens == base + 1:  # single view: the grid, then one newline
+            return ItemSpec(0, num_tokens, (GridPart(0, side, side, side),), structural)
+        width = int(newlines[0]) if newlines.numel() else 0
+        height = newlines.numel()
+        expected = (torch.arange(height) * (width + 1) + width).tolist()
+        if width == 0 or newlines.tolist() != expected or high_res.numel() != height * (width + 1):
+            return ItemSpec(0, num_tokens, structural=structural if structural.any() else None)
+        grids = (GridPart(0, side, side, side), GridPart(base, height, width, width + 1))
+        return ItemSpec(0, num_tokens, grids, structural)
+

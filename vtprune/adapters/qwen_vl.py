@@ -1,0 +1,118 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution ViT (no [CLS]), 2x2 patch merger, decoder with M-RoPE.
+
+Each image is one item whose tokens are its merged patches in raster order on a ``(h / 2) x (w / 2)`` grid; a
+video contributes one item per temporal slice, so the budget applies per frame. Positions are the 3-D M-RoPE ids
+computed on the full prompt (as the model does) and sliced, so kept tokens keep their (t, h, w) positions and
+``rope_deltas`` stay valid while decoding. Because an image advances the text position by its grid extent, not by
+its token count, dropping image tokens leaves nothing to renumber: ``positions="renumber"`` behaves as ``"keep"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk
+from vtprune.core.layout import GridPart
+
+
+class QwenVLAdapter(Adapter):
+    family = "qwen_vl"
+    model_class_names = (
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2VLModel",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen2_5_VLModel",
+    )
+    raw_visual_inputs = ("pixel_values", "pixel_values_videos")
+    mrope = True
+    has_cls_token = False
+
+    def visual_token_ids(self) -> dict[str, int]:
+        config = self.vlm.config
+        return {"image": config.image_token_id, "video": config.video_token_id}
+
+    def _chunks(self, inputs: dict[str, Any], modality: str) -> list[VisualChunk]:
+        precomputed = (inputs.get("mm_encoder_outputs") or {}).get(modality)
+        grid_thw = inputs.get(f"{modality}_grid_thw")
+        if precomputed is not None:
+            features = list(precomputed.pooler_output)
+        else:
+            pixels = inputs.get("pixel_values" if modality == "image" else "pixel_values_videos")
+            if pixels is None or pixels.numel() == 0:
+                return []
+            encode = self.vlm.get_image_features if modality == "image" else self.vlm.get_video_features
+            features = list(encode(pixels, grid_thw, return_dict=True).pooler_output)
+        if grid_thw is not None:
+            merge = self.vlm.config.vision_config.spatial_merge_size
+            grids = [(t, h // merge, w // merge) for t, h, w in grid_thw.tolist()]
+        else:  # generate() encodes images before prefill and drops the grids: read them off the M-RoPE positions
+            grids = self._grids_from_positions(inputs, modality, [rows.shape[0] for rows in features])
+        chunks = []
+        for rows, grid in zip(features, grids, strict=True):
+            if grid is None:
+                chunks.append(VisualChunk(modality, rows, [ItemSpec(0, rows.shape[0])]))
+                continue
+            frames, grid_h, grid_w = grid
+            per_frame = grid_h * grid_w
+            part = (GridPart(0, grid_h, grid_w, grid_w),)
+            chunks.append(VisualChunk(modality, rows, [ItemSpec(t * per_frame, per_frame, part) for t in range(frames)]))
+        return chunks
+
+    def _grids_from_positions(
+        self, inputs: dict[str, Any], modality: str, counts: list[int]
+    ) -> list[tuple[int, int, int] | None]:
+        """(frames, rows, cols) of each image from the distinct t / h / w positions of its tokens."""
+        positions = inputs.get("position_ids")
+        if positions is None or positions.ndim != 3:
+            return [None] * len(counts)
+        mask = self.placeholder_masks(inputs.get("input_ids"), inputs.get("inputs_embeds"))[modality]
+        rows, cols = mask.nonzero(as_tuple=True)
+        grids: list[tuple[int, int, int] | None] = []
+        start = 0
+        for count in counts:
+            thw = positions[-3:, rows[start : start + count], cols[start : start + count]]
+            grid = tuple(int(axis.unique().numel()) for axis in thw)
+            grids.append(grid if grid[0] * grid[1] * grid[2] == count else None)
+            start += count
+        return grids
+
+    def encode(self, inputs: dict[str, Any]) -> list[VisualChunk]:
+        return self._chunks(inputs, "image") + self._chunks(inputs, "video")
+
+    def prefill_positions(self, inputs: dict[str, Any], batch: int, length: int) -> Tensor:
+        given = inputs.get("position_ids")
+        if given is not None:
+            return given[None].expand(3, -1, -1) if given.ndim == 2 else given
+        embeds = inputs.get("inputs_embeds")
+        if embeds is None:
+            embeds = torch.empty(batch, length, 0, device=self._device(inputs))
+        positions = self.call_with_supported(
+            self.vlm.compute_3d_position_ids,
+            input_ids=inputs.get("input_ids"),
+            inputs_embeds=embeds,
+            image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
+            attention_mask=inputs.get("attention_mask"),
+            past_key_values=None,
+            second_per_grid_ts=inputs.get("second_per_grid_ts"),
+            mm_token_type_ids=inputs.get("mm_token_type_ids"),
+        )
+        if positions is None:  # what the text model falls back to
+            positions = torch.arange(length, device=embeds.device).view(1, 1, -1).expand(3, batch, -1)
+        return positions
+
+    def decode_positions(self, inputs: dict[str, Any], past_length: int, query_length: int, batch: int) -> Tensor:
+        positions = super().decode_positions(inputs, past_length, query_length, batch)[None].expand(3, -1, -1)
+        deltas = self.vlm.rope_deltas
+        if deltas is not None:
+            positions = positions + deltas.repeat_interleave(batch // deltas.shape[0], dim=0).to(positions.device)
+        return positions
+
+    def split_positions(self, positions: Tensor) -> tuple[Tensor, Tensor | None]:
+        # generate() passes [4, B, L]: text positions (used by FlashAttention's packing check) + the 3 M-RoPE axes.
+        if positions.shape[0] == 4:
+            return positions[1:], positions[0]
+        return positions, None

@@ -1,0 +1,77 @@
+"""The public verbs: wrap a model, list the methods."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from vtprune.adapters import find_adapter
+from vtprune.core.budget import Keep, validate_keep
+from vtprune.core.engine import PruningEngine
+from vtprune.core.handle import WRAPPED_ATTRIBUTE, Pruning
+from vtprune.core.registry import Method, ModelInfo, Stage, make_method
+
+
+def wrap(model: nn.Module, method: str | Method, keep: Keep, **options: Any) -> Pruning:
+    """Patch ``model`` in place so its forward (and ``generate``) prunes visual tokens; returns the handle.
+
+    Args:
+        model: a supported Hugging Face VLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL).
+        method: a registered method name (see :func:`list_methods`) or a method config such as ``vtprune.FastV()``.
+        keep: visual tokens kept per image (int >= 1) or the fraction of each image's tokens kept (float in (0, 1]).
+        **options: fields of the method's config (e.g. ``layer=2`` for FastV).
+
+    The returned :class:`~vtprune.core.handle.Pruning` reports what each forward kept and undoes the wrap with
+    ``unwrap()``; it is also a context manager.
+    """
+    keep = validate_keep(keep)
+    config = make_method(method, **options)
+    adapter = find_adapter(model)
+    for module in (model, adapter.vlm):
+        existing = getattr(module, WRAPPED_ATTRIBUTE, None)
+        if existing is not None:
+            raise ValueError(
+                f"this model is already wrapped by vtprune ({existing.method.name}, keep={existing.keep}); "
+                "call .unwrap() on that handle before wrapping it again"
+            )
+    info = ModelInfo(
+        family=adapter.family,
+        num_layers=len(adapter.decoder_layers),
+        has_cls_token=adapter.has_cls_token,
+        mrope=adapter.mrope,
+    )
+    stages = _checked_stages(config, config.stages(info, keep), info)
+    engine = PruningEngine(model, adapter, config, keep, stages, info)
+    engine.install()
+    handle = Pruning(engine)
+    for module in (model, adapter.vlm):
+        setattr(module, WRAPPED_ATTRIBUTE, handle)
+    return handle
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Undo :func:`wrap` on ``model`` (no-op when it is not wrapped)."""
+    handle = getattr(model, WRAPPED_ATTRIBUTE, None)
+    if handle is not None:
+        handle.unwrap()
+    return model
+
+
+def _checked_stages(config: Method, stages: list[Stage], info: ModelInfo) -> list[Stage]:
+    if not stages:
+        raise ValueError(f"{config.name}: stages() returned no pruning point")
+    layers = [-1 if s.layer is None else s.layer for s in stages]
+    if layers != sorted(set(layers)):
+        raise ValueError(f"{config.name}: stages must prune at increasing layers, got {layers}")
+    for stage in stages:
+        if stage.layer is not None:
+            info.check_layer(config.name, "stage layer", stage.layer)
+        if stage.attention_from is not None:
+            if stage.layer is None or not 0 <= stage.attention_from < stage.layer:
+                raise ValueError(
+                    f"{config.name}: attention_from={stage.attention_from} must be a decoder layer before the "
+                    f"stage's layer {stage.layer}"
+                )
+        validate_keep(stage.keep, f"{config.name} stage keep")
+    return stages

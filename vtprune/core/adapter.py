@@ -1,0 +1,151 @@
+"""What the engine asks of a model family. Each family implements this in ``vtprune/adapters/<family>.py``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from vtprune.core.layout import GridPart
+
+
+@dataclass
+class ItemSpec:
+    """One budgeted unit inside an encoder output: rows ``[start, start + count)`` of its features."""
+
+    start: int
+    count: int
+    grids: tuple[GridPart, ...] = ()
+    structural: Tensor | None = None
+
+
+@dataclass
+class VisualChunk:
+    """One entry of the vision encoder's output (an image, or a whole video) and its budgeted items."""
+
+    modality: str
+    features: Tensor
+    items: list[ItemSpec] = field(default_factory=list)
+
+
+class Adapter:
+    """Base class of the model-family adapters.
+
+    An adapter knows one family's module paths, how its vision encoder output maps onto placeholder tokens, and
+    how it numbers positions. It knows nothing about any pruning method.
+    """
+
+    family: ClassVar[str] = ""
+    # Class names accepted by this adapter (for the "unsupported model" error).
+    model_class_names: ClassVar[tuple[str, ...]] = ()
+    # Inputs that make the model run its vision encoder; cleared once features are handed over precomputed.
+    raw_visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    mrope: ClassVar[bool] = False
+    has_cls_token: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        # ForConditionalGeneration holds the multimodal base model in `.model` next to `lm_head`; a bare base model
+        # can be wrapped too.
+        self.vlm: nn.Module = model.model if hasattr(model, "lm_head") else model
+        self._forward_signature = inspect.signature(self.vlm.forward)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ in cls.model_class_names
+
+    # -- module paths ------------------------------------------------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        return self.vlm.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def text_config(self) -> Any:
+        return self.language_model.config
+
+    def rotary(self, hidden_states: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        rotary_positions, _ = self.split_positions(positions)
+        return self.language_model.rotary_emb(hidden_states, rotary_positions)
+
+    # -- tokens ------------------------------------------------------------------------------------------------
+    def visual_token_ids(self) -> dict[str, int]:
+        return {"image": self.vlm.config.image_token_id}
+
+    def placeholder_masks(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> dict[str, Tensor]:
+        """``[B, L]`` masks of the placeholder tokens, per modality (from ids, or by embedding match as HF does)."""
+        masks = {}
+        for modality, token_id in self.visual_token_ids().items():
+            if input_ids is not None:
+                masks[modality] = input_ids == token_id
+            else:
+                embedding = self.vlm.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+                masks[modality] = (inputs_embeds == embedding).all(-1)
+        return masks
+
+    def safe_pad_id(self) -> int:
+        """A token id that is not a placeholder, for padding slots of a re-padded ``input_ids``."""
+        pad = getattr(self.text_config, "pad_token_id", None)
+        visual = set(self.visual_token_ids().values())
+        if isinstance(pad, int) and pad not in visual and 0 <= pad < self.text_config.vocab_size:
+            return pad
+        return next(i for i in range(self.text_config.vocab_size) if i not in visual)
+
+    # -- vision encoder ----------------------------------------------------------------------------------------
+    def encode(self, inputs: dict[str, Any]) -> list[VisualChunk]:
+        """Run the vision encoder (+ projector) on ``inputs`` and return its outputs in placeholder order."""
+        raise NotImplementedError
+
+    def encoder_outputs(self, features: dict[str, list[Tensor]]) -> dict[str, BaseModelOutputWithPooling]:
+        """The ``mm_encoder_outputs`` argument that hands (kept) features to the model's forward."""
+        return {modality: BaseModelOutputWithPooling(pooler_output=list(rows)) for modality, rows in features.items()}
+
+    # -- positions ---------------------------------------------------------------------------------------------
+    def prefill_positions(self, inputs: dict[str, Any], batch: int, length: int) -> Tensor:
+        """Position ids of the full prompt exactly as the unwrapped model would use them (sequence last)."""
+        given = inputs.get("position_ids")
+        if given is not None:
+            return given.expand(batch, -1) if given.ndim == 2 else given
+        return torch.arange(length, device=self._device(inputs)).expand(batch, -1)
+
+    def decode_positions(self, inputs: dict[str, Any], past_length: int, query_length: int, batch: int) -> Tensor:
+        """Positions of tokens decoded after ``past_length`` original tokens when the caller passes none."""
+        positions = torch.arange(past_length, past_length + query_length, device=self._device(inputs))
+        return positions.expand(batch, -1)
+
+    def split_positions(self, positions: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(positions for the rotary embedding, ``position_ids`` passed to each decoder layer)."""
+        return positions, positions
+
+    @staticmethod
+    def _device(inputs: dict[str, Any]) -> torch.device:
+        tensor = inputs.get("input_ids")
+        return (tensor if tensor is not None else inputs["inputs_embeds"]).device
+
+    # -- helpers for subclasses --------------------------------------------------------------------------------
+    @staticmethod
+    def call_with_supported(fn: Callable[..., Any], **kwargs: Any) -> Any:
+        """Call ``fn`` with the keyword arguments its signature accepts (families differ slightly)."""
+        params = inspect.signature(fn).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return fn(**kwargs)
+        return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+    def bind_forward(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The multimodal base model's forward arguments as one flat dict."""
+        bound = self._forward_signature.bind_partial(*args, **kwargs)
+        flat: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            if self._forward_signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                flat.update(value)
+            else:
+                flat[name] = value
+        return flat

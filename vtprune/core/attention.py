@@ -1,0 +1,64 @@
+"""Attention rows recomputed from a layer's queries and keys.
+
+Methods that rank tokens by attention (FastV, PyramidDrop, SparseVLM, ...) need only a few rows of one layer's
+attention map. Recomputing ``softmax(q_rows k^T / sqrt(d))`` for those rows costs O(rows x L x d) and lets the
+model itself run with SDPA or FlashAttention, which never materialise the map.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on ``x [B, heads, T, d]`` with ``cos``/``sin`` of shape ``[B, T, d]`` (HF's rotate-half convention)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def attention_rows(
+    attn: nn.Module,
+    query_states: Tensor,
+    key_states: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    query_slots: Tensor,
+    key_valid: Tensor,
+) -> Tensor:
+    """Attention probabilities of the query rows ``query_slots`` of one decoder layer, ``[B, heads, R, L]`` (fp32).
+
+    ``attn`` is the layer's attention module (for ``head_dim``, ``scaling`` and optional ``q_norm``/``k_norm``);
+    ``query_states``/``key_states`` are its ``q_proj``/``k_proj`` outputs ``[B, L, heads * head_dim]`` before RoPE;
+    ``position_embeddings`` the ``(cos, sin)`` the layer received. Keys are masked causally (a query sees slots up
+    to its own) and where ``key_valid`` is False (padding), exactly like the layer's own mask.
+    """
+    head_dim = attn.head_dim
+    batch, length, _ = key_states.shape
+    cos, sin = position_embeddings
+    rows = query_slots.shape[1]
+
+    q = query_states.gather(1, query_slots[..., None].expand(-1, -1, query_states.shape[-1]))
+    q = q.view(batch, rows, -1, head_dim)
+    k = key_states.view(batch, length, -1, head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    q = q.transpose(1, 2).float()
+    k = k.transpose(1, 2).float()
+
+    cos, sin = cos.float(), sin.float()
+    row_index = query_slots[..., None].expand(-1, -1, cos.shape[-1])
+    q = apply_rotary(q, cos.gather(1, row_index), sin.gather(1, row_index))
+    k = apply_rotary(k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+
+    scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling
+    key_slots = torch.arange(length, device=key_states.device)
+    allowed = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[..., None])
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1)

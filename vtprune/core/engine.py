@@ -1,0 +1,574 @@
+"""The engine: hooks that apply a method's selections to a Hugging Face VLM's forward.
+
+Everything is done with PyTorch module hooks that :meth:`PruningEngine.remove` takes away again:
+
+* a pre-hook on the multimodal base model (``model.model``) runs the vision encoder, finds each image's
+  placeholder tokens, computes the full prompt's position ids and, for a pre-LLM stage, hands the model a shorter
+  prompt (fewer placeholders, kept features through ``mm_encoder_outputs``, sliced mask and positions);
+* a pre-hook on every decoder layer applies in-LLM stages (gather hidden states, positions, rotary tables, a
+  rebuilt causal mask) and feeds the shortened inputs to the following layers, whose KV cache therefore holds only
+  kept tokens;
+* forward hooks on ``q_proj``/``k_proj`` of the layers whose attention a method needs, so attention rows are
+  recomputed for just the query rows asked for (SDPA and FlashAttention stay on);
+* decode steps reuse the prefill's layouts: per segment of layers, the prefill mask plus the new tokens' mask,
+  and positions lagging the original numbering by the tokens removed before (``Layout.shift``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from vtprune.core.adapter import Adapter, VisualChunk
+from vtprune.core.attention import attention_rows
+from vtprune.core.budget import Keep, tokens_to_keep
+from vtprune.core.context import ItemView, PruneContext
+from vtprune.core.layout import Layout, VisualItem, padding_side_of
+from vtprune.core.record import ForwardRecord, StageRecord
+from vtprune.core.registry import Method, ModelInfo, Stage, top_budget
+from vtprune.kernels import gather_tokens
+
+_MASK_BUILDERS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
+# Per-token inputs of the multimodal forward that must follow the tokens when a pre-LLM stage shortens the prompt.
+_PER_TOKEN_INPUTS = ("mm_token_type_ids", "token_type_ids")
+
+
+@dataclass
+class _LayerInputs:
+    """Replacement keyword arguments for the decoder layers of one segment."""
+
+    masks: dict[str, Any]
+    position_embeddings: tuple[Tensor, Tensor]
+    position_ids: Tensor | None
+
+
+@dataclass
+class _Session:
+    """What decoding after a pruned prefill needs: the cache it filled and its layouts per segment of layers."""
+
+    cache: weakref.ref
+    segments: list[Layout]
+    prompt_length: int
+    decoded: int = 0
+
+    def segment_of(self, layer: int) -> int:
+        return max(i for i, layout in enumerate(self.segments) if layout.first_layer <= layer)
+
+
+@dataclass
+class _Pass:
+    """State of the forward in flight."""
+
+    prefill: bool
+    layout: Layout
+    cache: Cache | None
+    items: list[VisualItem] = field(default_factory=list)
+    features: dict[int, Tensor] = field(default_factory=dict)
+    pending: list[tuple[int, Stage]] = field(default_factory=list)
+    record: ForwardRecord | None = None
+    segments: list[Layout] = field(default_factory=list)
+    layer_inputs: _LayerInputs | None = None
+    captured: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # decode only
+    session: _Session | None = None
+    new_columns: Tensor | None = None
+    positions: Tensor | None = None
+    segment_inputs: dict[int, _LayerInputs] = field(default_factory=dict)
+    query_length: int = 0
+
+
+class PruningEngine:
+    """Applies ``method`` with budget ``keep`` to ``model`` through hooks; see the module docstring."""
+
+    def __init__(
+        self, model: nn.Module, adapter: Adapter, method: Method, keep: Keep, stages: list[Stage], info: ModelInfo
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.method = method
+        self.keep = keep
+        self.stages = stages
+        self.info = info
+        self.renumber = method.positions == "renumber" and not adapter.mrope
+        self.attention_layers = sorted({s.attention_from for s in stages if s.attention_from is not None})
+        self.last: ForwardRecord | None = None
+        self.frozen: ForwardRecord | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._pass: _Pass | None = None
+        self._session: _Session | None = None
+        self._labels: Tensor | None = None
+        self._output_index: Tensor | None = None
+
+    # -- installation ------------------------------------------------------------------------------------------
+    def install(self) -> None:
+        try:
+            vlm = self.adapter.vlm
+            # prepend=True: hooks the user registered earlier see the inputs the module really runs on.
+            self._hooks.append(vlm.register_forward_pre_hook(self._on_vlm_forward, with_kwargs=True, prepend=True))
+            self._hooks.append(
+                self.adapter.language_model.register_forward_hook(self._on_language_model_done, with_kwargs=True)
+            )
+            if self.model is not vlm:
+                self._hooks.append(
+                    self.model.register_forward_pre_hook(self._on_outer_forward, with_kwargs=True, prepend=True)
+                )
+                self._hooks.append(self.model.register_forward_hook(self._on_outer_done, with_kwargs=True))
+            for index, layer in enumerate(self.adapter.decoder_layers):
+                self._hooks.append(
+                    layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True, prepend=True)
+                )
+            for index in self.attention_layers:
+                attn = self.adapter.decoder_layers[index].self_attn
+                for kind in ("q", "k"):
+                    projection = getattr(attn, f"{kind}_proj")
+                    self._hooks.append(projection.register_forward_hook(self._capture_hook(index, kind)))
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._pass = None
+        self._session = None
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+    def _on_vlm_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self._pass = None
+        self._output_index = None
+        inputs = self.adapter.bind_forward(args, kwargs)
+        cache = inputs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            session = self._session
+            if session is not None and session.cache() is cache:
+                return self._start_decode(inputs, session)
+            return None  # continuing a cache that no pruned prefill made: nothing to do
+        return self._start_prefill(inputs)
+
+    def _layer_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if self._pass is None:
+                return None
+            return self._on_layer(index, args, kwargs)
+
+        return hook
+
+    def _capture_hook(self, index: int, kind: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            current = self._pass
+            if current is not None and current.prefill:
+                current.captured.setdefault(index, {})[kind] = output
+
+        return hook
+
+    def _on_language_model_done(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        current, self._pass = self._pass, None
+        if current is None:
+            return
+        if current.prefill:
+            current.record.output_index = current.layout.token
+            self.last = current.record
+            self._output_index = current.layout.token
+            self._session = (
+                _Session(weakref.ref(current.cache), current.segments, current.record.input_length)
+                if current.cache is not None
+                else None
+            )
+        else:
+            current.session.decoded += current.query_length
+
+    def _on_outer_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # Labels follow the kept tokens, so the loss is computed after the forward (see _on_outer_done).
+        self._labels = kwargs.pop("labels", None)
+        return args, kwargs
+
+    def _on_outer_done(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        labels, self._labels = self._labels, None
+        if labels is None or getattr(output, "logits", None) is None:
+            return output
+        index = self._output_index
+        if index is not None:
+            labels = labels.gather(1, index.clamp(min=0)).masked_fill(index < 0, -100)
+        if output.logits.shape[1] == labels.shape[1]:
+            vocab = module.config.get_text_config().vocab_size
+            output.loss = module.loss_function(logits=output.logits, labels=labels, vocab_size=vocab)
+        return output
+
+    # -- prefill -----------------------------------------------------------------------------------------------
+    def _start_prefill(self, inputs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        input_ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
+        reference = input_ids if input_ids is not None else embeds
+        if reference is None:
+            return None
+        chunks = self.adapter.encode(inputs)
+        if not chunks:
+            return None  # text-only batch
+        batch, length = reference.shape[:2]
+        device = reference.device
+        cache = self._prefill_cache(inputs)
+
+        placeholders = self.adapter.placeholder_masks(input_ids, embeds)
+        items, chunk_items, item_of_slot, token_of_slot, features = _assign_items(chunks, placeholders)
+        attention_mask = inputs.get("attention_mask")
+        valid = (
+            attention_mask.bool()
+            if attention_mask is not None and attention_mask.ndim == 2
+            else torch.ones(batch, length, dtype=torch.bool, device=device)
+        )
+        layout = Layout(
+            token=torch.arange(length, device=device).expand(batch, -1),
+            valid=valid,
+            item=item_of_slot,
+            item_token=token_of_slot,
+            positions=self.adapter.prefill_positions(inputs, batch, length),
+            shift=torch.zeros(batch, dtype=torch.long, device=device),
+            first_layer=0,
+            padding_side=padding_side_of(attention_mask),
+        )
+        record = ForwardRecord(
+            items=[{"sample": i.sample, "modality": i.modality, "num_tokens": i.num_tokens} for i in items],
+            input_length=length,
+        )
+        pending = list(enumerate(self.stages))
+        if pending and pending[0][1].layer is None:
+            stage_index, stage = pending.pop(0)
+            keep = self._run_stage(stage_index, stage, layout, items, record, features=features)
+            if keep is not None:
+                shorter = layout.compact(keep, renumber=self.renumber, first_layer=0)
+                inputs = self._shorten_prompt(inputs, shorter)
+                features = self._kept_features(items, features, shorter)
+                layout = shorter
+        inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(_features_by_chunk(chunks, chunk_items, features))
+        for key in self.adapter.raw_visual_inputs:
+            inputs[key] = None
+        inputs["position_ids"] = layout.positions
+        inputs["past_key_values"] = cache
+        self._pass = _Pass(
+            prefill=True,
+            layout=layout,
+            cache=cache,
+            items=items,
+            features=features,
+            pending=pending,
+            record=record,
+            segments=[layout],
+        )
+        return (), inputs
+
+    def _prefill_cache(self, inputs: dict[str, Any]) -> Cache | None:
+        cache = inputs.get("past_key_values")
+        use_cache = inputs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.adapter.text_config, "use_cache", True)
+        if cache is None and use_cache:
+            cache = DynamicCache(config=self.adapter.text_config)
+        if cache is not None and (not isinstance(cache, DynamicCache) or cache.is_compileable):
+            raise ValueError(
+                f"vtprune needs a DynamicCache (layers after a pruning point hold fewer tokens), got "
+                f"{type(cache).__name__}; use generate(..., cache_implementation='dynamic') or pass DynamicCache()"
+            )
+        return cache
+
+    def _shorten_prompt(self, inputs: dict[str, Any], shorter: Layout) -> dict[str, Any]:
+        index, pad = shorter.source.clamp(min=0), shorter.source < 0
+        inputs = dict(inputs)
+        if inputs.get("input_ids") is not None:
+            inputs["input_ids"] = inputs["input_ids"].gather(1, index).masked_fill(pad, self.adapter.safe_pad_id())
+        else:
+            inputs["inputs_embeds"] = gather_tokens(inputs["inputs_embeds"], index)
+        mask = inputs.get("attention_mask")
+        inputs["attention_mask"] = shorter.valid.to(mask.dtype if mask is not None else torch.long)
+        for key in _PER_TOKEN_INPUTS:
+            if isinstance(inputs.get(key), Tensor) and inputs[key].ndim == 2:
+                inputs[key] = inputs[key].gather(1, index).masked_fill(pad, 0)
+        return inputs
+
+    def _kept_features(self, items: list[VisualItem], features: dict[int, Tensor], layout: Layout) -> dict[int, Tensor]:
+        kept = {}
+        for item in items:
+            row_tokens = layout.item_token[item.sample][layout.item[item.sample] == item.index]
+            kept[item.index] = features[item.index][row_tokens]
+        return kept
+
+    def _on_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        current = self._pass
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if not current.prefill:
+            return self._decode_layer(index, hidden, args, kwargs)
+        while current.pending and current.pending[0][1].layer == index:
+            stage_index, stage = current.pending.pop(0)
+            keep = self._run_stage(stage_index, stage, current.layout, current.items, current.record, hidden=hidden)
+            if keep is None:
+                continue
+            shorter = current.layout.compact(keep, renumber=self.renumber, first_layer=index)
+            hidden = gather_tokens(hidden, shorter.source.clamp(min=0))
+            current.layout = shorter
+            current.segments.append(shorter)
+            current.layer_inputs = self._layer_inputs(hidden, current.cache, shorter.valid, shorter.positions, index)
+        current.record.seq_lens.append(hidden.shape[1])
+        current.record.tokens_per_layer.append(current.layout.lengths())
+        if current.layer_inputs is not None:
+            args, kwargs = _replace_layer_inputs(args, kwargs, hidden, current.layer_inputs, self._layer_type(index))
+        if index in self.attention_layers:
+            current.captured.setdefault(index, {}).update(
+                position_embeddings=kwargs["position_embeddings"], layout=current.layout
+            )
+        return args, kwargs
+
+    def _run_stage(
+        self,
+        stage_index: int,
+        stage: Stage,
+        layout: Layout,
+        items: list[VisualItem],
+        record: ForwardRecord,
+        *,
+        features: dict[int, Tensor] | None = None,
+        hidden: Tensor | None = None,
+    ) -> Tensor | None:
+        """Select at one stage; returns the slots to keep, or None when nothing is dropped."""
+        views = []
+        for order, item in enumerate(items):
+            slots = (layout.item[item.sample] == item.index).nonzero().squeeze(1)
+            tokens = layout.item_token[item.sample, slots]
+            selectable = item.selectable_mask(slots.device)[tokens]
+            budget = min(tokens_to_keep(stage.keep, item.num_selectable), int(selectable.sum()))
+            item_features = features[item.index][tokens] if features is not None else None
+            views.append(ItemView(item, order, tokens, slots, selectable, budget, item_features))
+        ctx = PruneContext(stage=stage, model=self.info, layout=layout, items=views, hidden_states=hidden)
+        if stage.attention_from is not None:
+            ctx._attention = lambda: self._attention(stage, layout)
+
+        scores: list[Tensor | None] = [None] * len(views)
+        if self.frozen is not None:
+            selections = _replay(self.frozen, stage_index, views)
+        elif type(self.method).select is Method.select:
+            scores = self.method.score(ctx)
+            selections = top_budget(views, scores)
+        else:
+            selections = self.method.select(ctx)
+        _check_selections(self.method.name, views, selections)
+
+        keep = layout.valid & ~layout.visual
+        kept_per_item = []
+        for view, chosen in zip(views, selections):
+            keep[view.sample, view.slots[chosen]] = True
+            keep[view.sample, view.slots[~view.selectable]] = True
+            kept_per_item.append(view.tokens[keep[view.sample, view.slots]])
+        record.stages.append(
+            StageRecord(
+                layer=stage.layer,
+                budgets=[v.budget for v in views],
+                kept=_kept_per_sample(items, kept_per_item, layout.batch_size),
+                kept_per_item=kept_per_item,
+                scores_per_item=[s.detach().float() if s is not None else None for s in scores],
+            )
+        )
+        if bool((keep == layout.valid).all()):
+            return None
+        return keep
+
+    def _attention(self, stage: Stage, layout: Layout) -> Tensor:
+        captured = self._pass.captured.get(stage.attention_from, {})
+        if captured.get("layout") is not layout or "q" not in captured or "k" not in captured:
+            raise RuntimeError(f"attention of decoder layer {stage.attention_from} was not captured for this stage")
+        valid = layout.valid
+        if stage.query != "last":
+            raise ValueError(f"unsupported attention query {stage.query!r}")
+        slots = torch.arange(layout.length, device=valid.device)
+        last = torch.where(valid, slots, -1).max(1).values[:, None]
+        attn = self.adapter.decoder_layers[stage.attention_from].self_attn
+        probs = attention_rows(attn, captured["q"], captured["k"], captured["position_embeddings"], last, valid)
+        return probs.mean(1)[:, 0]
+
+    # -- decode ------------------------------------------------------------------------------------------------
+    def _start_decode(self, inputs: dict[str, Any], session: _Session) -> tuple[tuple, dict]:
+        reference = inputs.get("input_ids")
+        if reference is None:
+            reference = inputs["inputs_embeds"]
+        batch, query_length = reference.shape[:2]
+        seen = session.prompt_length + session.decoded
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is not None and attention_mask.ndim == 2:
+            if attention_mask.shape[1] != seen + query_length:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} tokens but the pruned cache has seen {seen} "
+                    f"(prompt {session.prompt_length} + {session.decoded} decoded) and {query_length} are new; pass "
+                    "the mask of the whole sequence so far, as generate() does"
+                )
+            new_columns = attention_mask[:, session.prompt_length :]
+        else:
+            new_columns = torch.ones(batch, seen - session.prompt_length + query_length, device=reference.device)
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = self.adapter.decode_positions(inputs, seen, query_length, batch)
+        elif not self.adapter.mrope:
+            positions = positions.expand(batch, -1)
+        base = session.segments[0]
+        inputs["attention_mask"] = torch.cat([base.valid.to(new_columns.dtype), new_columns], dim=1)
+        inputs["position_ids"] = _shifted(positions, base.shift)
+        self._pass = _Pass(
+            prefill=False,
+            layout=base,
+            cache=inputs.get("past_key_values"),
+            session=session,
+            new_columns=new_columns,
+            positions=positions,
+            query_length=query_length,
+        )
+        return (), inputs
+
+    def _decode_layer(self, index: int, hidden: Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        current = self._pass
+        segment = current.session.segment_of(index)
+        if segment == 0:
+            return None
+        if segment not in current.segment_inputs:
+            layout = current.session.segments[segment]
+            mask = torch.cat([layout.valid.to(current.new_columns.dtype), current.new_columns], dim=1)
+            positions = _shifted(current.positions, layout.shift)
+            current.segment_inputs[segment] = self._layer_inputs(hidden, current.cache, mask, positions, index)
+        return _replace_layer_inputs(args, kwargs, hidden, current.segment_inputs[segment], self._layer_type(index))
+
+    # -- shared ------------------------------------------------------------------------------------------------
+    def _layer_inputs(
+        self, hidden: Tensor, cache: Cache | None, mask: Tensor, positions: Tensor, layer: int
+    ) -> _LayerInputs:
+        config = self.adapter.text_config
+        masks = {}
+        for layer_type in set(getattr(config, "layer_types", None) or ["full_attention"]):
+            builder = _MASK_BUILDERS.get(layer_type)
+            if builder is None:
+                raise NotImplementedError(f"vtprune cannot rebuild masks for {layer_type!r} decoder layers")
+            masks[layer_type] = builder(
+                config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=cache, layer_idx=layer
+            )
+        _, layer_positions = self.adapter.split_positions(positions)
+        return _LayerInputs(masks, self.adapter.rotary(hidden, positions), layer_positions)
+
+    def _layer_type(self, index: int) -> str:
+        layer_types = getattr(self.adapter.text_config, "layer_types", None)
+        return layer_types[index] if layer_types else "full_attention"
+
+
+def _assign_items(
+    chunks: list[VisualChunk], placeholders: dict[str, Tensor]
+) -> tuple[list[VisualItem], list[list[int]], Tensor, Tensor, dict[int, Tensor]]:
+    """Map encoder outputs onto placeholder tokens the way the model's ``masked_scatter`` does (row-major order).
+
+    Returns the items, the item ids of each chunk, each slot's item and item token (-1 for non-visual slots), and
+    each item's features.
+    """
+    any_mask = next(iter(placeholders.values()))
+    item_of_slot = torch.full(any_mask.shape, -1, dtype=torch.long, device=any_mask.device)
+    token_of_slot = torch.full_like(item_of_slot, -1)
+    items: list[VisualItem] = []
+    chunk_items: list[list[int]] = [[] for _ in chunks]
+    features: dict[int, Tensor] = {}
+    first_slot: list[tuple[int, int]] = []
+    for modality, mask in placeholders.items():
+        modality_chunks = [(i, c) for i, c in enumerate(chunks) if c.modality == modality]
+        rows, cols = mask.nonzero(as_tuple=True)
+        total = sum(c.features.shape[0] for _, c in modality_chunks)
+        if total != rows.numel():
+            raise ValueError(
+                f"the prompt has {rows.numel()} {modality} placeholder tokens but the vision encoder produced "
+                f"{total} {modality} features; the processor and the model disagree"
+            )
+        cursor = 0
+        for chunk_index, chunk in modality_chunks:
+            for spec in chunk.items:
+                span = slice(cursor + spec.start, cursor + spec.start + spec.count)
+                samples = rows[span]
+                if bool((samples != samples[0]).any()):
+                    raise ValueError(f"a {modality}'s placeholder tokens span several samples of the batch")
+                sample = int(samples[0])
+                item_of_slot[sample, cols[span]] = len(items)
+                token_of_slot[sample, cols[span]] = torch.arange(spec.count, device=cols.device)
+                structural = spec.structural.to(cols.device) if spec.structural is not None else None
+                items.append(VisualItem(len(items), sample, modality, spec.count, 0, spec.grids, structural))
+                features[len(items) - 1] = chunk.features[spec.start : spec.start + spec.count]
+                chunk_items[chunk_index].append(len(items) - 1)
+                first_slot.append((sample, int(cols[span][0])))
+            cursor += chunk.features.shape[0]
+    # Each sample's visual tokens are numbered in prompt order, across its images (and video frames).
+    visual_rank = (item_of_slot >= 0).long().cumsum(1) - 1
+    for item, (sample, col) in zip(items, first_slot):
+        item.visual_offset = int(visual_rank[sample, col])
+    return items, chunk_items, item_of_slot, token_of_slot, features
+
+
+def _features_by_chunk(
+    chunks: list[VisualChunk], chunk_items: list[list[int]], features: dict[int, Tensor]
+) -> dict[str, list[Tensor]]:
+    """Each chunk's (kept) feature rows, grouped by modality in the order the model consumes them."""
+    by_modality: dict[str, list[Tensor]] = {}
+    for chunk, item_ids in zip(chunks, chunk_items):
+        rows = torch.cat([features[i] for i in item_ids]) if item_ids else chunk.features[:0]
+        by_modality.setdefault(chunk.modality, []).append(rows)
+    return by_modality
+
+
+def _kept_per_sample(items: list[VisualItem], kept_per_item: list[Tensor], batch: int) -> list[Tensor]:
+    per_sample: list[list[Tensor]] = [[] for _ in range(batch)]
+    for item, kept in zip(items, kept_per_item):
+        per_sample[item.sample].append(kept + item.visual_offset)
+    device = kept_per_item[0].device if kept_per_item else None
+    return [
+        torch.cat(parts).sort().values if parts else torch.empty(0, dtype=torch.long, device=device)
+        for parts in per_sample
+    ]
+
+
+def _check_selections(name: str, views: list[ItemView], selections: list[Tensor]) -> None:
+    if len(selections) != len(views):
+        raise RuntimeError(f"{name} returned {len(selections)} selections for {len(views)} images")
+    for view, chosen in zip(views, selections):
+        if chosen.ndim != 1 or chosen.dtype not in (torch.int32, torch.int64):
+            raise RuntimeError(f"{name} must return 1-D integer indices per image, got {chosen.dtype} {chosen.shape}")
+        if chosen.numel() != view.budget:
+            raise RuntimeError(f"{name} kept {chosen.numel()} tokens of an image whose budget is {view.budget}")
+        if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= view.num_tokens):
+            raise RuntimeError(f"{name} returned indices outside [0, {view.num_tokens})")
+        if chosen.unique().numel() != chosen.numel() or not bool(view.selectable[chosen].all()):
+            raise RuntimeError(f"{name} returned repeated or structural token indices")
+
+
+def _replay(frozen: ForwardRecord, stage_index: int, views: list[ItemView]) -> list[Tensor]:
+    """The selection a frozen record made, mapped onto this forward's tokens."""
+    if stage_index >= len(frozen.stages) or len(frozen.stages[stage_index].kept_per_item) != len(views):
+        raise ValueError("the frozen selection was recorded on a different batch of images; unfreeze first")
+    selections = []
+    for view, kept in zip(views, frozen.stages[stage_index].kept_per_item):
+        chosen = torch.isin(view.tokens, kept.to(view.tokens.device)) & view.selectable
+        selections.append(chosen.nonzero().squeeze(1))
+    return selections
+
+
+def _shifted(positions: Tensor, shift: Tensor) -> Tensor:
+    """Positions of newly decoded tokens in a layout whose numbering lags the original by ``shift``."""
+    return positions - shift.to(positions.dtype)[:, None]
+
+
+def _replace_layer_inputs(
+    args: tuple, kwargs: dict, hidden: Tensor, inputs: _LayerInputs, layer_type: str
+) -> tuple[tuple, dict]:
+    kwargs = dict(kwargs)
+    if args:
+        args = (hidden, *args[1:])
+    else:
+        kwargs["hidden_states"] = hidden
+    kwargs["attention_mask"] = inputs.masks[layer_type]
+    kwargs["position_embeddings"] = inputs.position_embeddings
+    kwargs["position_ids"] = inputs.position_ids
+    return args, kwargs

@@ -1,0 +1,45 @@
+"""What one wrapped forward did: kept tokens per stage, sequence lengths per decoder layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class StageRecord:
+    """One pruning point of one forward.
+
+    ``kept[b]`` holds the indices (ascending) of sample b's visual tokens that survive this stage, in the sample's
+    original visual-token numbering (its images' tokens concatenated in prompt order). ``kept_per_item[i]`` is the
+    same per image/frame in that item's own numbering; ``scores_per_item[i]`` the method's scores for the item's
+    tokens present at this stage (``None`` for methods that select without scoring).
+    """
+
+    layer: int | None
+    budgets: list[int]
+    kept: list[Tensor]
+    kept_per_item: list[Tensor]
+    scores_per_item: list[Tensor | None]
+
+    @property
+    def where(self) -> str:
+        return "before the LLM" if self.layer is None else f"decoder layer {self.layer}"
+
+
+@dataclass
+class ForwardRecord:
+    """The record of one prefill forward of a wrapped model.
+
+    ``seq_lens[l]`` is the (padded) sequence length entering decoder layer l, ``tokens_per_layer[l][b]`` the real
+    tokens of sample b there. ``output_index[b, j]`` is the original prompt position of output row j (-1 for
+    padding): with pruning the logits cover only the kept tokens.
+    """
+
+    items: list[dict] = field(default_factory=list)
+    stages: list[StageRecord] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    tokens_per_layer: list[list[int]] = field(default_factory=list)
+    input_length: int = 0
+    output_index: Tensor | None = None

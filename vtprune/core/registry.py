@@ -1,0 +1,184 @@
+"""Methods: a config dataclass per pruning method, registered by name.
+
+A method is a dataclass whose fields are its options (defaults = its authors' defaults). It says *where* it prunes
+(:meth:`Method.stages`) and *how it ranks* the visual tokens (:meth:`Method.score`, or :meth:`Method.select` for
+greedy selectors). Everything else (budgets per image, top-k, gathering hidden states, positions, masks, the KV
+cache) is the engine's job, so a method is usually a few lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from vtprune.core.budget import Keep, validate_keep
+
+if TYPE_CHECKING:
+    from vtprune.core.context import ItemView, PruneContext
+
+POSITION_CONVENTIONS = ("keep", "renumber")
+ATTENTION_QUERIES = ("last",)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a method may know about the wrapped model."""
+
+    family: str
+    num_layers: int
+    has_cls_token: bool
+    mrope: bool
+
+    def check_layer(self, method: str, name: str, value: int, minimum: int = 0) -> None:
+        """Raise a clear error when a decoder layer index lies outside ``[minimum, num_layers - 1]``."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{method}: {name} must be an int, got {value!r}")
+        if not minimum <= value < self.num_layers:
+            raise ValueError(
+                f"{method}: {name}={value} is outside the model: its language model has {self.num_layers} decoder "
+                f"layers, so {name} must lie in [{minimum}, {self.num_layers - 1}]"
+            )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning point.
+
+    ``layer=None`` prunes before the LLM (image features and their placeholder tokens are dropped); ``layer=K``
+    prunes the hidden states entering decoder layer K. ``attention_from`` names the decoder layer whose attention
+    rows (for ``query``) the scores need; they are recomputed from that layer's queries and keys, so the model
+    keeps running with SDPA / FlashAttention.
+    """
+
+    layer: int | None
+    keep: Keep
+    attention_from: int | None = None
+    query: str = "last"
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+@dataclass
+class Method:
+    """Base class of every pruning method config.
+
+    Subclasses are dataclasses registered with :func:`register_method`. They set the class variables below and
+    implement :meth:`stages` and :meth:`score` (or :meth:`select`).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    positions: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITION_CONVENTIONS:
+            raise ValueError(
+                f"{type(self).__name__}: positions must be one of {POSITION_CONVENTIONS}, got {self.positions!r}"
+            )
+
+    def count_known_early(self) -> bool:
+        """True when the number of visual tokens the LLM receives depends on the budget alone, so a serving engine
+        (e.g. vLLM) can size the image placeholders before prefill."""
+        return False
+
+    def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
+        """Where this method prunes on ``model`` for budget ``keep``; raise ValueError for options it can't honour."""
+        raise NotImplementedError
+
+    def score(self, ctx: PruneContext) -> list[Tensor]:
+        """One score per current token of each item in ``ctx.items`` (higher = keep)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither score() nor select()")
+
+    def select(self, ctx: PruneContext) -> list[Tensor]:
+        """Indices (into each item's current tokens) to keep; the default takes the top-``budget`` scores."""
+        return top_budget(ctx.items, self.score(ctx))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Method:
+        """Rebuild a config written by :meth:`to_dict`."""
+        data = dict(data)
+        return make_method(data.pop("method"), **data)
+
+
+def top_budget(items: list[ItemView], scores: list[Tensor]) -> list[Tensor]:
+    """Per item, the indices of its ``budget`` highest-scoring selectable tokens."""
+    selections = []
+    for view, item_scores in zip(items, scores, strict=True):
+        if item_scores.shape != view.tokens.shape:
+            raise RuntimeError(f"scores of shape {tuple(item_scores.shape)} for an image with {view.num_tokens} tokens")
+        item_scores = item_scores.float().masked_fill(~view.selectable, float("-inf"))
+        selections.append(torch.topk(item_scores, view.budget, sorted=False).indices)
+    return selections
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method config to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} must set a non-empty class variable `name`")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods."""
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def make_method(method: str | Method, **options: Any) -> Method:
+    """A method config from a registered name or a config object, with ``options`` filling its fields."""
+    if isinstance(method, Method):
+        cls = type(method)
+        base = method
+    elif isinstance(method, str):
+        cls = method_class(method)
+        base = None
+    else:
+        raise TypeError(
+            f"method must be a registered name ({', '.join(list_methods())}) or a method config such as "
+            f"vtprune.FastV(), got {type(method).__name__}"
+        )
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"{cls.name}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    return dataclasses.replace(base, **options) if base is not None else cls(**options)
+
+
+def _load_builtin_methods() -> None:
+    import vtprune.methods  # noqa: F401  (registers the built-in methods)
+
+
+__all__ = [
+    "Method",
+    "ModelInfo",
+    "Stage",
+    "register_method",
+    "list_methods",
+    "method_class",
+    "make_method",
+    "validate_keep",
+]

@@ -1,0 +1,240 @@
+"""Tiny random-initialised VLMs built from the real transformers configs, and batches for them.
+
+No weights are downloaded: every family is built from its own config class with small sizes, so tests, the demo
+and benchmarks exercise the real model code (``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+VOCAB = 128
+IMAGE_TOKEN = VOCAB - 1
+VIDEO_TOKEN = VOCAB - 2
+VISION_START = VOCAB - 3
+VISION_END = VOCAB - 4
+PAD_TOKEN = 0
+# Text tokens are drawn from [1, TEXT_TOKENS) so they never collide with the special ids above.
+TEXT_TOKENS = VOCAB - 8
+
+
+def tiny_model(
+    family: str,
+    *,
+    seed: int = 0,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """A small random model of ``family`` (one of :data:`FAMILIES`), in eval mode."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    heads = 4
+    text = dict(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_TOKEN,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if family in ("llava", "llava_next"):
+        vision = CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=4
+        )
+        common = dict(
+            vision_config=vision,
+            text_config=LlamaConfig(**text),
+            image_token_index=IMAGE_TOKEN,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+        if family == "llava":
+            model = LlavaForConditionalGeneration(LlavaConfig(**common))
+        else:
+            config = LlavaNextConfig(**common, image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+            model = LlavaNextForConditionalGeneration(config)
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
+        special = dict(
+            image_token_id=IMAGE_TOKEN,
+            video_token_id=VIDEO_TOKEN,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        )
+        vision = dict(patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_heads=4, depth=2)
+        if family == "qwen2_vl":
+            vision.update(embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
+            model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **special))
+        else:
+            vision.update(
+                hidden_size=32, out_hidden_size=hidden_size, intermediate_size=64, window_size=8, fullatt_block_indexes=[1]
+            )
+            config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
+            model = Qwen2_5_VLForConditionalGeneration(config)
+    else:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    model.set_attn_implementation(attn_implementation)
+    return model.to(dtype).eval()
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image in a test prompt. ``size`` is (height, width) in pixels: LLaVA ignores it (fixed 32 x 32),
+    LLaVA-NeXT uses it for its any-resolution views, Qwen for its dynamic grid (multiples of 4 pixels)."""
+
+    size: tuple[int, int] = (32, 32)
+
+
+@dataclass(frozen=True)
+class Video:
+    """A video (Qwen only): ``frames`` temporal slices (each two frames deep) of ``size`` pixels."""
+
+    frames: int = 2
+    size: tuple[int, int] = (16, 16)
+
+
+def make_batch(
+    model: nn.Module,
+    samples: list[list[int | Image | Video]],
+    *,
+    padding_side: str = "left",
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Inputs for ``model`` from prompts such as ``[[5, Image(), 7], [3, 4]]`` (ints are runs of random text tokens).
+
+    Returns what the family's processor would: ``input_ids``, ``attention_mask`` and the pixel inputs. Sample i is
+    drawn with seed ``seed + i``, so ``make_batch(m, [p], seed=s + i)`` reproduces it alone.
+    """
+    singles = [_single(model, sample, seed + i) for i, sample in enumerate(samples)]
+    return collate(model, singles, padding_side=padding_side)
+
+
+def collate(model: nn.Module, singles: list[dict[str, Tensor]], *, padding_side: str = "left") -> dict[str, Tensor]:
+    """Pad and stack one-sample batches into one batch (as a processor does for several prompts)."""
+    family = _family(model)
+    length = max(s["input_ids"].shape[1] for s in singles)
+    batch: dict[str, Tensor] = {}
+    for key, fill in (("input_ids", PAD_TOKEN), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+        if key not in singles[0]:
+            continue
+        rows = []
+        for single in singles:
+            value = single[key]
+            pad = value.new_full((1, length - value.shape[1]), fill)
+            rows.append(torch.cat([pad, value] if padding_side == "left" else [value, pad], 1))
+        batch[key] = torch.cat(rows)
+    if family == "llava_next":
+        views = [s["pixel_values"] for s in singles if "pixel_values" in s]
+        if views:
+            most = max(v.shape[1] for v in views)
+            batch["pixel_values"] = torch.cat([torch.cat([v, v.new_zeros(v.shape[0], most - v.shape[1], *v.shape[2:])], 1) for v in views])
+    for key in ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [s[key] for s in singles if key in s]
+        if parts and key not in batch:
+            batch[key] = torch.cat(parts)
+    return batch
+
+
+def _single(model: nn.Module, sample: list[int | Image | Video], seed: int) -> dict[str, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    family = _family(model)
+    tokens: list[int] = []
+    pixels, sizes, grids, video_pixels, video_grids = [], [], [], [], []
+    for part in sample:
+        if isinstance(part, int):
+            tokens += torch.randint(3, TEXT_TOKENS, (part,), generator=generator).tolist()
+        elif isinstance(part, Video):
+            if not family.startswith("qwen"):
+                raise ValueError(f"{family} takes no video input")
+            patches = part.frames * (part.size[0] // 2) * (part.size[1] // 2)
+            video_pixels.append(torch.randn(patches, 3 * 2 * 2 * 2, generator=generator))
+            video_grids.append([part.frames, part.size[0] // 2, part.size[1] // 2])
+            tokens += [VISION_START] + [VIDEO_TOKEN] * (patches // 4) + [VISION_END]
+        else:
+            count = _add_image(model, family, part, generator, pixels, sizes, grids)
+            marker = [IMAGE_TOKEN] * count
+            tokens += [VISION_START, *marker, VISION_END] if family.startswith("qwen") else marker
+    input_ids = torch.tensor([tokens], dtype=torch.long)
+    single: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if family == "llava" and pixels:
+        single["pixel_values"] = torch.stack(pixels)
+    elif family == "llava_next" and pixels:
+        most = max(p.shape[0] for p in pixels)
+        single["pixel_values"] = torch.stack([torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])]) for p in pixels])
+        single["image_sizes"] = torch.tensor(sizes)
+    elif family.startswith("qwen"):
+        if pixels:
+            single["pixel_values"] = torch.cat(pixels)
+            single["image_grid_thw"] = torch.tensor(grids)
+        if video_pixels:
+            single["pixel_values_videos"] = torch.cat(video_pixels)
+            single["video_grid_thw"] = torch.tensor(video_grids)
+        single["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int()
+    dtype = next(model.parameters()).dtype
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in single.items()}
+
+
+def _family(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name.startswith("LlavaNext"):
+        return "llava_next"
+    if name.startswith("Llava"):
+        return "llava"
+    if name.startswith("Qwen2_5_VL"):
+        return "qwen2_5_vl"
+    if name.startswith("Qwen2VL"):
+        return "qwen2_vl"
+    raise ValueError(f"not a tiny test model: {name}")
+
+
+def _add_image(
+    model: nn.Module,
+    family: str,
+    image: Image,
+    generator: torch.Generator,
+    pixels: list[Tensor],
+    sizes: list[list[int]],
+    grids: list[list[int]],
+) -> int:
+    """Append one image's pixel inputs; return its number of placeholder tokens."""
+    if family == "llava":
+        pixels.append(torch.randn(3, 32, 32, generator=generator))
+        return (32 // 4) ** 2
+    if family == "llava_next":
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = model.config
+        views = image_size_to_num_patches(list(image.size), config.image_grid_pinpoints, config.vision_config.image_size)
+        view_pixels = torch.randn(views, 3, 32, 32, generator=generator)
+        with torch.no_grad():
+            features = model.model.get_image_features(view_pixels[None], torch.tensor([image.size])).pooler_output
+        pixels.append(view_pixels)
+        sizes.append(list(image.size))
+        return features[0].shape[0]
+    height, width = image.size[0] // 2, image.size[1] // 2
+    pixels.append(torch.randn(height * width, 3 * 2 * 2 * 2, generator=generator))
+    grids.append([1, height, width])
+    return height * width // 4
