@@ -330,3 +330,65 @@ def test_budget_applies_per_image_and_per_video_frame():
     assert [i["num_tokens"] for i in items] == [24, 16, 16, 16]  # 16x24 px -> 8x12 patches -> 4x6 merged
     assert [k.numel() for k in pruning.last.stages[0].kept_per_item] == [2, 2, 2, 2]
     assert pruning.kept[0][0].numel() == 8
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("method,options", [("fastv", {}), ("random", {})])
+def test_beam_search_scores_equal_recomputation(family, method, options):
+    """Beams share their prompt's selection; each returned beam's score is the log-likelihood under that selection."""
+    model = tiny_model(family)
+    batch = make_batch(model, samples_for(family)[:2])
+    beams, steps = 3, 3
+    suppressed = [2, *range(120, 128)]  # no EOS, no special ids
+    with vtprune.wrap(model, method, keep=3, **options) as pruning:
+        out = model.generate(
+            **batch, num_beams=beams, num_return_sequences=beams, max_new_tokens=steps, min_new_tokens=steps,
+            do_sample=False, length_penalty=0.0, output_scores=True, return_dict_in_generate=True,
+            suppress_tokens=suppressed, pad_token_id=0,
+        )
+        expanded = {}
+        for key, value in batch.items():
+            if key in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw"):
+                continue
+            expanded[key] = value.repeat_interleave(beams, dim=0)
+        expanded.update(_repeat_visual_inputs(batch, beams))
+        with pruning.freeze():
+            full = _extend(expanded, out.sequences)
+            logits = model(**with_positions(model, full), use_cache=False).logits
+    logprobs = logits.log_softmax(-1)  # beam search normalises before the processors suppress tokens
+    prompt = batch["input_ids"].shape[1]
+    tokens = out.sequences[:, prompt:]
+    # logits row j predicts token j + 1; the last `steps` + 1 rows cover the prompt's end and the generated tokens
+    predicted = logprobs[:, -steps - 1 : -1].gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
+    assert_close(predicted, out.sequences_scores, rtol=1e-4, atol=1e-4)
+
+
+def _repeat_visual_inputs(batch: dict, times: int) -> dict:
+    """Each sample's pixel inputs repeated `times`, sample by sample, as generate() expands a batch."""
+    from vtprune.testing import IMAGE_TOKEN, VIDEO_TOKEN
+
+    groups = [("pixel_values", "image_grid_thw", IMAGE_TOKEN), ("pixel_values_videos", "video_grid_thw", VIDEO_TOKEN)]
+    out = {}
+    for pixels_key, grid_key, token in groups:
+        if pixels_key not in batch:
+            continue
+        if grid_key in batch:  # Qwen: flattened patches, split by grid
+            grids = batch[grid_key]
+            units = list(batch[pixels_key].split(grids.prod(-1).tolist()))
+            tokens_per_unit = (grids.prod(-1) // 4).tolist()
+        else:  # LLaVA: one row per image, 64 tokens each
+            units = list(batch[pixels_key].split(1))
+            grids = None
+            tokens_per_unit = [64] * len(units)
+        counts = (batch["input_ids"] == token).sum(1).tolist()
+        owners, sample = [], 0
+        for tokens in tokens_per_unit:
+            while counts[sample] == 0:
+                sample += 1
+            owners.append(sample)
+            counts[sample] -= tokens
+        order = [i for s in range(len(counts)) for _ in range(times) for i, o in enumerate(owners) if o == s]
+        out[pixels_key] = torch.cat([units[i] for i in order])
+        if grids is not None:
+            out[grid_key] = grids[order]
+    return out

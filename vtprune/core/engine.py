@@ -117,6 +117,8 @@ class PruningEngine:
             self._hooks.append(
                 self.adapter.language_model.register_forward_hook(self._on_language_model_done, with_kwargs=True)
             )
+            # Runs even when the forward raised, so a failed forward leaves no state behind for the next one.
+            self._hooks.append(vlm.register_forward_hook(self._on_vlm_done, always_call=True))
             if self.model is not vlm:
                 self._hooks.append(
                     self.model.register_forward_pre_hook(self._on_outer_forward, with_kwargs=True, prepend=True)
@@ -155,6 +157,9 @@ class PruningEngine:
             return None  # continuing a cache that no pruned prefill made: nothing to do
         return self._start_prefill(inputs)
 
+    def _on_vlm_done(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._pass = None
+
     def _layer_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if self._pass is None:
@@ -176,8 +181,14 @@ class PruningEngine:
         if current is None:
             return
         if current.prefill:
-            current.record.output_index = current.layout.token
-            self.last = current.record
+            record = current.record
+            record.output_index = current.layout.token
+            lengths = [layout.lengths() for layout in current.segments]
+            starts = [layout.first_layer for layout in current.segments]
+            record.tokens_per_layer = [
+                lengths[max(i for i, start in enumerate(starts) if start <= layer)] for layer in range(len(record.seq_lens))
+            ]
+            self.last = record
             self._output_index = current.layout.token
             self._session = (
                 _Session(weakref.ref(current.cache), current.segments, current.record.input_length)
@@ -316,7 +327,6 @@ class PruningEngine:
             current.segments.append(shorter)
             current.layer_inputs = self._layer_inputs(hidden, current.cache, shorter.valid, shorter.positions, index)
         current.record.seq_lens.append(hidden.shape[1])
-        current.record.tokens_per_layer.append(current.layout.lengths())
         if current.layer_inputs is not None:
             args, kwargs = _replace_layer_inputs(args, kwargs, hidden, current.layer_inputs, self._layer_type(index))
         if index in self.attention_layers:

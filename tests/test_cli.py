@@ -1,0 +1,34 @@
+from typer.testing import CliRunner
+
+from vtprune.cli import app
+
+runner = CliRunner()
+
+
+def _text(output: str) -> str:
+    """The output with rich's box drawing and line wrapping removed."""
+    return " ".join(output.replace("│", " ").split())
+
+
+def test_demo_prints_kept_tokens_and_sequence_lengths():
+    result = runner.invoke(app, ["demo", "--family", "llava", "--keep", "16"])
+    assert result.exit_code == 0, result.output
+    assert "16/64, 16/64, 16/64" in result.output
+    assert "140 140 44 44" in result.output  # fastv prunes at layer 2: 3 images x 48 tokens fewer
+    assert "44 44 44 44" in result.output  # random/uniform prune before the LLM
+
+
+def test_demo_rejects_bad_arguments():
+    result = runner.invoke(app, ["demo", "--family", "gpt"])
+    assert result.exit_code != 0 and "unknown family gpt" in _text(result.output)
+    result = runner.invoke(app, ["demo", "--family", "llava", "--keep", "0"])
+    assert result.exit_code != 0 and "keep must be" in _text(result.output)
+    result = runner.invoke(app, ["demo", "--family", "llava", "--methods", "nope"])
+    assert result.exit_code != 0 and "unknown method 'nope'" in _text(result.output)
+
+
+def test_methods_lists_the_registry():
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0
+    for name in ("fastv", "random", "uniform"):
+        assert name in result.output
