@@ -392,3 +392,20 @@ def _repeat_visual_inputs(batch: dict, times: int) -> dict:
         if grids is not None:
             out[grid_key] = grids[order]
     return out
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_models_loaded_with_from_pretrained_wrap_like_built_ones(family, tmp_path):
+    """The path users take with real weights: save_pretrained / from_pretrained, then wrap."""
+    from transformers import AutoModelForImageTextToText
+
+    built = tiny_model(family)
+    built.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    batch = make_batch(built, samples_for(family)[:2])
+    results = []
+    for model in (built, loaded):
+        with vtprune.wrap(model, "fastv", keep=4) as pruning:
+            results.append((model(**batch).logits, pruning.kept[0]))
+    assert_close(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))

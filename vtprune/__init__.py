@@ -9,7 +9,15 @@
 from vtprune.api import unwrap, wrap
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.handle import Pruning
-from vtprune.core.registry import Method, ModelInfo, Stage, list_methods, method_class, register_method
+from vtprune.core.registry import (
+    Method,
+    ModelInfo,
+    SingleStageMethod,
+    Stage,
+    list_methods,
+    method_class,
+    register_method,
+)
 from vtprune.methods import FastV, Random, Uniform
 
 __version__ = "0.1.0"
@@ -21,6 +29,7 @@ __all__ = [
     "method_class",
     "register_method",
     "Method",
+    "SingleStageMethod",
     "ModelInfo",
     "Stage",
     "PruneContext",

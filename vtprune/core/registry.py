@@ -113,6 +113,23 @@ class Method:
         return make_method(data.pop("method"), **data)
 
 
+@dataclass
+class SingleStageMethod(Method):
+    """A method that prunes once, before the LLM (``layer=None``, the default) or at decoder layer ``layer``, and
+    needs no model signal to do so (e.g. random, uniform, pooling)."""
+
+    layer: int | None = None
+    positions: str = "renumber"
+
+    def count_known_early(self) -> bool:
+        return self.layer is None
+
+    def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
+        if self.layer is not None:
+            model.check_layer(self.name, "layer", self.layer)
+        return [Stage(layer=self.layer, keep=keep)]
+
+
 def top_budget(items: list[ItemView], scores: list[Tensor]) -> list[Tensor]:
     """Per item, the indices of its ``budget`` highest-scoring selectable tokens."""
     selections = []

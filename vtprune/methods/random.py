@@ -12,14 +12,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtprune.core.budget import Keep
 from vtprune.core.context import PruneContext
-from vtprune.core.registry import Method, ModelInfo, Stage, register_method
+from vtprune.core.registry import SingleStageMethod, register_method
 
 
 @register_method
 @dataclass
-class Random(Method):
+class Random(SingleStageMethod):
     """Keep ``keep`` random tokens per image, before the LLM (``layer=None``) or at decoder layer ``layer``."""
 
     name = "random"
@@ -27,16 +26,6 @@ class Random(Method):
     paper = "baseline"
 
     seed: int | None = 0
-    layer: int | None = None
-    positions: str = "renumber"
-
-    def count_known_early(self) -> bool:
-        return self.layer is None
-
-    def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
-        if self.layer is not None:
-            model.check_layer(self.name, "layer", self.layer)
-        return [Stage(layer=self.layer, keep=keep)]
 
     def score(self, ctx: PruneContext) -> list[Tensor]:
         scores = []

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtprune.core.budget import Keep
 from vtprune.core.context import ItemView, PruneContext
-from vtprune.core.registry import Method, ModelInfo, Stage, register_method
+from vtprune.core.registry import SingleStageMethod, register_method
 
 
 def lattice(height: int, width: int, count: int) -> Tensor:
@@ -57,23 +56,12 @@ def split_budget(budget: int, sizes: list[int]) -> list[int]:
 
 @register_method
 @dataclass
-class Uniform(Method):
+class Uniform(SingleStageMethod):
     """Keep an even lattice of ``keep`` tokens per image, before the LLM (``layer=None``) or at layer ``layer``."""
 
     name = "uniform"
     summary = "spatially even lattice on each image's patch grid"
     paper = "baseline"
-
-    layer: int | None = None
-    positions: str = "renumber"
-
-    def count_known_early(self) -> bool:
-        return self.layer is None
-
-    def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
-        if self.layer is not None:
-            model.check_layer(self.name, "layer", self.layer)
-        return [Stage(layer=self.layer, keep=keep)]
 
     def select(self, ctx: PruneContext) -> list[Tensor]:
         return [self._select_item(view) for view in ctx.items]
