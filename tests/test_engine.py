@@ -299,7 +299,7 @@ class _TwoStage(vtprune.Random):
     name = "two_stage_test"
 
     def stages(self, model, keep):
-        return [vtprune.Stage(layer=None, keep=2 * keep), vtprune.Stage(layer=2, keep=keep)]
+        return [vtprune.Stage(layer=None, scale=2.0), vtprune.Stage(layer=2)]
 
 
 def test_progressive_schedule_with_two_stages(family):

@@ -35,13 +35,13 @@ def _context(item_tokens: list[int], budgets: list[int], stage: Stage, attention
     )
     ctx = PruneContext(stage=stage, model=INFO, layout=layout, items=views)
     if attention is not None:
-        ctx._attention = lambda: attention[None]
+        ctx._signals["attention"] = lambda: attention[None]
     return ctx
 
 
 def test_fastv_keeps_the_tokens_the_last_token_attends_to_most():
     attention = torch.tensor([0.01, 0.30, 0.02, 0.25, 0.05, 0.20, 0.07, 0.10])
-    ctx = _context([4, 4], [2, 1], Stage(layer=2, keep=2, attention_from=1), attention)
+    ctx = _context([4, 4], [2, 1], Stage(layer=2, attention_from=1), attention)
     chosen = vtprune.FastV().select(ctx)
     assert sorted(chosen[0].tolist()) == [1, 3]  # 0.30 and 0.25 in the first image
     assert chosen[1].tolist() == [1]  # 0.20 is the highest of the second image
@@ -49,7 +49,7 @@ def test_fastv_keeps_the_tokens_the_last_token_attends_to_most():
 
 def test_fastv_prunes_at_layer_k_with_attention_of_layer_k_minus_1():
     stages = vtprune.FastV(layer=3).stages(INFO, 64)
-    assert stages == [Stage(layer=3, keep=64, attention_from=2, query="last")]
+    assert stages == [Stage(layer=3, attention_from=2, query="last")]
 
 
 def test_fastv_matches_a_reference_built_from_eager_attention_maps():
@@ -69,7 +69,7 @@ def test_fastv_matches_a_reference_built_from_eager_attention_maps():
 
 
 def test_random_is_seeded_per_image_and_differs_between_images():
-    ctx = _context([16, 16], [4, 4], Stage(layer=None, keep=4))
+    ctx = _context([16, 16], [4, 4], Stage(layer=None))
     first = vtprune.Random(seed=0).select(ctx)
     again = vtprune.Random(seed=0).select(ctx)
     other = vtprune.Random(seed=1).select(ctx)
@@ -79,7 +79,7 @@ def test_random_is_seeded_per_image_and_differs_between_images():
 
 
 def test_random_covers_all_tokens_uniformly_without_a_seed():
-    ctx = _context([10], [3], Stage(layer=None, keep=3))
+    ctx = _context([10], [3], Stage(layer=None))
     counts = torch.zeros(10)
     torch.manual_seed(0)
     for _ in range(3000):
@@ -124,7 +124,7 @@ def test_evenly_spaced_spans_the_range():
 def test_uniform_uses_the_grid_of_each_part():
     grids = (GridPart(0, 4, 4, 4), GridPart(16, 2, 4, 5))  # second grid has a separator column, as LLaVA-NeXT
     item_tokens = 16 + 2 * 5
-    ctx = _context([item_tokens], [6], Stage(layer=None, keep=6), grids=grids)
+    ctx = _context([item_tokens], [6], Stage(layer=None), grids=grids)
     chosen = vtprune.Uniform().select(ctx)[0]
     assert chosen.numel() == 6
     in_base = chosen[chosen < 16]

@@ -7,25 +7,30 @@ from typing import Any
 from torch import nn
 
 from vtprune.adapters import find_adapter
-from vtprune.core.budget import Keep, validate_keep
+from vtprune.core.budget import BUDGET_CONVENTIONS, Keep, validate_keep
 from vtprune.core.engine import PruningEngine
 from vtprune.core.handle import WRAPPED_ATTRIBUTE, Pruning
-from vtprune.core.registry import Method, ModelInfo, Stage, make_method
+from vtprune.core.registry import ATTENTION_QUERIES, Method, ModelInfo, Stage, make_method
 
 
-def wrap(model: nn.Module, method: str | Method, keep: Keep, **options: Any) -> Pruning:
+def wrap(model: nn.Module, method: str | Method, keep: Keep, *, budget: str = "final", **options: Any) -> Pruning:
     """Patch ``model`` in place so its forward (and ``generate``) prunes visual tokens; returns the handle.
 
     Args:
         model: a supported Hugging Face VLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL).
         method: a registered method name (see :func:`list_methods`) or a method config such as ``vtprune.FastV()``.
         keep: visual tokens kept per image (int >= 1) or the fraction of each image's tokens kept (float in (0, 1]).
+        budget: what ``keep`` counts: ``"final"`` (default) the visual tokens the LLM finally sees per image;
+            ``"average"`` the equivalent average over all decoder layers, as in-LLM papers report (SparseVLM,
+            PyramidDrop, EntropyPrune). The same for pruning before the LLM.
         **options: fields of the method's config (e.g. ``layer=2`` for FastV).
 
     The returned :class:`~vtprune.core.handle.Pruning` reports what each forward kept and undoes the wrap with
     ``unwrap()``; it is also a context manager.
     """
     keep = validate_keep(keep)
+    if budget not in BUDGET_CONVENTIONS:
+        raise ValueError(f"budget must be one of {BUDGET_CONVENTIONS}, got {budget!r}")
     config = make_method(method, **options)
     adapter = find_adapter(model)
     for module in (model, adapter.vlm):
@@ -40,9 +45,11 @@ def wrap(model: nn.Module, method: str | Method, keep: Keep, **options: Any) -> 
         num_layers=len(adapter.decoder_layers),
         has_cls_token=adapter.has_cls_token,
         mrope=adapter.mrope,
+        vision_layers=adapter.vision_depth(),
+        vision_feature_layer=adapter.vision_feature_layer(),
     )
     stages = _checked_stages(config, config.stages(info, keep), info)
-    engine = PruningEngine(model, adapter, config, keep, stages, info)
+    engine = PruningEngine(model, adapter, config, keep, stages, info, budget)
     engine.install()
     handle = Pruning(engine)
     for module in (model, adapter.vlm):
@@ -67,11 +74,21 @@ def _checked_stages(config: Method, stages: list[Stage], info: ModelInfo) -> lis
     for stage in stages:
         if stage.layer is not None:
             info.check_layer(config.name, "stage layer", stage.layer)
-        if stage.attention_from is not None:
-            if stage.layer is None or not 0 <= stage.attention_from < stage.layer:
+        for name in ("attention_from", "states_from"):
+            source = getattr(stage, name)
+            if source is not None and (stage.layer is None or not 0 <= source <= stage.layer):
                 raise ValueError(
-                    f"{config.name}: attention_from={stage.attention_from} must be a decoder layer before the "
-                    f"stage's layer {stage.layer}"
+                    f"{config.name}: {name}={source} must be a decoder layer at or before the stage's layer {stage.layer}"
                 )
-        validate_keep(stage.keep, f"{config.name} stage keep")
+        if stage.states_from is not None and stage.states_from == stage.layer:
+            raise ValueError(f"{config.name}: states_from must be a layer before the stage's layer {stage.layer}")
+        if stage.query not in ATTENTION_QUERIES:
+            raise ValueError(f"{config.name}: query must be one of {ATTENTION_QUERIES}, got {stage.query!r}")
+        for layer in stage.vision_layers:
+            if not 0 <= layer < info.vision_layers:
+                raise ValueError(
+                    f"{config.name}: vision layer {layer} is outside the vision tower ({info.vision_layers} layers)"
+                )
+        if not stage.scale > 0:
+            raise ValueError(f"{config.name}: stage scale must be positive, got {stage.scale}")
     return stages

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk
 from vtprune.core.layout import GridPart
@@ -54,6 +54,41 @@ class LlavaAdapter(Adapter):
             structural[0] = True
             return ItemSpec(0, num_tokens, (GridPart(1, side, side, side),), structural)
         return ItemSpec(0, num_tokens)
+
+    def _tower_layers(self) -> nn.ModuleList:
+        tower = self.vlm.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers  # transformers 5 flattens CLIPVisionModel
+
+    def _feature_hidden_state(self) -> int:
+        """Index into the tower's hidden_states (embeddings first) of the features LLaVA projects."""
+        selected = self.vlm.config.vision_feature_layer
+        selected = selected[-1] if isinstance(selected, (list, tuple)) else selected
+        return selected % (self.vision_depth() + 1)
+
+    def vision_depth(self) -> int:
+        return len(self._tower_layers())
+
+    def vision_feature_layer(self) -> int:
+        return self._feature_hidden_state() - 1
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        return self._tower_layers()[layer].self_attn
+
+    def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
+        side = self._patch_grid()
+        per_view = side * side + 1  # [CLS] first
+        views = call["pixel_values"].shape[0]
+        first = 0 if self._select_strategy(call) == "full" else 1
+        positions = torch.arange(first, per_view)
+        return [view * per_view + positions for view in range(views)], per_view
+
+    def encoder_states(self, call: dict[str, Any], output: Any) -> Tensor | None:
+        selected = call.get("vision_feature_layer") or self.vlm.config.vision_feature_layer
+        layers = selected if isinstance(selected, (list, tuple)) else [selected]
+        hidden = output.hidden_states
+        if hidden is None or any(hidden[layer] is None for layer in layers):
+            return None
+        return torch.cat([hidden[layer] for layer in layers], dim=-1)
 
     def encode(self, inputs: dict[str, Any]) -> list[VisualChunk]:
         features = self._image_features(inputs)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.core.adapter import ItemSpec
@@ -44,3 +45,27 @@ class LlavaNextAdapter(LlavaAdapter):
         grids = (GridPart(0, side, side, side), GridPart(base, height, width, width + 1))
         return ItemSpec(0, num_tokens, grids, structural)
 
+
+    def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
+        image_sizes = call.get("image_sizes")
+        if image_sizes is None or self._select_strategy(call) != "default":
+            return None
+        config = self.vlm.config
+        side = self._patch_grid()
+        per_view = side * side + 1
+        views = [
+            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            for size in image_sizes
+        ]
+        # Run the model's own pack/unpad on a map of source indices instead of features: every packed token
+        # then carries the tower position it came from, newlines carry -1.
+        maps, offset = [], 0
+        for count in views:
+            view_ids = torch.arange(offset, offset + count, dtype=torch.float64)[:, None]
+            positions = torch.arange(1, per_view, dtype=torch.float64)[None, :]
+            maps.append((view_ids * per_view + positions)[..., None])
+            offset += count
+        packed, _ = self.vlm.pack_image_features(
+            maps, image_sizes.cpu(), "default", image_newline=torch.tensor([-1.0], dtype=torch.float64)
+        )
+        return [p[:, 0].round().long() for p in packed], per_view

@@ -100,6 +100,31 @@ class Adapter:
         return next(i for i in range(self.text_config.vocab_size) if i not in visual)
 
     # -- vision encoder ----------------------------------------------------------------------------------------
+    # Methods of the multimodal base model that run the vision encoder; the engine observes these calls when a
+    # method needs tower signals ([CLS] attention, pre-projector features, per-view budgets).
+    encoder_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
+
+    def vision_depth(self) -> int:
+        """Number of layers of the vision tower (0 when the family has no [CLS]-style tower)."""
+        return 0
+
+    def vision_feature_layer(self) -> int:
+        """0-based index of the tower layer whose output feeds the projector."""
+        return 0
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        """The tower's attention module of ``layer`` (with ``q_proj``, ``k_proj``, ``num_heads``, ``scale``)."""
+        raise NotImplementedError(f"{self.family} exposes no vision-tower attention")
+
+    def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
+        """For one encoder call: per image, each token's flat index ``view * T + position`` in the tower output
+        (-1 where no view produced it), and ``T``; None when the family cannot say."""
+        return None
+
+    def encoder_states(self, call: dict[str, Any], output: Any) -> Tensor | None:
+        """The tower's hidden states that feed the projector, ``[views, T, D]``, from one encoder call."""
+        return None
+
     def encode(self, inputs: dict[str, Any]) -> list[VisualChunk]:
         """Run the vision encoder (+ projector) on ``inputs`` and return its outputs in placeholder order."""
         raise NotImplementedError
@@ -141,10 +166,15 @@ class Adapter:
 
     def bind_forward(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The multimodal base model's forward arguments as one flat dict."""
-        bound = self._forward_signature.bind_partial(*args, **kwargs)
+        return self.bind_call(self._forward_signature, args, kwargs)
+
+    @staticmethod
+    def bind_call(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A call's arguments by name, with ``**kwargs`` flattened in."""
+        bound = signature.bind_partial(*args, **kwargs)
         flat: dict[str, Any] = {}
         for name, value in bound.arguments.items():
-            if self._forward_signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
                 flat.update(value)
             else:
                 flat[name] = value

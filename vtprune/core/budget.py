@@ -40,3 +40,55 @@ def tokens_to_keep(keep: Keep, available: int) -> int:
     if isinstance(keep, int):
         return min(keep, available)
     return min(available, max(1, round(keep * available)))
+
+
+BUDGET_CONVENTIONS = ("final", "average")
+
+
+def stage_budgets(
+    keep: Keep,
+    available: int,
+    stages: list[tuple[int | None, float]],
+    num_layers: int,
+    convention: str = "final",
+) -> list[int]:
+    """Tokens an image (or view) of ``available`` prunable tokens keeps after each stage ``(layer, scale)``.
+
+    ``convention="final"``: ``keep`` counts the tokens the LLM finally sees; stage i keeps ``scale_i`` times that.
+    ``convention="average"``: ``keep`` is the equivalent average over all decoder layers, the accounting of
+    in-LLM papers (SparseVLM, PyramidDrop, EntropyPrune): the final budget is the largest whose layer-average of
+    visual tokens does not exceed ``keep``; for one stage at layer K this is EntropyPrune's
+    ``int((L * avg - K * N) / (L - K))``.
+    """
+    if convention not in BUDGET_CONVENTIONS:
+        raise ValueError(f"budget must be one of {BUDGET_CONVENTIONS}, got {convention!r}")
+    if available <= 0:
+        return [0] * len(stages)
+
+    def budgets(final: int) -> list[int]:
+        return [min(available, max(1, round(scale * final))) for _, scale in stages]
+
+    if convention == "final":
+        return budgets(tokens_to_keep(keep, available))
+    target = keep * available if isinstance(keep, float) else keep
+    starts = [0 if layer is None else layer for layer, _ in stages]
+
+    def average(final: int) -> float:
+        counts = budgets(final)
+        total, current = 0, available
+        for layer in range(num_layers):
+            for start, count in zip(starts, counts):
+                if start == layer:
+                    current = count
+            total += current
+        return total / num_layers
+
+    best = 1
+    low, high = 1, available
+    while low <= high:  # the layer average grows with the final budget
+        middle = (low + high) // 2
+        if average(middle) <= target + 1e-9:
+            best, low = middle, middle + 1
+        else:
+            high = middle - 1
+    return budgets(best)

@@ -16,7 +16,10 @@ class ItemView:
     """One image (or frame) as it stands at this pruning point.
 
     ``tokens`` are the item's surviving tokens in its original numbering (ascending), ``slots`` where they sit in
-    row ``item.sample`` of the current layout, ``features`` their projected features (before the LLM only).
+    row ``item.sample`` of the current layout. The rest are per current token, where the stage asked for them:
+    ``features`` projected features (before the LLM only), ``encoder_features`` features before the projector,
+    ``cls_attention`` ``[len(stage.vision_layers), n]`` head-averaged [CLS] -> token attention of those tower layers
+    (each token scored by its own view's [CLS]), ``groups`` the view (crop) of each token for per-crop budgets.
     """
 
     item: VisualItem
@@ -26,6 +29,10 @@ class ItemView:
     selectable: Tensor
     budget: int
     features: Tensor | None = None
+    encoder_features: Tensor | None = None
+    cls_attention: Tensor | None = None
+    groups: Tensor | None = None
+    group_budgets: dict[int, int] | None = None
 
     @property
     def sample(self) -> int:
@@ -35,14 +42,26 @@ class ItemView:
     def num_tokens(self) -> int:
         return int(self.tokens.numel())
 
+    def budget_groups(self) -> list[tuple[Tensor, int]]:
+        """(indices of selectable tokens, how many of them to keep) per budget group: the whole item, or each view."""
+        if self.group_budgets is None:
+            return [(self.selectable.nonzero().squeeze(1), self.budget)]
+        return [
+            ((self.selectable & (self.groups == group)).nonzero().squeeze(1), budget)
+            for group, budget in self.group_budgets.items()
+        ]
+
 
 @dataclass
 class PruneContext:
     """Everything a method may read at one stage.
 
     ``hidden_states`` is the input of decoder layer ``stage.layer`` (in-LLM stages). ``attention()`` returns the
-    head-averaged attention probabilities of the stage's query token(s) to every slot of ``layout``, ``[B, L]``,
-    recomputed from layer ``stage.attention_from``'s queries and keys.
+    head-averaged attention probabilities of the stage's query token(s) to every slot of ``layout``, ``[B, L]``
+    (averaged over the query rows too), recomputed from layer ``stage.attention_from``'s queries and keys.
+    ``query_states()`` returns layer ``stage.states_from``'s query states after RoPE, ``[B, L, heads, head_dim]``.
+    ``instruction_embeddings[b]`` holds the LLM input embeddings of sample b's instruction tokens (the text after
+    its last image) and ``instruction_ids[b]`` their token ids. ``state`` is what the method's ``observe()`` wrote.
     """
 
     stage: Stage
@@ -50,17 +69,24 @@ class PruneContext:
     layout: Layout
     items: list[ItemView]
     hidden_states: Tensor | None = None
-    _attention: Callable[[], Tensor] | None = field(default=None, repr=False)
-    _attention_cache: Tensor | None = field(default=None, repr=False)
+    state: dict = field(default_factory=dict)
+    instruction_ids: list[Tensor] | None = None
+    instruction_embeddings: list[Tensor] | None = None
+    _signals: dict[str, Callable[[], Tensor]] = field(default_factory=dict, repr=False)
+    _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def _signal(self, name: str, field_name: str) -> Tensor:
+        if name not in self._signals:
+            raise RuntimeError(f"this stage did not request {name}: set Stage.{field_name} in the method's stages()")
+        if name not in self._cache:
+            self._cache[name] = self._signals[name]()
+        return self._cache[name]
 
     def attention(self) -> Tensor:
-        if self._attention is None:
-            raise RuntimeError(
-                "this stage did not request attention rows: set Stage.attention_from in the method's stages()"
-            )
-        if self._attention_cache is None:
-            self._attention_cache = self._attention()
-        return self._attention_cache
+        return self._signal("attention", "attention_from")
+
+    def query_states(self) -> Tensor:
+        return self._signal("query_states", "states_from")
 
     def per_item(self, values: Tensor) -> list[Tensor]:
         """Split a ``[B, L]`` per-slot tensor into one tensor per item (its current tokens, in order)."""

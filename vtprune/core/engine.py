@@ -16,7 +16,9 @@ Everything is done with PyTorch module hooks that :meth:`PruningEngine.remove` t
 
 from __future__ import annotations
 
+import inspect
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +28,19 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from vtprune.core.adapter import Adapter, VisualChunk
-from vtprune.core.attention import attention_rows
-from vtprune.core.budget import Keep, tokens_to_keep
+from vtprune.core.budget import Keep, stage_budgets
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.layout import Layout, VisualItem, padding_side_of
 from vtprune.core.record import ForwardRecord, StageRecord
 from vtprune.core.registry import Method, ModelInfo, Stage, top_budget
+from vtprune.core.signals import (
+    ImageSignals,
+    align_image_signals,
+    mean_attention,
+    query_slots,
+    rotated_queries,
+    vit_cls_rows,
+)
 from vtprune.kernels import gather_tokens
 
 _MASK_BUILDERS = {
@@ -40,6 +49,8 @@ _MASK_BUILDERS = {
 }
 # Per-token inputs of the multimodal forward that must follow the tokens when a pre-LLM stage shortens the prompt.
 _PER_TOKEN_INPUTS = ("mm_token_type_ids", "token_type_ids")
+# Vision-encoder calls whose signals wait for their prefill (generate() encodes images before prefilling).
+_PENDING_VISION_CALLS = 16
 
 
 @dataclass
@@ -73,6 +84,11 @@ class _Pass:
     cache: Cache | None
     items: list[VisualItem] = field(default_factory=list)
     features: dict[int, Tensor] = field(default_factory=dict)
+    vision: dict[int, ImageSignals] = field(default_factory=dict)
+    budgets: dict[int, list[dict[int, int]]] = field(default_factory=dict)
+    instruction_ids: list[Tensor] | None = None
+    instruction_embeddings: list[Tensor] | None = None
+    state: dict = field(default_factory=dict)
     pending: list[tuple[int, Stage]] = field(default_factory=list)
     record: ForwardRecord | None = None
     segments: list[Layout] = field(default_factory=list)
@@ -90,7 +106,14 @@ class PruningEngine:
     """Applies ``method`` with budget ``keep`` to ``model`` through hooks; see the module docstring."""
 
     def __init__(
-        self, model: nn.Module, adapter: Adapter, method: Method, keep: Keep, stages: list[Stage], info: ModelInfo
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        method: Method,
+        keep: Keep,
+        stages: list[Stage],
+        info: ModelInfo,
+        budget: str = "final",
     ) -> None:
         self.model = model
         self.adapter = adapter
@@ -98,8 +121,17 @@ class PruningEngine:
         self.keep = keep
         self.stages = stages
         self.info = info
+        self.budget = budget
         self.renumber = method.positions == "renumber" and not adapter.mrope
-        self.attention_layers = sorted({s.attention_from for s in stages if s.attention_from is not None})
+        # Decoder layers whose q_proj / k_proj outputs are kept during prefill (attention rows, query states).
+        self.capture_layers = sorted(
+            {s.attention_from for s in stages if s.attention_from is not None and s.attention_from != s.layer}
+            | {s.states_from for s in stages if s.states_from is not None}
+        )
+        self.observed_layers = sorted(set(method.observed_layers(info)))
+        self.vision_layers = sorted({layer for s in stages for layer in s.vision_layers})
+        self.observe_vision = any(s.needs_vision_call for s in stages)
+        self.wants_text = any(s.text_embeddings for s in stages)
         self.last: ForwardRecord | None = None
         self.frozen: ForwardRecord | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -107,6 +139,10 @@ class PruningEngine:
         self._session: _Session | None = None
         self._labels: Tensor | None = None
         self._output_index: Tensor | None = None
+        self._wrapped_encoders: list[str] = []
+        self._tower_rows: dict[int, Tensor] | None = None
+        self._tower_queries: dict[int, Tensor] = {}
+        self._vision_calls: OrderedDict[int, tuple[weakref.ref, ImageSignals]] = OrderedDict()
 
     # -- installation ------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -128,11 +164,26 @@ class PruningEngine:
                 self._hooks.append(
                     layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True, prepend=True)
                 )
-            for index in self.attention_layers:
+            for index in self.capture_layers:
                 attn = self.adapter.decoder_layers[index].self_attn
                 for kind in ("q", "k"):
                     projection = getattr(attn, f"{kind}_proj")
                     self._hooks.append(projection.register_forward_hook(self._capture_hook(index, kind)))
+            for index in self.observed_layers:
+                layer = self.adapter.decoder_layers[index]
+                self._hooks.append(
+                    layer.self_attn.register_forward_hook(self._observe_hook(index, "attention"), with_kwargs=True)
+                )
+                self._hooks.append(layer.mlp.register_forward_hook(self._observe_hook(index, "mlp"), with_kwargs=True))
+            if self.observe_vision:
+                for index in self.vision_layers:
+                    attn = self.adapter.vision_attention(index)
+                    self._hooks.append(attn.q_proj.register_forward_hook(self._tower_query_hook(index)))
+                    self._hooks.append(attn.k_proj.register_forward_hook(self._tower_key_hook(index, attn)))
+                for name in self.adapter.encoder_methods:
+                    if hasattr(vlm, name):
+                        setattr(vlm, name, self._observed_encoder(getattr(vlm, name)))
+                        self._wrapped_encoders.append(name)
         except Exception:
             self.remove()
             raise
@@ -141,8 +192,60 @@ class PruningEngine:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for name in self._wrapped_encoders:
+            delattr(self.adapter.vlm, name)  # the instance attribute shadowed the class's method
+        self._wrapped_encoders.clear()
+        self._vision_calls.clear()
         self._pass = None
         self._session = None
+
+    # -- vision encoder observation ----------------------------------------------------------------------------
+    def _observed_encoder(self, encode):
+        """Wrap ``get_image_features``: record [CLS] rows and token sources of each call, keyed by its outputs."""
+        signature = inspect.signature(encode)
+
+        def observed(*args, **kwargs):
+            self._tower_rows, self._tower_queries = {}, {}
+            try:
+                output = encode(*args, **kwargs)
+            finally:
+                rows, self._tower_rows, self._tower_queries = self._tower_rows, None, {}
+            call = self.adapter.bind_call(signature, args, kwargs)
+            per_image = getattr(output, "pooler_output", None)
+            sources = self.adapter.image_sources(call, output) if per_image is not None else None
+            if sources is not None:
+                states = self.adapter.encoder_states(call, output) if self._wants_encoder_features() else None
+                for tensor, signals in zip(per_image, align_image_signals(sources[0], sources[1], rows, states)):
+                    self._vision_calls[id(tensor)] = (weakref.ref(tensor), signals)
+                while len(self._vision_calls) > _PENDING_VISION_CALLS * 8:
+                    self._vision_calls.popitem(last=False)
+            return output
+
+        return observed
+
+    def _wants_encoder_features(self) -> bool:
+        return any(s.encoder_features for s in self.stages)
+
+    def _tower_query_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if self._tower_rows is not None:
+                self._tower_queries[index] = output
+
+        return hook
+
+    def _tower_key_hook(self, index: int, attn: nn.Module):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if self._tower_rows is not None and index in self._tower_queries:
+                queries = self._tower_queries.pop(index)
+                self._tower_rows[index] = vit_cls_rows(queries, output, attn.num_heads, attn.scale)
+
+        return hook
+
+    def _signals_of(self, features: Tensor) -> ImageSignals | None:
+        entry = self._vision_calls.get(id(features))
+        if entry is None or entry[0]() is not features:
+            return None
+        return entry[1]
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def _on_vlm_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -173,6 +276,17 @@ class PruningEngine:
             current = self._pass
             if current is not None and current.prefill:
                 current.captured.setdefault(index, {})[kind] = output
+
+        return hook
+
+    def _observe_hook(self, index: int, part: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            current = self._pass
+            if current is None or not current.prefill:
+                return
+            inputs = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+            result = output[0] if isinstance(output, tuple) else output
+            self.method.observe(current.state, index, part, inputs, result, current.layout)
 
         return hook
 
@@ -249,32 +363,89 @@ class PruningEngine:
         record = ForwardRecord(
             items=[{"sample": i.sample, "modality": i.modality, "num_tokens": i.num_tokens} for i in items],
             input_length=length,
+            budget=self.budget,
         )
-        pending = list(enumerate(self.stages))
-        if pending and pending[0][1].layer is None:
-            stage_index, stage = pending.pop(0)
-            keep = self._run_stage(stage_index, stage, layout, items, record, features=features)
-            if keep is not None:
-                shorter = layout.compact(keep, renumber=self.renumber, first_layer=0)
-                inputs = self._shorten_prompt(inputs, shorter)
-                features = self._kept_features(items, features, shorter)
-                layout = shorter
-        inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(_features_by_chunk(chunks, chunk_items, features))
-        for key in self.adapter.raw_visual_inputs:
-            inputs[key] = None
-        inputs["position_ids"] = layout.positions
-        inputs["past_key_values"] = cache
-        self._pass = _Pass(
+        current = _Pass(
             prefill=True,
             layout=layout,
             cache=cache,
             items=items,
             features=features,
-            pending=pending,
+            vision=self._item_vision(chunks, chunk_items),
+            pending=list(enumerate(self.stages)),
             record=record,
             segments=[layout],
         )
+        current.budgets = {item.index: self._item_budgets(item, current.vision.get(item.index)) for item in items}
+        if self.wants_text:
+            current.instruction_ids, current.instruction_embeddings = self._instruction(input_ids, embeds, layout)
+        if current.pending and current.pending[0][1].layer is None:
+            stage_index, stage = current.pending.pop(0)
+            keep = self._run_stage(current, stage_index, stage)
+            if keep is not None:
+                shorter = layout.compact(keep, renumber=self.renumber, first_layer=0)
+                inputs = self._shorten_prompt(inputs, shorter)
+                current.features = self._kept_features(items, features, shorter)
+                current.layout = shorter
+                current.segments = [shorter]
+        inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(
+            _features_by_chunk(chunks, chunk_items, current.features)
+        )
+        for key in self.adapter.raw_visual_inputs:
+            inputs[key] = None
+        inputs["position_ids"] = current.layout.positions
+        inputs["past_key_values"] = cache
+        self._pass = current
         return (), inputs
+
+    def _item_vision(self, chunks: list[VisualChunk], chunk_items: list[list[int]]) -> dict[int, ImageSignals]:
+        """Tower signals of each item, from the observed encoder call that produced its chunk."""
+        if not self.observe_vision:
+            return {}
+        vision = {}
+        for chunk, item_ids in zip(chunks, chunk_items):
+            signals = self._signals_of(chunk.features)
+            for spec, item_id in zip(chunk.items, item_ids):
+                if signals is not None:
+                    vision[item_id] = signals.rows(spec.start, spec.count)
+                elif self.vision_layers or self._wants_encoder_features():
+                    raise ValueError(
+                        f"{self.method.name} needs the vision tower's signals of every image, but this "
+                        f"{chunk.modality} was encoded outside the wrapped model (precomputed mm_encoder_outputs); "
+                        "pass pixel_values instead"
+                    )
+        return vision
+
+    def _item_budgets(self, item: VisualItem, signals: ImageSignals | None) -> list[dict[int, int]]:
+        """Per stage, the budget of each group of the item's tokens: {-1: n} for the whole item, or one per view."""
+        specs = [(stage.layer, stage.scale) for stage in self.stages]
+        layers = self.info.num_layers
+        whole = stage_budgets(self.keep, item.num_selectable, specs, layers, self.budget)
+        per_view: dict[int, list[int]] = {}
+        if signals is not None and any(stage.per_crop for stage in self.stages):
+            views = signals.view[item.selectable_mask(signals.view.device)]
+            for view, count in zip(*torch.unique(views, return_counts=True)):
+                if int(view) >= 0:
+                    per_view[int(view)] = stage_budgets(self.keep, int(count), specs, layers, self.budget)
+        return [
+            {view: counts[i] for view, counts in per_view.items()} if stage.per_crop and per_view else {-1: whole[i]}
+            for i, stage in enumerate(self.stages)
+        ]
+
+    def _instruction(
+        self, input_ids: Tensor | None, embeds: Tensor | None, layout: Layout
+    ) -> tuple[list[Tensor] | None, list[Tensor]]:
+        """Per sample: ids and input embeddings of the instruction (the real text after its last image)."""
+        rows, row_valid = query_slots(layout, "instruction")
+        ids, vectors = [], []
+        for sample in range(layout.batch_size):
+            slots = rows[sample][row_valid[sample]]
+            if input_ids is not None:
+                ids.append(input_ids[sample, slots])
+                vectors.append(self.adapter.vlm.get_input_embeddings()(ids[-1]))
+            else:
+                vectors.append(embeds[sample, slots])
+        return (ids if input_ids is not None else None), vectors
 
     def _prefill_cache(self, inputs: dict[str, Any]) -> Cache | None:
         cache = inputs.get("past_key_values")
@@ -318,7 +489,10 @@ class PruningEngine:
             return self._decode_layer(index, hidden, args, kwargs)
         while current.pending and current.pending[0][1].layer == index:
             stage_index, stage = current.pending.pop(0)
-            keep = self._run_stage(stage_index, stage, current.layout, current.items, current.record, hidden=hidden)
+            position_embeddings = (
+                current.layer_inputs.position_embeddings if current.layer_inputs else kwargs["position_embeddings"]
+            )
+            keep = self._run_stage(current, stage_index, stage, hidden=hidden, position_embeddings=position_embeddings)
             if keep is None:
                 continue
             shorter = current.layout.compact(keep, renumber=self.renumber, first_layer=index)
@@ -329,7 +503,7 @@ class PruningEngine:
         current.record.seq_lens.append(hidden.shape[1])
         if current.layer_inputs is not None:
             args, kwargs = _replace_layer_inputs(args, kwargs, hidden, current.layer_inputs, self._layer_type(index))
-        if index in self.attention_layers:
+        if index in self.capture_layers:
             current.captured.setdefault(index, {}).update(
                 position_embeddings=kwargs["position_embeddings"], layout=current.layout
             )
@@ -337,27 +511,30 @@ class PruningEngine:
 
     def _run_stage(
         self,
+        current: _Pass,
         stage_index: int,
         stage: Stage,
-        layout: Layout,
-        items: list[VisualItem],
-        record: ForwardRecord,
         *,
-        features: dict[int, Tensor] | None = None,
         hidden: Tensor | None = None,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor | None:
         """Select at one stage; returns the slots to keep, or None when nothing is dropped."""
-        views = []
-        for order, item in enumerate(items):
-            slots = (layout.item[item.sample] == item.index).nonzero().squeeze(1)
-            tokens = layout.item_token[item.sample, slots]
-            selectable = item.selectable_mask(slots.device)[tokens]
-            budget = min(tokens_to_keep(stage.keep, item.num_selectable), int(selectable.sum()))
-            item_features = features[item.index][tokens] if features is not None else None
-            views.append(ItemView(item, order, tokens, slots, selectable, budget, item_features))
-        ctx = PruneContext(stage=stage, model=self.info, layout=layout, items=views, hidden_states=hidden)
+        layout = current.layout
+        views = [self._item_view(current, order, item, stage_index, stage) for order, item in enumerate(current.items)]
+        ctx = PruneContext(
+            stage=stage,
+            model=self.info,
+            layout=layout,
+            items=views,
+            hidden_states=hidden,
+            state=current.state,
+            instruction_ids=current.instruction_ids,
+            instruction_embeddings=current.instruction_embeddings,
+        )
         if stage.attention_from is not None:
-            ctx._attention = lambda: self._attention(stage, layout)
+            ctx._signals["attention"] = lambda: self._attention(current, stage, hidden, position_embeddings)
+        if stage.states_from is not None:
+            ctx._signals["query_states"] = lambda: self._query_states(current, stage)
 
         scores: list[Tensor | None] = [None] * len(views)
         if self.frozen is not None:
@@ -375,11 +552,11 @@ class PruningEngine:
             keep[view.sample, view.slots[chosen]] = True
             keep[view.sample, view.slots[~view.selectable]] = True
             kept_per_item.append(view.tokens[keep[view.sample, view.slots]])
-        record.stages.append(
+        current.record.stages.append(
             StageRecord(
                 layer=stage.layer,
                 budgets=[v.budget for v in views],
-                kept=_kept_per_sample(items, kept_per_item, layout.batch_size),
+                kept=_kept_per_sample(current.items, kept_per_item, layout.batch_size),
                 kept_per_item=kept_per_item,
                 scores_per_item=[s.detach().float() if s is not None else None for s in scores],
             )
@@ -388,18 +565,64 @@ class PruningEngine:
             return None
         return keep
 
-    def _attention(self, stage: Stage, layout: Layout) -> Tensor:
-        captured = self._pass.captured.get(stage.attention_from, {})
-        if captured.get("layout") is not layout or "q" not in captured or "k" not in captured:
-            raise RuntimeError(f"attention of decoder layer {stage.attention_from} was not captured for this stage")
-        valid = layout.valid
-        if stage.query != "last":
-            raise ValueError(f"unsupported attention query {stage.query!r}")
-        slots = torch.arange(layout.length, device=valid.device)
-        last = torch.where(valid, slots, -1).max(1).values[:, None]
+    def _item_view(self, current: _Pass, order: int, item: VisualItem, stage_index: int, stage: Stage) -> ItemView:
+        layout = current.layout
+        slots = (layout.item[item.sample] == item.index).nonzero().squeeze(1)
+        tokens = layout.item_token[item.sample, slots]
+        selectable = item.selectable_mask(slots.device)[tokens]
+        signals = current.vision.get(item.index)
+        groups = signals.view.to(slots.device)[tokens] if signals is not None else None
+        budgets = current.budgets[item.index][stage_index]
+        if -1 in budgets:  # one budget for the whole item
+            group_budgets, budget = None, min(budgets[-1], int(selectable.sum()))
+        else:  # one budget per view (per-crop accounting)
+            group_budgets = {g: min(b, int((selectable & (groups == g)).sum())) for g, b in budgets.items()}
+            budget = sum(group_budgets.values())
+        cls_attention = None
+        if stage.vision_layers:
+            cls_attention = torch.stack([signals.cls_attention[layer] for layer in stage.vision_layers])[:, tokens]
+        return ItemView(
+            item=item,
+            order=order,
+            tokens=tokens,
+            slots=slots,
+            selectable=selectable,
+            budget=budget,
+            features=current.features[item.index][tokens] if stage.layer is None else None,
+            encoder_features=(
+                signals.encoder_features[tokens]
+                if stage.encoder_features and signals is not None and signals.encoder_features is not None
+                else None
+            ),
+            cls_attention=cls_attention,
+            groups=groups,
+            group_budgets=group_budgets,
+        )
+
+    def _attention(
+        self, current: _Pass, stage: Stage, hidden: Tensor | None, position_embeddings: tuple[Tensor, Tensor] | None
+    ) -> Tensor:
+        layout = current.layout
         attn = self.adapter.decoder_layers[stage.attention_from].self_attn
-        probs = attention_rows(attn, captured["q"], captured["k"], captured["position_embeddings"], last, valid)
-        return probs.mean(1)[:, 0]
+        if stage.attention_from == stage.layer:  # this layer's own attention, from its input
+            normed = self.adapter.decoder_layers[stage.layer].input_layernorm(hidden)
+            queries, keys = attn.q_proj(normed), attn.k_proj(normed)
+        else:
+            captured = self._captured(current, stage.attention_from, layout)
+            queries, keys, position_embeddings = captured["q"], captured["k"], captured["position_embeddings"]
+        return mean_attention(attn, queries, keys, position_embeddings, layout, stage.query)
+
+    def _query_states(self, current: _Pass, stage: Stage) -> Tensor:
+        captured = self._captured(current, stage.states_from, current.layout)
+        attn = self.adapter.decoder_layers[stage.states_from].self_attn
+        return rotated_queries(attn, captured["q"], captured["position_embeddings"])
+
+    @staticmethod
+    def _captured(current: _Pass, layer: int, layout: Layout) -> dict[str, Any]:
+        captured = current.captured.get(layer, {})
+        if captured.get("layout") is not layout or "q" not in captured or "k" not in captured:
+            raise RuntimeError(f"decoder layer {layer}'s queries and keys were not captured for this stage")
+        return captured
 
     # -- decode ------------------------------------------------------------------------------------------------
     def _start_decode(self, inputs: dict[str, Any], session: _Session) -> tuple[tuple, dict]:

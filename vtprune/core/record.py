@@ -43,3 +43,4 @@ class ForwardRecord:
     tokens_per_layer: list[list[int]] = field(default_factory=list)
     input_length: int = 0
     output_index: Tensor | None = None
+    budget: str = "final"

@@ -20,9 +20,12 @@ from vtprune.core.budget import Keep, validate_keep
 
 if TYPE_CHECKING:
     from vtprune.core.context import ItemView, PruneContext
+    from vtprune.core.layout import Layout
 
 POSITION_CONVENTIONS = ("keep", "renumber")
-ATTENTION_QUERIES = ("last",)
+# Query rows whose attention a stage can ask for: the last prompt token, the instruction (text after the last
+# image), or every token (averaged).
+ATTENTION_QUERIES = ("last", "instruction", "all")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,19 @@ class ModelInfo:
     num_layers: int
     has_cls_token: bool
     mrope: bool
+    # Vision tower depth and the 0-based index of the tower layer whose output feeds the projector
+    # (LLaVA-1.5: 24 and 22, i.e. hidden_states[-2]); 0 when the family has no such tower.
+    vision_layers: int = 0
+    vision_feature_layer: int = 0
+
+    def require_cls_token(self, method: str) -> None:
+        """Raise a clear error on families whose vision tower has no [CLS] token."""
+        if not self.has_cls_token:
+            usable = [n for n in list_methods() if not method_class(n).needs_cls_token]
+            raise ValueError(
+                f"{method} ranks tokens by the vision tower's [CLS] attention, but {self.family} towers have no [CLS] "
+                f"token; methods that apply to {self.family}: {', '.join(usable)}"
+            )
 
     def check_layer(self, method: str, name: str, value: int, minimum: int = 0) -> None:
         """Raise a clear error when a decoder layer index lies outside ``[minimum, num_layers - 1]``."""
@@ -50,15 +66,37 @@ class Stage:
     """One pruning point.
 
     ``layer=None`` prunes before the LLM (image features and their placeholder tokens are dropped); ``layer=K``
-    prunes the hidden states entering decoder layer K. ``attention_from`` names the decoder layer whose attention
-    rows (for ``query``) the scores need; they are recomputed from that layer's queries and keys, so the model
-    keeps running with SDPA / FlashAttention.
+    prunes the hidden states entering decoder layer K.
+
+    Budget: each image keeps ``scale`` times the wrap's budget (capped at its token count), so a progressive
+    schedule can keep several times its final budget at earlier stages; with ``per_crop`` the budget applies to each view
+    of an any-resolution image (LLaVA-NeXT) instead of the whole image, as FasterVLM / VisionZip / MMTok count.
+
+    Signals (what ``PruneContext`` can then provide):
+
+    * ``attention_from``: decoder layer whose attention rows for ``query`` the scores need. They are recomputed from
+      that layer's queries and keys for just those rows, so the model keeps running with SDPA / FlashAttention.
+      ``attention_from == layer`` recomputes them from the stage layer's own input (PyramidDrop, TransPrune).
+    * ``states_from``: decoder layer whose query states (after RoPE) ``ctx.query_states()`` returns.
+    * ``vision_layers``: vision-tower layers whose [CLS] -> token attention each image's ``cls_attention`` holds.
+    * ``encoder_features``: each image's features before the projector (``ItemView.encoder_features``).
+    * ``text_embeddings``: the LLM input embeddings of each prompt's instruction (``ctx.instruction_embeddings``).
     """
 
     layer: int | None
-    keep: Keep
+    scale: float = 1.0
+    per_crop: bool = False
     attention_from: int | None = None
     query: str = "last"
+    states_from: int | None = None
+    vision_layers: tuple[int, ...] = ()
+    encoder_features: bool = False
+    text_embeddings: bool = False
+
+    @property
+    def needs_vision_call(self) -> bool:
+        """True when the vision encoder call must be observed (tower signals or per-view budgets)."""
+        return bool(self.vision_layers) or self.encoder_features or self.per_crop
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -75,6 +113,8 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    # True for methods that rank by the vision tower's [CLS] attention (unusable on Qwen's towers).
+    needs_cls_token: ClassVar[bool] = False
     positions: str = "keep"
 
     def __post_init__(self) -> None:
@@ -91,6 +131,14 @@ class Method:
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
         """Where this method prunes on ``model`` for budget ``keep``; raise ValueError for options it can't honour."""
         raise NotImplementedError
+
+    def observed_layers(self, model: ModelInfo) -> tuple[int, ...]:
+        """Decoder layers whose sub-layer inputs and outputs :meth:`observe` should see during prefill."""
+        return ()
+
+    def observe(self, state: dict, layer: int, part: str, inputs: Tensor, output: Tensor, layout: Layout) -> None:
+        """Called during prefill for each layer of :meth:`observed_layers` and ``part`` in ("attention", "mlp") with the
+        sub-layer's (normalised) input and its output before the residual add; ``state`` is ``ctx.state`` later."""
 
     def score(self, ctx: PruneContext) -> list[Tensor]:
         """One score per current token of each item in ``ctx.items`` (higher = keep)."""
@@ -127,17 +175,20 @@ class SingleStageMethod(Method):
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
         if self.layer is not None:
             model.check_layer(self.name, "layer", self.layer)
-        return [Stage(layer=self.layer, keep=keep)]
+        return [Stage(layer=self.layer)]
 
 
 def top_budget(items: list[ItemView], scores: list[Tensor]) -> list[Tensor]:
-    """Per item, the indices of its ``budget`` highest-scoring selectable tokens."""
+    """Per item (per view of it, for per-crop budgets), the indices of its highest-scoring selectable tokens."""
     selections = []
     for view, item_scores in zip(items, scores, strict=True):
         if item_scores.shape != view.tokens.shape:
             raise RuntimeError(f"scores of shape {tuple(item_scores.shape)} for an image with {view.num_tokens} tokens")
         item_scores = item_scores.float().masked_fill(~view.selectable, float("-inf"))
-        selections.append(torch.topk(item_scores, view.budget, sorted=False).indices)
+        chosen = []
+        for members, budget in view.budget_groups():
+            chosen.append(members[torch.topk(item_scores[members], budget, sorted=False).indices])
+        selections.append(torch.cat(chosen))
     return selections
 
 

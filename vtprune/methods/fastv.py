@@ -33,7 +33,7 @@ class FastV(Method):
 
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
         model.check_layer(self.name, "layer", self.layer, minimum=1)
-        return [Stage(layer=self.layer, keep=keep, attention_from=self.layer - 1, query="last")]
+        return [Stage(layer=self.layer, attention_from=self.layer - 1, query="last")]
 
     def score(self, ctx: PruneContext) -> list[Tensor]:
         return ctx.per_item(ctx.attention())

@@ -1,0 +1,124 @@
+"""Signals methods score with, computed from what the engine's hooks captured.
+
+Kept apart from the engine so each can be tested on hand-made tensors: query rows of a layout, attention rows
+averaged over them, query states after RoPE, and the vision tower's [CLS] rows aligned with each image's tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vtprune.core.attention import apply_rotary, attention_rows
+from vtprune.core.layout import Layout
+
+# Query rows are processed in chunks so that "all" never materialises an L x L map per head.
+_QUERY_CHUNK = 128
+
+
+def query_slots(layout: Layout, query: str) -> tuple[Tensor, Tensor]:
+    """Slots whose attention rows a stage averages, ``[B, R]``, and which of them are real, ``[B, R]``.
+
+    ``last``: each sample's last real token. ``instruction``: the real text tokens after the sample's last visual
+    token (its instruction and the answer template; none for text-only samples). ``all``: every real token.
+    """
+    valid = layout.valid
+    slots = torch.arange(layout.length, device=valid.device).expand_as(valid)
+    if query == "last":
+        return torch.where(valid, slots, -1).max(1).values[:, None], torch.ones_like(valid[:, :1])
+    if query == "instruction":
+        last_visual = torch.where(layout.visual, slots, -1).max(1).values
+        chosen = valid & (slots > last_visual[:, None]) & (last_visual[:, None] >= 0)
+    elif query == "all":
+        chosen = valid
+    else:
+        raise ValueError(f"unknown attention query {query!r}")
+    counts = chosen.sum(1)
+    width = max(int(counts.max()), 1)
+    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :width]
+    row_valid = torch.arange(width, device=valid.device)[None] < counts[:, None]
+    return order, row_valid
+
+
+def mean_attention(
+    attn: nn.Module,
+    query_states: Tensor,
+    key_states: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    layout: Layout,
+    query: str,
+) -> Tensor:
+    """Head- and row-averaged attention of the ``query`` rows to every slot, ``[B, L]`` (fp32)."""
+    rows, row_valid = query_slots(layout, query)
+    total = torch.zeros(layout.batch_size, layout.length, dtype=torch.float32, device=rows.device)
+    for start in range(0, rows.shape[1], _QUERY_CHUNK):
+        chunk = slice(start, start + _QUERY_CHUNK)
+        probs = attention_rows(attn, query_states, key_states, position_embeddings, rows[:, chunk], layout.valid)
+        weights = row_valid[:, chunk].float()
+        total += (probs.mean(1) * weights[..., None]).sum(1)
+    return total / row_valid.sum(1).clamp(min=1)[:, None]
+
+
+def rotated_queries(attn: nn.Module, query_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+    """A layer's query states after its q-norm (if any) and RoPE, ``[B, L, heads, head_dim]``."""
+    batch, length, _ = query_states.shape
+    q = query_states.view(batch, length, -1, attn.head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    cos, sin = position_embeddings
+    return apply_rotary(q.transpose(1, 2), cos, sin).transpose(1, 2)
+
+
+def vit_cls_rows(query_states: Tensor, key_states: Tensor, num_heads: int, scale: float) -> Tensor:
+    """Head-averaged attention of token 0 ([CLS]) to every token of a ViT layer, ``[views, T]`` (no mask)."""
+    views, tokens, _ = key_states.shape
+    q = query_states[:, :1].reshape(views, 1, num_heads, -1).transpose(1, 2).float()
+    k = key_states.reshape(views, tokens, num_heads, -1).transpose(1, 2).float()
+    probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # [views, heads, 1, T]
+    return probs.mean(1)[:, 0]
+
+
+@dataclass
+class ImageSignals:
+    """Vision-tower signals of one image, aligned with its tokens as the LLM receives them.
+
+    ``source[t]`` is the flat index ``view * T + position`` of token t in the tower's output (``T`` tokens per view,
+    -1 for tokens no view produced, such as LLaVA-NeXT's newlines).
+    """
+
+    source: Tensor
+    tokens_per_view: int
+    cls_attention: dict[int, Tensor]
+    encoder_features: Tensor | None = None
+
+    @property
+    def view(self) -> Tensor:
+        return torch.where(self.source >= 0, self.source // self.tokens_per_view, -1)
+
+    def rows(self, start: int, count: int) -> ImageSignals:
+        """The signals of tokens ``[start, start + count)`` (one item of a multi-item chunk)."""
+        span = slice(start, start + count)
+        return ImageSignals(
+            self.source[span],
+            self.tokens_per_view,
+            {layer: values[span] for layer, values in self.cls_attention.items()},
+            self.encoder_features[span] if self.encoder_features is not None else None,
+        )
+
+
+def align_image_signals(
+    sources: list[Tensor], tokens_per_view: int, cls_rows: dict[int, Tensor], encoder_states: Tensor | None
+) -> list[ImageSignals]:
+    """Per image: pick each token's [CLS] attention and encoder feature from the tower outputs by its source."""
+    signals = []
+    for source in sources:
+        found = source >= 0
+        flat = source.clamp(min=0)
+        cls = {layer: torch.where(found, rows.flatten()[flat], 0.0) for layer, rows in cls_rows.items()}
+        features = None
+        if encoder_states is not None:
+            features = encoder_states.flatten(0, 1)[flat] * found[:, None].to(encoder_states.dtype)
+        signals.append(ImageSignals(source, tokens_per_view, cls, features))
+    return signals
