@@ -23,6 +23,7 @@ __all__ = [
     "visual_mask",
     "newline_tokens",
     "pooled",
+    "view_count",
     "is_qwen",
 ]
 
@@ -78,6 +79,16 @@ def newline_tokens(model, image: Image) -> int:
     rows, cols = get_anyres_image_grid_shape(list(image.size), config.image_grid_pinpoints, config.vision_config.image_size)
     # one newline per row of the unpadded high-resolution grid
     return unpad_image(torch.empty(0, rows * side, cols * side), torch.tensor(image.size)).shape[1]
+
+
+def view_count(model, image: Image) -> int:
+    """Views (base + crops) the vision tower sees for one image: several on LLaVA-NeXT, one elsewhere."""
+    if not type(model).__name__.startswith("LlavaNext"):
+        return 1
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = model.config
+    return image_size_to_num_patches(list(image.size), config.image_grid_pinpoints, config.vision_config.image_size)
 
 
 def pooled(rows: list[torch.Tensor]) -> BaseModelOutputWithPooling:

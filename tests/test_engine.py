@@ -18,6 +18,7 @@ from tests.helpers import (
     make_batch,
     newline_tokens,
     pooled,
+    view_count,
     rows_of,
     samples_for,
     singles_for,
@@ -36,6 +37,12 @@ CONFIGS = [
     ("fastv", {}),
     ("random", {"positions": "keep"}),
     ("fastv", {"layer": 1, "positions": "renumber"}),
+    ("vtc_cls", {}),
+    ("fastervlm", {}),
+    ("entropyprune", {}),
+    ("transprune", {}),
+    ("transprune", {"ttv_only": True}),
+    ("mmtok", {}),
 ]
 # Random models may emit any id; keep placeholder/special ids out of generated text.
 NO_SPECIAL = {"suppress_tokens": list(range(120, 128)), "pad_token_id": 0}
@@ -45,6 +52,17 @@ IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _skip_inapplicable(request):
+    """[CLS]-attention methods do not apply to Qwen's towers (their clear error is tested in test_errors)."""
+    params = getattr(request.node, "callspec", None)
+    if params is None:
+        return
+    method, family = params.params.get("method"), params.params.get("family")
+    if method in ("vtc_cls", "fastervlm") and family and family.startswith("qwen"):
+        pytest.skip(f"{method} needs a [CLS] token, which {family} has not")
 
 
 def _hook_count(model) -> int:
@@ -232,38 +250,50 @@ def test_sequence_lengths_and_kept_follow_the_budget(family, method, options):
     keep = 3
     with vtprune.wrap(model, method, keep=keep, **options) as pruning:
         model(**batch)
+        stages = pruning._engine.stages  # the schedule the method declared
     for hook in hooks:
         hook.remove()
     record = pruning.last
+    num_layers = len(model.model.language_model.layers)
 
-    # Expected: per image, `keep` tokens plus LLaVA-NeXT's newline tokens (always kept); a video keeps `keep` per frame.
-    expected_items = []
-    for sample, prompt in enumerate(samples):
-        for part in prompt:
-            if isinstance(part, Image):
-                expected_items.append((sample, keep + newline_tokens(model, part)))
-            elif isinstance(part, Video):
-                expected_items += [(sample, keep)] * part.frames
-    assert [(i["sample"]) for i in record.items] == [s for s, _ in expected_items]
-    kept_visual = [0] * len(samples)
-    for sample, count in expected_items:
-        kept_visual[sample] += count
+    # Per stage and image: round(scale * keep) tokens (per view with per-crop budgets; never more than the image
+    # has), plus LLaVA-NeXT's newlines (always kept); a video keeps its budget per frame.
+    def kept_at(stage) -> list[tuple[int, int]]:
+        budget = round(stage.scale * keep)
+        items = []
+        for sample, prompt in enumerate(samples):
+            for part in prompt:
+                if isinstance(part, Image):
+                    views = view_count(model, part) if stage.per_crop else 1
+                    newlines = newline_tokens(model, part)
+                    size = record.items[len(items)]["num_tokens"] - newlines
+                    items.append((sample, min(budget * views, size) + newlines))
+                elif isinstance(part, Video):
+                    items += [(sample, min(budget, record.items[len(items)]["num_tokens"]))] * part.frames
+        return items
+
     real = batch["attention_mask"].sum(1).tolist()
-    pruned_length = max(r - v + k for r, v, k in zip(real, visual_counts(batch), kept_visual))
-    layer = options.get("layer", 2 if method == "fastv" else None)
-    expected = [
-        pruned_length if layer is None or index >= layer else batch["input_ids"].shape[1]
-        for index in range(len(model.model.language_model.layers))
-    ]
-    assert seen == expected == pruning.seq_lens
+    visual = visual_counts(batch)
+    expected_lengths, length = [], batch["input_ids"].shape[1]
+    starts = {0 if stage.layer is None else stage.layer: stage for stage in stages}
+    for index in range(num_layers):
+        if index in starts:
+            per_sample = [0] * len(samples)
+            for sample, count in kept_at(starts[index]):
+                per_sample[sample] += count
+            length = max(r - v + k for r, v, k in zip(real, visual, per_sample))
+        expected_lengths.append(length)
+    assert seen == expected_lengths == pruning.seq_lens
 
-    for stage in record.stages:
-        for (sample, count), item, kept in zip(expected_items, record.items, stage.kept_per_item):
+    for stage, stage_record in zip(stages, record.stages):
+        expected_items = kept_at(stage)
+        assert [i["sample"] for i in record.items] == [s for s, _ in expected_items]
+        for (sample, count), item, kept in zip(expected_items, record.items, stage_record.kept_per_item):
             assert kept.numel() == kept.unique().numel() == count
             assert 0 <= int(kept.min()) and int(kept.max()) < item["num_tokens"]
-        for sample, kept in enumerate(stage.kept):
-            assert kept.numel() == kept.unique().numel() == kept_visual[sample]
-            assert kept.numel() == 0 or int(kept.max()) < visual_counts(batch)[sample]
+        for sample, kept in enumerate(stage_record.kept):
+            assert kept.numel() == kept.unique().numel() == sum(c for s, c in expected_items if s == sample)
+            assert kept.numel() == 0 or int(kept.max()) < visual[sample]
 
 
 def test_text_only_batches_pass_through(family):

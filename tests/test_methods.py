@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 import vtprune
@@ -150,8 +152,16 @@ def test_uniform_on_llava_next_keeps_newlines_and_spreads_over_both_views():
 
 
 def test_method_configs_round_trip_through_json():
-    for config in (vtprune.FastV(layer=3), vtprune.Random(seed=7, layer=1), vtprune.Uniform(positions="keep")):
-        data = config.to_dict()
+    configs = (
+        vtprune.FastV(layer=3),
+        vtprune.Random(seed=7, layer=1),
+        vtprune.Uniform(positions="keep"),
+        vtprune.TransPrune(prune_layers=(3, 5), ratios=(0.5, 0.25)),
+        vtprune.MMTok(alpha=0.3),
+    )
+    for config in configs:
+        data = json.loads(config.to_json())
         assert data["method"] == config.name
         assert vtprune.Method.from_dict(data) == config
-    assert vtprune.list_methods() == ["fastv", "random", "uniform"]
+    expected = ["entropyprune", "fastervlm", "fastv", "mmtok", "random", "transprune", "uniform", "vtc_cls"]
+    assert vtprune.list_methods() == expected

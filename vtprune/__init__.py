@@ -6,7 +6,7 @@
     pruning.unwrap()
 """
 
-from vtprune.api import unwrap, wrap
+from vtprune.api import adapter_for, unwrap, wrap
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.handle import Pruning
 from vtprune.core.registry import (
@@ -18,13 +18,14 @@ from vtprune.core.registry import (
     method_class,
     register_method,
 )
-from vtprune.methods import FastV, Random, Uniform
+from vtprune.methods import VTCCLS, EntropyPrune, FastV, FasterVLM, MMTok, Random, TransPrune, Uniform
 
 __version__ = "0.1.0"
 
 __all__ = [
     "wrap",
     "unwrap",
+    "adapter_for",
     "list_methods",
     "method_class",
     "register_method",
@@ -35,7 +36,12 @@ __all__ = [
     "PruneContext",
     "ItemView",
     "Pruning",
+    "EntropyPrune",
     "FastV",
+    "FasterVLM",
+    "MMTok",
     "Random",
+    "TransPrune",
     "Uniform",
+    "VTCCLS",
 ]

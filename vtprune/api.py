@@ -7,13 +7,22 @@ from typing import Any
 from torch import nn
 
 from vtprune.adapters import find_adapter
+from vtprune.core.adapter import Adapter
 from vtprune.core.budget import BUDGET_CONVENTIONS, Keep, validate_keep
 from vtprune.core.engine import PruningEngine
 from vtprune.core.handle import WRAPPED_ATTRIBUTE, Pruning
 from vtprune.core.registry import ATTENTION_QUERIES, Method, ModelInfo, Stage, make_method
 
 
-def wrap(model: nn.Module, method: str | Method, keep: Keep, *, budget: str = "final", **options: Any) -> Pruning:
+def wrap(
+    model: nn.Module,
+    method: str | Method,
+    keep: Keep,
+    *,
+    budget: str = "final",
+    tokenizer: Any = None,
+    **options: Any,
+) -> Pruning:
     """Patch ``model`` in place so its forward (and ``generate``) prunes visual tokens; returns the handle.
 
     Args:
@@ -23,6 +32,7 @@ def wrap(model: nn.Module, method: str | Method, keep: Keep, *, budget: str = "f
         budget: what ``keep`` counts: ``"final"`` (default) the visual tokens the LLM finally sees per image;
             ``"average"`` the equivalent average over all decoder layers, as in-LLM papers report (SparseVLM,
             PyramidDrop, EntropyPrune). The same for pruning before the LLM.
+        tokenizer: the model's tokenizer, for methods that read the question as words (MMTok's keyword filter).
         **options: fields of the method's config (e.g. ``layer=2`` for FastV).
 
     The returned :class:`~vtprune.core.handle.Pruning` reports what each forward kept and undoes the wrap with
@@ -47,14 +57,20 @@ def wrap(model: nn.Module, method: str | Method, keep: Keep, *, budget: str = "f
         mrope=adapter.mrope,
         vision_layers=adapter.vision_depth(),
         vision_feature_layer=adapter.vision_feature_layer(),
+        family_name=adapter.display_name,
     )
     stages = _checked_stages(config, config.stages(info, keep), info)
-    engine = PruningEngine(model, adapter, config, keep, stages, info, budget)
+    engine = PruningEngine(model, adapter, config, keep, stages, info, budget, tokenizer)
     engine.install()
     handle = Pruning(engine)
     for module in (model, adapter.vlm):
         setattr(module, WRAPPED_ATTRIBUTE, handle)
     return handle
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The family adapter of ``model`` (module paths, placeholder tokens, positions), for tools built on vtprune."""
+    return find_adapter(model)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

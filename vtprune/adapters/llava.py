@@ -18,6 +18,7 @@ from vtprune.core.layout import GridPart
 
 class LlavaAdapter(Adapter):
     family = "llava"
+    display_name = "LLaVA-1.5"
     model_class_names = ("LlavaForConditionalGeneration", "LlavaModel")
 
     def _image_features(self, inputs: dict[str, Any]) -> list[Tensor] | None:

@@ -23,6 +23,7 @@ from vtprune.core.layout import GridPart
 
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
+    display_name = "LLaVA-NeXT"
     model_class_names = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
 
     def image_item(self, features: Tensor, inputs: dict[str, Any]) -> ItemSpec:

@@ -14,12 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from transformers.vision_utils import get_vision_window_index
+
 from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk
 from vtprune.core.layout import GridPart
 
 
 class QwenVLAdapter(Adapter):
     family = "qwen_vl"
+    display_name = "Qwen2-VL / Qwen2.5-VL"
     model_class_names = (
         "Qwen2VLForConditionalGeneration",
         "Qwen2VLModel",
@@ -27,6 +30,7 @@ class QwenVLAdapter(Adapter):
         "Qwen2_5_VLModel",
     )
     raw_visual_inputs = ("pixel_values", "pixel_values_videos")
+    encoder_methods = ("get_image_features", "get_video_features")
     mrope = True
     has_cls_token = False
 
@@ -78,6 +82,35 @@ class QwenVLAdapter(Adapter):
             grids.append(grid if grid[0] * grid[1] * grid[2] == count else None)
             start += count
         return grids
+
+    @staticmethod
+    def _call_grid(call: dict[str, Any]) -> Tensor | None:
+        grid = call.get("image_grid_thw")
+        return grid if grid is not None else call.get("video_grid_thw")
+
+    def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
+        # No [CLS] and no views: the whole call is one "view" of its merged tokens, in output order.
+        grid = self._call_grid(call)
+        if grid is None:
+            return None
+        counts = (grid.prod(-1) // self.vlm.config.vision_config.spatial_merge_size**2).tolist()
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return [torch.arange(start, start + count) for start, count in zip(starts, counts)], sum(counts)
+
+    def encoder_states(self, call: dict[str, Any], output: Any) -> Tensor | None:
+        """The last ViT block's output before the merger, averaged over each merged group of patches (as MMTok
+        does), back in raster order for Qwen2.5-VL's window attention."""
+        hidden, grid = output.last_hidden_state, self._call_grid(call)
+        if hidden is None or grid is None:
+            return None
+        vision = self.vlm.config.vision_config
+        groups = hidden.view(-1, vision.spatial_merge_size**2, hidden.shape[-1])
+        if hasattr(vision, "window_size"):  # Qwen2.5-VL's tower runs on windows and reorders its tokens
+            window_index, _ = get_vision_window_index(
+                grid, vision.spatial_merge_size, vision.window_size, vision.patch_size
+            )
+            groups = groups[torch.argsort(window_index.to(groups.device))]
+        return groups.mean(1)[None]
 
     def encode(self, inputs: dict[str, Any]) -> list[VisualChunk]:
         return self._chunks(inputs, "image") + self._chunks(inputs, "video")

@@ -41,6 +41,7 @@ class Adapter:
     """
 
     family: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
     # Class names accepted by this adapter (for the "unsupported model" error).
     model_class_names: ClassVar[tuple[str, ...]] = ()
     # Inputs that make the model run its vision encoder; cleared once features are handed over precomputed.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -61,7 +62,8 @@ class PruneContext:
     (averaged over the query rows too), recomputed from layer ``stage.attention_from``'s queries and keys.
     ``query_states()`` returns layer ``stage.states_from``'s query states after RoPE, ``[B, L, heads, head_dim]``.
     ``instruction_embeddings[b]`` holds the LLM input embeddings of sample b's instruction tokens (the text after
-    its last image) and ``instruction_ids[b]`` their token ids. ``state`` is what the method's ``observe()`` wrote.
+    its last image) and ``instruction_ids[b]`` their token ids; ``embed`` maps token ids to LLM input embeddings and
+    ``tokenizer`` is the one passed to ``vtprune.wrap`` (or None). ``state`` is what the method's ``observe()`` wrote.
     """
 
     stage: Stage
@@ -72,6 +74,8 @@ class PruneContext:
     state: dict = field(default_factory=dict)
     instruction_ids: list[Tensor] | None = None
     instruction_embeddings: list[Tensor] | None = None
+    embed: Callable[[Tensor], Tensor] | None = None
+    tokenizer: Any = None
     _signals: dict[str, Callable[[], Tensor]] = field(default_factory=dict, repr=False)
     _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
 

@@ -114,6 +114,7 @@ class PruningEngine:
         stages: list[Stage],
         info: ModelInfo,
         budget: str = "final",
+        tokenizer: Any = None,
     ) -> None:
         self.model = model
         self.adapter = adapter
@@ -122,6 +123,7 @@ class PruningEngine:
         self.stages = stages
         self.info = info
         self.budget = budget
+        self.tokenizer = tokenizer
         self.renumber = method.positions == "renumber" and not adapter.mrope
         # Decoder layers whose q_proj / k_proj outputs are kept during prefill (attention rows, query states).
         self.capture_layers = sorted(
@@ -530,6 +532,8 @@ class PruningEngine:
             state=current.state,
             instruction_ids=current.instruction_ids,
             instruction_embeddings=current.instruction_embeddings,
+            embed=self.adapter.vlm.get_input_embeddings(),
+            tokenizer=self.tokenizer,
         )
         if stage.attention_from is not None:
             ctx._signals["attention"] = lambda: self._attention(current, stage, hidden, position_embeddings)

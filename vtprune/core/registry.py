@@ -40,14 +40,15 @@ class ModelInfo:
     # (LLaVA-1.5: 24 and 22, i.e. hidden_states[-2]); 0 when the family has no such tower.
     vision_layers: int = 0
     vision_feature_layer: int = 0
+    family_name: str = ""
 
     def require_cls_token(self, method: str) -> None:
         """Raise a clear error on families whose vision tower has no [CLS] token."""
         if not self.has_cls_token:
             usable = [n for n in list_methods() if not method_class(n).needs_cls_token]
             raise ValueError(
-                f"{method} ranks tokens by the vision tower's [CLS] attention, but {self.family} towers have no [CLS] "
-                f"token; methods that apply to {self.family}: {', '.join(usable)}"
+                f"{method} ranks tokens by the vision tower's [CLS] attention, but {self.family_name} towers have no "
+                f"[CLS] token; methods that apply to {self.family_name}: {', '.join(usable)}"
             )
 
     def check_layer(self, method: str, name: str, value: int, minimum: int = 0) -> None:

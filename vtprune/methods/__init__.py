@@ -1,7 +1,12 @@
 """Pruning methods: one module per method, each registering its config class."""
 
+from vtprune.methods.entropyprune import EntropyPrune
+from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
+from vtprune.methods.mmtok import MMTok
 from vtprune.methods.random import Random
+from vtprune.methods.transprune import TransPrune
 from vtprune.methods.uniform import Uniform
+from vtprune.methods.vtc_cls import VTCCLS
 
-__all__ = ["FastV", "Random", "Uniform"]
+__all__ = ["EntropyPrune", "FastV", "FasterVLM", "MMTok", "Random", "TransPrune", "Uniform", "VTCCLS"]
