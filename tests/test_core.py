@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vtprune.core.attention import attention_rows
+from vtprune.core.attention import attention_rows, gather_rows
 from vtprune.core.budget import tokens_to_keep, validate_keep
 from vtprune.core.layout import Layout, padding_side_of
 
@@ -86,7 +86,7 @@ def test_attention_rows_match_a_full_softmax_with_gqa_and_padding():
     cos, sin = torch.randn(batch, length, dim), torch.randn(batch, length, dim)
     valid = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     query_slots = torch.tensor([[5], [3]])
-    got = attention_rows(_Attention(), q, k, (cos, sin), query_slots, valid)
+    got = attention_rows(_Attention(), gather_rows(q, query_slots), k, (cos, sin), query_slots, valid)
 
     def rope(x):  # x [B, heads, L, d]
         half = x.shape[-1] // 2

@@ -100,6 +100,68 @@ def tiny_model(
     return model.to(dtype).eval()
 
 
+def llava_shaped_model(
+    *,
+    text_hidden: int = 1024,
+    text_layers: int = 8,
+    vision_hidden: int = 256,
+    vision_layers: int = 6,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> nn.Module:
+    """A random LLaVA-1.5-shaped model big enough to time on a CPU: a 336 px / 14 px CLIP tower (576 image tokens
+    from its penultimate layer) and a Llama decoder of ``text_layers`` x ``text_hidden``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=max(1, vision_hidden // 64),
+        image_size=336,
+        patch_size=14,
+    )
+    text = LlamaConfig(
+        hidden_size=text_hidden,
+        intermediate_size=int(2.75 * text_hidden),
+        num_hidden_layers=text_layers,
+        num_attention_heads=max(1, text_hidden // 128),
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_TOKEN,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+def llava_shaped_batch(model: nn.Module, *, text_before: int = 35, text_after: int = 20, seed: int = 0) -> dict:
+    """One LLaVA-1.5-style prompt (35 system tokens, the image's 576 placeholders, a 20-token question)."""
+    generator = torch.Generator().manual_seed(seed)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    tokens = torch.cat(
+        [
+            torch.randint(3, TEXT_TOKENS, (text_before,), generator=generator),
+            torch.full((side * side,), IMAGE_TOKEN),
+            torch.randint(3, TEXT_TOKENS, (text_after,), generator=generator),
+        ]
+    )[None]
+    size = model.config.vision_config.image_size
+    return {
+        "input_ids": tokens,
+        "attention_mask": torch.ones_like(tokens),
+        "pixel_values": torch.randn(1, 3, size, size, generator=generator),
+    }
+
+
 @dataclass(frozen=True)
 class Image:
     """An image in a test prompt. ``size`` is (height, width) in pixels: LLaVA ignores it (fixed 32 x 32),

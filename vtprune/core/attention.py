@@ -11,6 +11,11 @@ import torch
 from torch import Tensor, nn
 
 
+def gather_rows(values: Tensor, slots: Tensor) -> Tensor:
+    """``values[b, slots[b, r]]`` for ``values [B, L, D]`` and ``slots [B, R]``."""
+    return values.gather(1, slots[..., None].expand(-1, -1, values.shape[-1]))
+
+
 def rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -23,26 +28,26 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def attention_rows(
     attn: nn.Module,
-    query_states: Tensor,
+    query_rows: Tensor,
     key_states: Tensor,
     position_embeddings: tuple[Tensor, Tensor],
     query_slots: Tensor,
     key_valid: Tensor,
 ) -> Tensor:
-    """Attention probabilities of the query rows ``query_slots`` of one decoder layer, ``[B, heads, R, L]`` (fp32).
+    """Attention probabilities of the query rows at ``query_slots`` of one decoder layer, ``[B, heads, R, L]`` (fp32).
 
     ``attn`` is the layer's attention module (for ``head_dim``, ``scaling`` and optional ``q_norm``/``k_norm``);
-    ``query_states``/``key_states`` are its ``q_proj``/``k_proj`` outputs ``[B, L, heads * head_dim]`` before RoPE;
-    ``position_embeddings`` the ``(cos, sin)`` the layer received. Keys are masked causally (a query sees slots up
-    to its own) and where ``key_valid`` is False (padding), exactly like the layer's own mask.
+    ``query_rows`` its ``q_proj`` output for just those rows, ``[B, R, heads * head_dim]``, and ``key_states`` its
+    ``k_proj`` output for every slot, ``[B, L, kv_heads * head_dim]``, both before RoPE; ``position_embeddings`` the
+    ``(cos, sin)`` the layer received. Keys are masked causally (a query sees slots up to its own) and where
+    ``key_valid`` is False (padding), exactly like the layer's own mask.
     """
     head_dim = attn.head_dim
     batch, length, _ = key_states.shape
     cos, sin = position_embeddings
     rows = query_slots.shape[1]
 
-    q = query_states.gather(1, query_slots[..., None].expand(-1, -1, query_states.shape[-1]))
-    q = q.view(batch, rows, -1, head_dim)
+    q = query_rows.view(batch, rows, -1, head_dim)
     k = key_states.view(batch, length, -1, head_dim)
     if getattr(attn, "q_norm", None) is not None:
         q = attn.q_norm(q)

@@ -17,8 +17,11 @@ Everything is done with PyTorch module hooks that :meth:`PruningEngine.remove` t
 from __future__ import annotations
 
 import inspect
+import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +31,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from vtprune.core.adapter import Adapter, VisualChunk
+from vtprune.core.attention import gather_rows
 from vtprune.core.budget import Keep, stage_budgets
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.layout import Layout, VisualItem, padding_side_of
@@ -49,8 +53,8 @@ _MASK_BUILDERS = {
 }
 # Per-token inputs of the multimodal forward that must follow the tokens when a pre-LLM stage shortens the prompt.
 _PER_TOKEN_INPUTS = ("mm_token_type_ids", "token_type_ids")
-# Vision-encoder calls whose signals wait for their prefill (generate() encodes images before prefilling).
-_PENDING_VISION_CALLS = 16
+# Images whose tower signals may wait for their prefill (generate() encodes images before prefilling).
+_PENDING_IMAGES = 128
 
 
 @dataclass
@@ -145,6 +149,25 @@ class PruningEngine:
         self._tower_rows: dict[int, Tensor] | None = None
         self._tower_queries: dict[int, Tensor] = {}
         self._vision_calls: OrderedDict[int, tuple[weakref.ref, ImageSignals]] = OrderedDict()
+        # Seconds spent on vision-tower signals since the last prefill (generate() encodes images before it).
+        self._vision_seconds = 0.0
+        # When True, timed regions synchronise CUDA so that ForwardRecord.overhead measures device time too.
+        self.synchronize_timers = False
+
+    @contextmanager
+    def _timed(self, totals: dict[str, float] | None, key: str) -> Iterator[None]:
+        """Add the wall time of the block to ``totals[key]`` (vtprune's own overhead, reported per forward)."""
+        sync = self.synchronize_timers and torch.cuda.is_available()
+        if sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if sync:
+                torch.cuda.synchronize()
+            if totals is not None:
+                totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
 
     # -- installation ------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -212,6 +235,7 @@ class PruningEngine:
                 output = encode(*args, **kwargs)
             finally:
                 rows, self._tower_rows, self._tower_queries = self._tower_rows, None, {}
+            start = time.perf_counter()
             call = self.adapter.bind_call(signature, args, kwargs)
             per_image = getattr(output, "pooler_output", None)
             sources = self.adapter.image_sources(call, output) if per_image is not None else None
@@ -219,8 +243,9 @@ class PruningEngine:
                 states = self.adapter.encoder_states(call, output) if self._wants_encoder_features() else None
                 for tensor, signals in zip(per_image, align_image_signals(sources[0], sources[1], rows, states)):
                     self._vision_calls[id(tensor)] = (weakref.ref(tensor), signals)
-                while len(self._vision_calls) > _PENDING_VISION_CALLS * 8:
+                while len(self._vision_calls) > _PENDING_IMAGES:
                     self._vision_calls.popitem(last=False)
+            self._vision_seconds += time.perf_counter() - start
             return output
 
         return observed
@@ -238,8 +263,10 @@ class PruningEngine:
     def _tower_key_hook(self, index: int, attn: nn.Module):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if self._tower_rows is not None and index in self._tower_queries:
+                start = time.perf_counter()
                 queries = self._tower_queries.pop(index)
                 self._tower_rows[index] = vit_cls_rows(queries, output, attn.num_heads, attn.scale)
+                self._vision_seconds += time.perf_counter() - start
 
         return hook
 
@@ -288,7 +315,8 @@ class PruningEngine:
                 return
             inputs = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
             result = output[0] if isinstance(output, tuple) else output
-            self.method.observe(current.state, index, part, inputs, result, current.layout)
+            with self._timed(current.record.overhead, "observe"):
+                self.method.observe(current.state, index, part, inputs, result, current.layout)
 
         return hook
 
@@ -367,6 +395,8 @@ class PruningEngine:
             input_length=length,
             budget=self.budget,
         )
+        if self.observe_vision:
+            record.overhead["vision"], self._vision_seconds = self._vision_seconds, 0.0
         current = _Pass(
             prefill=True,
             layout=layout,
@@ -383,7 +413,8 @@ class PruningEngine:
             current.instruction_ids, current.instruction_embeddings = self._instruction(input_ids, embeds, layout)
         if current.pending and current.pending[0][1].layer is None:
             stage_index, stage = current.pending.pop(0)
-            keep = self._run_stage(current, stage_index, stage)
+            with self._timed(current.record.overhead, "select"):
+                keep = self._run_stage(current, stage_index, stage)
             if keep is not None:
                 shorter = layout.compact(keep, renumber=self.renumber, first_layer=0)
                 inputs = self._shorten_prompt(inputs, shorter)
@@ -494,7 +525,10 @@ class PruningEngine:
             position_embeddings = (
                 current.layer_inputs.position_embeddings if current.layer_inputs else kwargs["position_embeddings"]
             )
-            keep = self._run_stage(current, stage_index, stage, hidden=hidden, position_embeddings=position_embeddings)
+            with self._timed(current.record.overhead, "select"):
+                keep = self._run_stage(
+                    current, stage_index, stage, hidden=hidden, position_embeddings=position_embeddings
+                )
             if keep is None:
                 continue
             shorter = current.layout.compact(keep, renumber=self.renumber, first_layer=index)
@@ -610,10 +644,16 @@ class PruningEngine:
         attn = self.adapter.decoder_layers[stage.attention_from].self_attn
         if stage.attention_from == stage.layer:  # this layer's own attention, from its input
             normed = self.adapter.decoder_layers[stage.layer].input_layernorm(hidden)
-            queries, keys = attn.q_proj(normed), attn.k_proj(normed)
+            keys = attn.k_proj(normed)
+
+            def queries(slots: Tensor) -> Tensor:
+                return attn.q_proj(gather_rows(normed, slots))
         else:
             captured = self._captured(current, stage.attention_from, layout)
-            queries, keys, position_embeddings = captured["q"], captured["k"], captured["position_embeddings"]
+            keys, position_embeddings = captured["k"], captured["position_embeddings"]
+
+            def queries(slots: Tensor) -> Tensor:
+                return gather_rows(captured["q"], slots)
         return mean_attention(attn, queries, keys, position_embeddings, layout, stage.query)
 
     def _query_states(self, current: _Pass, stage: Stage) -> Tensor:

@@ -44,6 +44,15 @@ class Pruning:
         return self._engine.adapter.family
 
     @property
+    def synchronize_timers(self) -> bool:
+        """Whether the overhead timers wait for the GPU (exact device time, slightly slower); off by default."""
+        return self._engine.synchronize_timers
+
+    @synchronize_timers.setter
+    def synchronize_timers(self, value: bool) -> None:
+        self._engine.synchronize_timers = bool(value)
+
+    @property
     def active(self) -> bool:
         return self._active
 

@@ -34,7 +34,9 @@ class ForwardRecord:
 
     ``seq_lens[l]`` is the (padded) sequence length entering decoder layer l, ``tokens_per_layer[l][b]`` the real
     tokens of sample b there. ``output_index[b, j]`` is the original prompt position of output row j (-1 for
-    padding): with pruning the logits cover only the kept tokens.
+    padding): with pruning the logits cover only the kept tokens. ``overhead`` holds the seconds vtprune itself spent
+    ("vision": [CLS] rows and token maps; "observe": sub-layer observers; "select": signals, scores, selection and
+    bookkeeping at the stages), host wall time unless ``Pruning.synchronize_timers`` makes it wait for the device.
     """
 
     items: list[dict] = field(default_factory=list)
@@ -44,3 +46,4 @@ class ForwardRecord:
     input_length: int = 0
     output_index: Tensor | None = None
     budget: str = "final"
+    overhead: dict[str, float] = field(default_factory=dict)

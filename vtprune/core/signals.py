@@ -6,6 +6,7 @@ averaged over them, query states after RoPE, and the vision tower's [CLS] rows a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,18 +45,22 @@ def query_slots(layout: Layout, query: str) -> tuple[Tensor, Tensor]:
 
 def mean_attention(
     attn: nn.Module,
-    query_states: Tensor,
+    queries: Callable[[Tensor], Tensor],
     key_states: Tensor,
     position_embeddings: tuple[Tensor, Tensor],
     layout: Layout,
     query: str,
 ) -> Tensor:
-    """Head- and row-averaged attention of the ``query`` rows to every slot, ``[B, L]`` (fp32)."""
+    """Head- and row-averaged attention of the ``query`` rows to every slot, ``[B, L]`` (fp32).
+
+    ``queries(slots)`` returns the layer's ``q_proj`` output at ``slots [B, R]``, so only those rows are projected.
+    """
     rows, row_valid = query_slots(layout, query)
     total = torch.zeros(layout.batch_size, layout.length, dtype=torch.float32, device=rows.device)
     for start in range(0, rows.shape[1], _QUERY_CHUNK):
         chunk = slice(start, start + _QUERY_CHUNK)
-        probs = attention_rows(attn, query_states, key_states, position_embeddings, rows[:, chunk], layout.valid)
+        slots = rows[:, chunk]
+        probs = attention_rows(attn, queries(slots), key_states, position_embeddings, slots, layout.valid)
         weights = row_valid[:, chunk].float()
         total += (probs.mean(1) * weights[..., None]).sum(1)
     return total / row_valid.sum(1).clamp(min=1)[:, None]

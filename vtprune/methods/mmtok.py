@@ -69,18 +69,27 @@ def coverage_matrix(
 
 
 def greedy_coverage(coverage: Tensor, count: int) -> Tensor:
-    """Greedy maximum coverage: ``count`` columns, each maximising the gain ``f(S + j) - f(S)``. Vectorised over
-    candidates; returns the columns in the order they were picked."""
+    """Greedy maximum coverage: ``count`` columns, each maximising the gain ``f(S + j) - f(S)``; returns the columns
+    in the order they were picked.
+
+    Vectorised over candidates; the gains of all candidates are updated incrementally, only over the rows whose best
+    cover the last pick improved (in float64, so the running gains do not drift from the exact ones).
+    """
+    coverage = coverage.double()
     rows, candidates = coverage.shape
     best = coverage.new_zeros(rows)
+    gains = coverage.clamp(min=0).sum(0)
     available = torch.ones(candidates, dtype=torch.bool, device=coverage.device)
     picked = []
     for _ in range(min(count, candidates)):
-        gains = (coverage - best[:, None]).clamp(min=0).sum(0).masked_fill(~available, float("-inf"))
-        choice = int(gains.argmax())
+        choice = int(gains.masked_fill(~available, float("-inf")).argmax())
         picked.append(choice)
         available[choice] = False
-        best = torch.maximum(best, coverage[:, choice])
+        improved = best < coverage[:, choice]
+        changed = coverage[improved]
+        old, new = best[improved], coverage[improved, choice]
+        gains -= (changed - old[:, None]).clamp(min=0).sum(0) - (changed - new[:, None]).clamp(min=0).sum(0)
+        best = torch.where(improved, coverage[:, choice], best)
     return torch.tensor(picked, dtype=torch.long, device=coverage.device)
 
 
