@@ -500,7 +500,7 @@ class PruningEngine:
         if inputs.get("input_ids") is not None:
             inputs["input_ids"] = inputs["input_ids"].gather(1, index).masked_fill(pad, self.adapter.safe_pad_id())
         else:
-            inputs["inputs_embeds"] = gather_tokens(inputs["inputs_embeds"], index)
+            inputs["inputs_embeds"] = gather_tokens(inputs["inputs_embeds"], index, check=False)
         mask = inputs.get("attention_mask")
         inputs["attention_mask"] = shorter.valid.to(mask.dtype if mask is not None else torch.long)
         for key in _PER_TOKEN_INPUTS:
@@ -532,7 +532,7 @@ class PruningEngine:
             if keep is None:
                 continue
             shorter = current.layout.compact(keep, renumber=self.renumber, first_layer=index)
-            hidden = gather_tokens(hidden, shorter.source.clamp(min=0))
+            hidden = gather_tokens(hidden, shorter.source.clamp(min=0), check=False)
             current.layout = shorter
             current.segments.append(shorter)
             current.layer_inputs = self._layer_inputs(hidden, current.cache, shorter.valid, shorter.positions, index)
