@@ -11,7 +11,8 @@ from tests.helpers import Image, make_batch, newline_tokens, samples_for, tiny_m
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.layout import GridPart, Layout, VisualItem
 from vtprune.core.registry import ModelInfo, Stage
-from vtprune.methods.uniform import evenly_spaced, lattice, split_budget
+from vtprune.core.budget import split_budget
+from vtprune.methods.uniform import evenly_spaced, lattice
 
 INFO = ModelInfo(family="llava", num_layers=4, has_cls_token=True, mrope=False)
 
@@ -163,5 +164,8 @@ def test_method_configs_round_trip_through_json():
         data = json.loads(config.to_json())
         assert data["method"] == config.name
         assert vtprune.Method.from_dict(data) == config
-    expected = ["entropyprune", "fastervlm", "fastv", "mmtok", "random", "transprune", "uniform", "vtc_cls"]
+    expected = [
+        "divprune", "entropyprune", "fastervlm", "fastv", "mmtok", "pdrop", "pool", "random", "transprune", "uniform",
+        "vtc_cls",
+    ]  # fmt: skip
     assert vtprune.list_methods() == expected

@@ -10,6 +10,7 @@ from vtprune.api import adapter_for, unwrap, wrap
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.handle import Pruning
 from vtprune.core.registry import (
+    Merged,
     Method,
     ModelInfo,
     SingleStageMethod,
@@ -18,7 +19,19 @@ from vtprune.core.registry import (
     method_class,
     register_method,
 )
-from vtprune.methods import VTCCLS, EntropyPrune, FastV, FasterVLM, MMTok, Random, TransPrune, Uniform
+from vtprune.methods import (
+    VTCCLS,
+    DivPrune,
+    EntropyPrune,
+    FastV,
+    FasterVLM,
+    MMTok,
+    Pool,
+    PyramidDrop,
+    Random,
+    TransPrune,
+    Uniform,
+)
 
 __version__ = "0.1.0"
 
@@ -29,6 +42,7 @@ __all__ = [
     "list_methods",
     "method_class",
     "register_method",
+    "Merged",
     "Method",
     "SingleStageMethod",
     "ModelInfo",
@@ -36,10 +50,13 @@ __all__ = [
     "PruneContext",
     "ItemView",
     "Pruning",
+    "DivPrune",
     "EntropyPrune",
     "FastV",
     "FasterVLM",
     "MMTok",
+    "Pool",
+    "PyramidDrop",
     "Random",
     "TransPrune",
     "Uniform",

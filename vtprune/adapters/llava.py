@@ -91,6 +91,9 @@ class LlavaAdapter(Adapter):
             return None
         return torch.cat([hidden[layer] for layer in layers], dim=-1)
 
+    def project(self, features: Tensor) -> Tensor:
+        return self.vlm.multi_modal_projector(features)
+
     def encode(self, inputs: dict[str, Any]) -> list[VisualChunk]:
         features = self._image_features(inputs)
         if features is None:

@@ -126,6 +126,10 @@ class Adapter:
         """The tower's hidden states that feed the projector, ``[views, T, D]``, from one encoder call."""
         return None
 
+    def project(self, features: Tensor) -> Tensor:
+        """Features from before the projector mapped into the LLM's input space (for methods that merge there)."""
+        raise NotImplementedError(f"{self.display_name or self.family} has no per-token projector")
+
     def encode(self, inputs: dict[str, Any]) -> list[VisualChunk]:
         """Run the vision encoder (+ projector) on ``inputs`` and return its outputs in placeholder order."""
         raise NotImplementedError

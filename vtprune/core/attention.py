@@ -66,4 +66,5 @@ def attention_rows(
     key_slots = torch.arange(length, device=key_states.device)
     allowed = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[..., None])
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    # a padding query sees no key: its row is all zeros rather than NaN (which would poison weighted means)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)

@@ -92,3 +92,17 @@ def stage_budgets(
         else:
             high = middle - 1
     return budgets(best)
+
+
+def split_budget(budget: int, sizes: list[int]) -> list[int]:
+    """Split ``budget`` over parts in proportion to ``sizes`` (largest remainder, each part at most its size)."""
+    total = sum(sizes)
+    shares = [budget * s / total for s in sizes]
+    counts = [min(s, math.floor(x)) for s, x in zip(sizes, shares)]
+    order = sorted(range(len(sizes)), key=lambda i: shares[i] - counts[i], reverse=True)
+    for i in order:
+        if sum(counts) >= budget:
+            break
+        if counts[i] < sizes[i]:
+            counts[i] += 1
+    return counts

@@ -36,7 +36,7 @@ from vtprune.core.budget import Keep, stage_budgets
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.layout import Layout, VisualItem, padding_side_of
 from vtprune.core.record import ForwardRecord, StageRecord
-from vtprune.core.registry import Method, ModelInfo, Stage, top_budget
+from vtprune.core.registry import Merged, Method, ModelInfo, Stage, top_budget
 from vtprune.core.signals import (
     ImageSignals,
     align_image_signals,
@@ -98,6 +98,8 @@ class _Pass:
     segments: list[Layout] = field(default_factory=list)
     layer_inputs: _LayerInputs | None = None
     captured: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # features merging methods gave the kept tokens at the last stage: item -> (tokens ascending, features)
+    merges: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     # decode only
     session: _Session | None = None
     new_columns: Tensor | None = None
@@ -421,6 +423,11 @@ class PruningEngine:
                 current.features = self._kept_features(items, features, shorter)
                 current.layout = shorter
                 current.segments = [shorter]
+            for item_index, (tokens, merged) in current.merges.items():
+                kept_tokens = self._item_tokens(current.layout, items[item_index])
+                rows = torch.searchsorted(kept_tokens, tokens)
+                current.features[item_index] = current.features[item_index].clone()
+                current.features[item_index][rows] = merged.to(current.features[item_index].dtype)
         inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(
             _features_by_chunk(chunks, chunk_items, current.features)
         )
@@ -508,16 +515,17 @@ class PruningEngine:
                 inputs[key] = inputs[key].gather(1, index).masked_fill(pad, 0)
         return inputs
 
+    @staticmethod
+    def _item_tokens(layout: Layout, item: VisualItem) -> Tensor:
+        """The item's tokens present in ``layout``, in slot (= ascending token) order."""
+        return layout.item_token[item.sample][layout.item[item.sample] == item.index]
+
     def _kept_features(self, items: list[VisualItem], features: dict[int, Tensor], layout: Layout) -> dict[int, Tensor]:
-        kept = {}
-        for item in items:
-            row_tokens = layout.item_token[item.sample][layout.item[item.sample] == item.index]
-            kept[item.index] = features[item.index][row_tokens]
-        return kept
+        return {item.index: features[item.index][self._item_tokens(layout, item)] for item in items}
 
     def _on_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         current = self._pass
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = original = args[0] if args else kwargs["hidden_states"]
         if not current.prefill:
             return self._decode_layer(index, hidden, args, kwargs)
         while current.pending and current.pending[0][1].layer == index:
@@ -529,16 +537,26 @@ class PruningEngine:
                 keep = self._run_stage(
                     current, stage_index, stage, hidden=hidden, position_embeddings=position_embeddings
                 )
-            if keep is None:
-                continue
-            shorter = current.layout.compact(keep, renumber=self.renumber, first_layer=index)
-            hidden = gather_tokens(hidden, shorter.source.clamp(min=0), check=False)
-            current.layout = shorter
-            current.segments.append(shorter)
-            current.layer_inputs = self._layer_inputs(hidden, current.cache, shorter.valid, shorter.positions, index)
+            if keep is not None:
+                shorter = current.layout.compact(keep, renumber=self.renumber, first_layer=index)
+                hidden = gather_tokens(hidden, shorter.source.clamp(min=0), check=False)
+                current.layout = shorter
+                current.segments.append(shorter)
+                current.layer_inputs = self._layer_inputs(
+                    hidden, current.cache, shorter.valid, shorter.positions, index
+                )
+            if current.merges:
+                hidden = hidden.clone()
+                for item_index, (tokens, merged) in current.merges.items():
+                    item = current.items[item_index]
+                    slots = (current.layout.item[item.sample] == item.index).nonzero().squeeze(1)
+                    rows = slots[torch.searchsorted(self._item_tokens(current.layout, item), tokens)]
+                    hidden[item.sample, rows] = merged.to(hidden.dtype)
         current.record.seq_lens.append(hidden.shape[1])
         if current.layer_inputs is not None:
             args, kwargs = _replace_layer_inputs(args, kwargs, hidden, current.layer_inputs, self._layer_type(index))
+        elif hidden is not original:  # merged features but nothing dropped
+            args, kwargs = _replace_hidden(args, kwargs, hidden)
         if index in self.capture_layers:
             current.captured.setdefault(index, {}).update(
                 position_embeddings=kwargs["position_embeddings"], layout=current.layout
@@ -575,13 +593,24 @@ class PruningEngine:
             ctx._signals["query_states"] = lambda: self._query_states(current, stage)
 
         scores: list[Tensor | None] = [None] * len(views)
-        if self.frozen is not None:
+        if self.frozen is not None and not self.method.merges:
             selections = _replay(self.frozen, stage_index, views)
         elif type(self.method).select is Method.select:
             scores = self.method.score(ctx)
             selections = top_budget(views, scores)
-        else:
+        else:  # merging methods run again under freeze: their features are recomputed, their choice checked below
             selections = self.method.select(ctx)
+        current.merges = {}
+        for i, (view, chosen) in enumerate(zip(views, selections)):
+            if isinstance(chosen, Merged):
+                selections[i] = chosen.indices
+                order = chosen.indices.argsort()
+                merged = chosen.features[order]
+                if chosen.space == "encoder":
+                    merged = self.adapter.project(merged)
+                elif chosen.space != "llm":
+                    raise RuntimeError(f"{self.method.name}: Merged.space must be 'llm' or 'encoder'")
+                current.merges[view.item.index] = (view.tokens[chosen.indices[order]], merged)
         _check_selections(self.method.name, views, selections)
 
         keep = layout.valid & ~layout.visual
@@ -599,6 +628,12 @@ class PruningEngine:
                 scores_per_item=[s.detach().float() if s is not None else None for s in scores],
             )
         )
+        if self.frozen is not None and self.method.merges:
+            expected = self.frozen.stages[stage_index].kept_per_item
+            if len(expected) != len(kept_per_item) or any(
+                not torch.equal(a.cpu(), b.cpu()) for a, b in zip(expected, kept_per_item)
+            ):
+                raise ValueError("the frozen selection was recorded on different images; unfreeze first")
         if bool((keep == layout.valid).all()):
             return None
         return keep
@@ -813,7 +848,7 @@ def _check_selections(name: str, views: list[ItemView], selections: list[Tensor]
     for view, chosen in zip(views, selections):
         if chosen.ndim != 1 or chosen.dtype not in (torch.int32, torch.int64):
             raise RuntimeError(f"{name} must return 1-D integer indices per image, got {chosen.dtype} {chosen.shape}")
-        if chosen.numel() != view.budget:
+        if chosen.numel() > view.budget or (view.budget > 0 and chosen.numel() == 0):
             raise RuntimeError(f"{name} kept {chosen.numel()} tokens of an image whose budget is {view.budget}")
         if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= view.num_tokens):
             raise RuntimeError(f"{name} returned indices outside [0, {view.num_tokens})")
@@ -837,14 +872,16 @@ def _shifted(positions: Tensor, shift: Tensor) -> Tensor:
     return positions - shift.to(positions.dtype)[:, None]
 
 
+def _replace_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
 def _replace_layer_inputs(
     args: tuple, kwargs: dict, hidden: Tensor, inputs: _LayerInputs, layer_type: str
 ) -> tuple[tuple, dict]:
-    kwargs = dict(kwargs)
-    if args:
-        args = (hidden, *args[1:])
-    else:
-        kwargs["hidden_states"] = hidden
+    args, kwargs = _replace_hidden(args, kwargs, hidden)
     kwargs["attention_mask"] = inputs.masks[layer_type]
     kwargs["position_embeddings"] = inputs.position_embeddings
     kwargs["position_ids"] = inputs.position_ids

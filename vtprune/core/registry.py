@@ -100,6 +100,20 @@ class Stage:
         return bool(self.vision_layers) or self.encoder_features or self.per_crop
 
 
+@dataclass
+class Merged:
+    """A merging method's result for one image: the tokens that stay (their slots and positions) and the features
+    they carry from now on, row i belonging to ``indices[i]`` (indices into the image's current tokens).
+
+    ``space="llm"``: features in the LLM's input / hidden space; ``space="encoder"``: before the projector (pre-LLM
+    stages only; the adapter projects them, e.g. VisionZip merges in CLIP space).
+    """
+
+    indices: Tensor
+    features: Tensor
+    space: str = "llm"
+
+
 _REGISTRY: dict[str, type[Method]] = {}
 
 
@@ -116,6 +130,8 @@ class Method:
     paper: ClassVar[str] = ""
     # True for methods that rank by the vision tower's [CLS] attention (unusable on Qwen's towers).
     needs_cls_token: ClassVar[bool] = False
+    # True for methods whose select() returns Merged results (kept tokens carry new features).
+    merges: ClassVar[bool] = False
     positions: str = "keep"
 
     def __post_init__(self) -> None:
@@ -145,8 +161,9 @@ class Method:
         """One score per current token of each item in ``ctx.items`` (higher = keep)."""
         raise NotImplementedError(f"{type(self).__name__} implements neither score() nor select()")
 
-    def select(self, ctx: PruneContext) -> list[Tensor]:
-        """Indices (into each item's current tokens) to keep; the default takes the top-``budget`` scores."""
+    def select(self, ctx: PruneContext) -> list[Tensor | Merged]:
+        """Per item, indices (into its current tokens) to keep, at most its budget, or a :class:`Merged`; the default
+        takes the top-``budget`` scores."""
         return top_budget(ctx.items, self.score(ctx))
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,12 +1,27 @@
 """Pruning methods: one module per method, each registering its config class."""
 
+from vtprune.methods.divprune import DivPrune
 from vtprune.methods.entropyprune import EntropyPrune
 from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
 from vtprune.methods.mmtok import MMTok
+from vtprune.methods.pdrop import PyramidDrop
+from vtprune.methods.pool import Pool
 from vtprune.methods.random import Random
 from vtprune.methods.transprune import TransPrune
 from vtprune.methods.uniform import Uniform
 from vtprune.methods.vtc_cls import VTCCLS
 
-__all__ = ["EntropyPrune", "FastV", "FasterVLM", "MMTok", "Random", "TransPrune", "Uniform", "VTCCLS"]
+__all__ = [
+    "DivPrune",
+    "EntropyPrune",
+    "FastV",
+    "FasterVLM",
+    "MMTok",
+    "Pool",
+    "PyramidDrop",
+    "Random",
+    "TransPrune",
+    "Uniform",
+    "VTCCLS",
+]

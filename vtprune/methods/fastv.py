@@ -2,8 +2,9 @@
 Large Vision-Language Models" (ECCV 2024), https://github.com/pkunlp-icler/FastV.
 
 At decoder layer K (default 2) the image tokens are ranked by the attention the last prompt token pays them in
-layer K-1, averaged over heads (the rule of the authors' code; the paper's text describes the average over all
-query tokens), and only the top ones continue; the kept tokens keep their original positions, as in the authors'
+layer K-1, averaged over heads (``query="last"``, the rule of the authors' code), or by the attention they receive
+from all tokens on average (``query="all"``, the rule the paper's text describes; computed in chunks of query
+rows, never as a full map), and only the top ones continue; the kept tokens keep their original positions, as in the authors'
 ``keep_indexs``. The attention row is recomputed from layer K-1's queries and keys, so the model runs with SDPA or
 FlashAttention throughout. Works on every family (the signal is the LLM's own attention).
 """
@@ -29,11 +30,17 @@ class FastV(Method):
     paper = "Chen et al., ECCV 2024 (pkunlp-icler/FastV)"
 
     layer: int = 2
+    query: str = "last"
     positions: str = "keep"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.query not in ("last", "all"):
+            raise ValueError(f"{self.name}: query must be 'last' (the code) or 'all' (the paper), got {self.query!r}")
 
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
         model.check_layer(self.name, "layer", self.layer, minimum=1)
-        return [Stage(layer=self.layer, attention_from=self.layer - 1, query="last")]
+        return [Stage(layer=self.layer, attention_from=self.layer - 1, query=self.query)]
 
     def score(self, ctx: PruneContext) -> list[Tensor]:
         return ctx.per_item(ctx.attention())

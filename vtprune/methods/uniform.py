@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vtprune.core.budget import split_budget
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.registry import SingleStageMethod, register_method
 
@@ -38,20 +39,6 @@ def lattice(height: int, width: int, count: int) -> Tensor:
 def evenly_spaced(total: int, count: int) -> Tensor:
     """``count`` indices spread evenly over ``range(total)``."""
     return ((torch.arange(count) + 0.5) * total / count).floor().long()
-
-
-def split_budget(budget: int, sizes: list[int]) -> list[int]:
-    """Split ``budget`` over parts in proportion to ``sizes`` (largest remainder, each part at most its size)."""
-    total = sum(sizes)
-    shares = [budget * s / total for s in sizes]
-    counts = [min(s, math.floor(x)) for s, x in zip(sizes, shares)]
-    order = sorted(range(len(sizes)), key=lambda i: shares[i] - counts[i], reverse=True)
-    for i in order:
-        if sum(counts) >= budget:
-            break
-        if counts[i] < sizes[i]:
-            counts[i] += 1
-    return counts
 
 
 @register_method

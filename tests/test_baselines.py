@@ -1,0 +1,149 @@
+"""Pooling, DivPrune, PyramidDrop and FastV's all-token rule: defining behaviour on hand-made inputs, and a
+reference written from the spec (eager attention maps, plain loops) selecting exactly what the method selects."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import vtprune
+from tests.helpers import make_batch, samples_for, tiny_model, visual_mask, with_positions
+from tests.helpers import pooled as encoder_output
+from vtprune.core.budget import stage_budgets
+from vtprune.core.registry import ModelInfo
+from vtprune.methods.divprune import max_min_diverse
+from vtprune.methods.pool import cell_of, pooled_shape
+
+LLAVA = ModelInfo(family="llava", num_layers=32, has_cls_token=True, mrope=False, vision_layers=24, vision_feature_layer=22)
+
+
+# -- pooling -----------------------------------------------------------------------------------------------------
+
+
+def test_pooled_shapes_follow_the_budget_and_aspect():
+    assert pooled_shape(24, 24, 144) == (12, 12)
+    assert pooled_shape(24, 24, 64) == (8, 8)
+    assert pooled_shape(24, 24, 36) == (6, 6)
+    assert pooled_shape(24, 24, 60) == (6, 10)  # exactly the budget, as square as it allows
+    assert pooled_shape(24, 24, 61) == (6, 10)  # a prime budget keeps the largest grid below it
+    assert pooled_shape(8, 16, 32) == (4, 8)
+    assert pooled_shape(3, 3, 100) == (3, 3)
+
+
+def test_cells_partition_the_grid_like_avg_pool():
+    cells = cell_of(24, 24, 8, 8).view(24, 24)
+    assert cells[0:3, 0:3].unique().tolist() == [0] and cells[21:, 21:].unique().tolist() == [63]
+    assert torch.bincount(cells.flatten()).tolist() == [9] * 64
+
+
+def test_pool_after_the_projector_is_avg_pool2d():
+    model = tiny_model("llava")
+    batch = make_batch(model, samples_for("llava")[:2])
+    with vtprune.wrap(model, "pool", keep=16) as pruning:
+        pruned = model(**batch).logits
+    features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    pooled = [F.avg_pool2d(f.T.reshape(1, -1, 8, 8), 2).flatten(2)[0].T for f in features]  # 8x8 -> 4x4
+    corners = torch.tensor([r * 8 + c for r in range(0, 8, 2) for c in range(0, 8, 2)])
+    assert all(torch.equal(kept, corners) for kept in pruning.last.stages[0].kept_per_item)
+    # the born-short prompt carrying the pooled features gives the same logits
+    index = pruning.last.output_index
+    short_ids = batch["input_ids"].gather(1, index.clamp(min=0)).masked_fill(index < 0, 0)
+    born_short = model(
+        input_ids=short_ids, attention_mask=(index >= 0).long(), mm_encoder_outputs={"image": encoder_output(pooled)}
+    ).logits
+    assert_close(pruned[index >= 0], born_short[index >= 0], rtol=1e-4, atol=1e-5)
+
+
+def test_pool_before_the_projector_projects_the_clip_means():
+    model = tiny_model("llava")
+    batch = make_batch(model, samples_for("llava")[:1])
+    out = model.model.get_image_features(pixel_values=batch["pixel_values"], output_hidden_states=True)
+    clip = out.hidden_states[-2][0, 1:]
+    means = F.avg_pool2d(clip.T.reshape(1, -1, 8, 8), 4).flatten(2)[0].T  # 8x8 -> 2x2, in CLIP space
+    expected = model.model.multi_modal_projector(means)
+    with vtprune.wrap(model, "pool", keep=4, where="before") as pruning:
+        logits = model(**batch).logits
+    index = pruning.last.output_index
+    short_ids = batch["input_ids"].gather(1, index)
+    born_short = model(input_ids=short_ids, mm_encoder_outputs={"image": encoder_output([expected])}).logits
+    assert_close(logits, born_short, rtol=1e-4, atol=1e-5)
+
+
+# -- DivPrune ----------------------------------------------------------------------------------------------------
+
+
+def test_divprune_picks_the_spread_out_tokens():
+    directions = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99], [-1.0, 0.0]])
+    picked = max_min_diverse(directions, 3).tolist()
+    assert sorted(picked) in ([0, 2, 4], [1, 2, 4], [0, 3, 4], [1, 3, 4])  # one of each cluster
+    assert 4 in picked[:2]  # the isolated token is among the first picks
+
+
+def test_divprune_matches_a_plain_loop_reference():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randn(12, 6, generator=generator)
+        k = int(torch.randint(1, 12, (1,), generator=generator))
+        normed = x / x.norm(dim=-1, keepdim=True)
+        distance = 1 - normed @ normed.T
+        nearest = [sorted(distance[:, j].tolist())[1] for j in range(12)]
+        chosen = [max(range(12), key=lambda j: nearest[j])]
+        while len(chosen) < k:
+            chosen.append(max((j for j in range(12) if j not in chosen), key=lambda j: min(distance[s, j] for s in chosen)))
+        assert max_min_diverse(x, k).tolist() == chosen
+
+
+def test_divprune_on_a_model_uses_the_projected_tokens():
+    model = tiny_model("llava")
+    batch = make_batch(model, samples_for("llava")[:2])
+    with vtprune.wrap(model, "divprune", keep=6) as pruning:
+        model(**batch)
+    features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    for image, kept in zip(features, pruning.last.stages[0].kept_per_item):
+        assert torch.equal(kept, max_min_diverse(image, 6).sort().values)
+
+
+# -- PyramidDrop ----------------------------------------------------------------------------------------------------
+
+
+def test_pdrop_schedule_halves_after_layers_8_16_24():
+    stages = vtprune.PyramidDrop().stages(LLAVA, 72)
+    assert [s.layer for s in stages] == [8, 16, 24]
+    assert all(s.attention_from == s.layer and s.query == "last" for s in stages)
+    assert stage_budgets(72, 576, [(s.layer, s.scale) for s in stages], 32) == [288, 144, 72]
+    # the authors' average accounting: (576*8 + 288*8 + 144*8 + 72*8) / 32 = 270
+    assert stage_budgets(270, 576, [(s.layer, s.scale) for s in stages], 32, "average") == [288, 144, 72]
+
+
+def test_pdrop_matches_a_reference_from_eager_attention():
+    """One stage after layer 2 (1-based): the last token's attention in layer index 2, head-averaged."""
+    model = tiny_model("llava", attn_implementation="eager")
+    batch = with_positions(model, make_batch(model, samples_for("llava")[:2]))
+    attention = model(**batch, output_attentions=True).attentions[2].mean(1)
+    with vtprune.wrap(model, "pdrop", keep=5, layers=(2,)) as pruning:
+        model(**batch)
+    visual = visual_mask(batch)
+    kept = iter(pruning.last.stages[0].kept_per_item)
+    for b in range(2):
+        row = attention[b, -1][visual[b]]  # left padding: the last token is the last slot
+        for image in row.split(64):
+            assert torch.equal(next(kept), image.topk(5).indices.sort().values)
+
+
+# -- FastV, the paper's rule -------------------------------------------------------------------------------------
+
+
+def test_fastv_all_tokens_rule_matches_the_eager_attention_average():
+    model = tiny_model("llava", attn_implementation="eager")
+    batch = with_positions(model, make_batch(model, samples_for("llava")[:2]))
+    attention = model(**batch, output_attentions=True).attentions[1].mean(1)  # [B, L, L]
+    with vtprune.wrap(model, "fastv", keep=5, query="all") as pruning:
+        model(**batch)
+    mask = batch["attention_mask"].bool()
+    visual = visual_mask(batch)
+    kept = iter(pruning.last.stages[0].kept_per_item)
+    for b in range(2):
+        received = attention[b][mask[b]].mean(0)[visual[b]]  # averaged over every real query token
+        for image in received.split(64):
+            assert torch.equal(next(kept), image.topk(5).indices.sort().values)
