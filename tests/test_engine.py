@@ -49,6 +49,7 @@ CONFIGS = [
     ("divprune", {}),
     ("pdrop", {}),
     ("fastv", {"query": "all"}),
+    ("visionzip", {}),
 ]
 # Random models may emit any id; keep placeholder/special ids out of generated text.
 NO_SPECIAL = {"suppress_tokens": list(range(120, 128)), "pad_token_id": 0}
@@ -67,7 +68,7 @@ def _skip_inapplicable(request):
     if params is None:
         return
     method, family = params.params.get("method"), params.params.get("family")
-    if method in ("vtc_cls", "fastervlm") and family and family.startswith("qwen"):
+    if method in ("vtc_cls", "fastervlm", "visionzip") and family and family.startswith("qwen"):
         pytest.skip(f"{method} needs a [CLS] token, which {family} has not")
     options = params.params.get("options") or {}
     if method == "pool" and options.get("where") == "before" and family and family.startswith("qwen"):

@@ -166,6 +166,6 @@ def test_method_configs_round_trip_through_json():
         assert vtprune.Method.from_dict(data) == config
     expected = [
         "divprune", "entropyprune", "fastervlm", "fastv", "mmtok", "pdrop", "pool", "random", "transprune", "uniform",
-        "vtc_cls",
+        "visionzip", "vtc_cls",
     ]  # fmt: skip
     assert vtprune.list_methods() == expected

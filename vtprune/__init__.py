@@ -31,6 +31,7 @@ from vtprune.methods import (
     Random,
     TransPrune,
     Uniform,
+    VisionZip,
 )
 
 __version__ = "0.1.0"
@@ -61,4 +62,5 @@ __all__ = [
     "TransPrune",
     "Uniform",
     "VTCCLS",
+    "VisionZip",
 ]

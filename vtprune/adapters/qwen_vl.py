@@ -33,6 +33,7 @@ class QwenVLAdapter(Adapter):
     encoder_methods = ("get_image_features", "get_video_features")
     mrope = True
     has_cls_token = False
+    cls_position = None
 
     def visual_token_ids(self) -> dict[str, int]:
         config = self.vlm.config

@@ -48,6 +48,8 @@ class Adapter:
     raw_visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     mrope: ClassVar[bool] = False
     has_cls_token: ClassVar[bool] = True
+    # Position of the [CLS] token in each view of the tower's output (None: the tower has none).
+    cls_position: ClassVar[int | None] = 0
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -20,7 +20,9 @@ class ItemView:
     row ``item.sample`` of the current layout. The rest are per current token, where the stage asked for them:
     ``features`` projected features (before the LLM only), ``encoder_features`` features before the projector,
     ``cls_attention`` ``[len(stage.vision_layers), n]`` head-averaged [CLS] -> token attention of those tower layers
-    (each token scored by its own view's [CLS]), ``groups`` the view (crop) of each token for per-crop budgets.
+    (each token scored by its own view's [CLS]), ``encoder_keys`` the head-averaged keys of the last of those layers,
+    ``cls_features`` each view's [CLS] feature before the projector (by view id), ``groups`` the view (crop) of each
+    token for per-crop budgets.
     """
 
     item: VisualItem
@@ -32,6 +34,8 @@ class ItemView:
     features: Tensor | None = None
     encoder_features: Tensor | None = None
     cls_attention: Tensor | None = None
+    encoder_keys: Tensor | None = None
+    cls_features: dict[int, Tensor] | None = None
     groups: Tensor | None = None
     group_budgets: dict[int, int] | None = None
 

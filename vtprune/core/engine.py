@@ -150,6 +150,7 @@ class PruningEngine:
         self._wrapped_encoders: list[str] = []
         self._tower_rows: dict[int, Tensor] | None = None
         self._tower_queries: dict[int, Tensor] = {}
+        self._tower_keys: dict[int, Tensor] = {}
         self._vision_calls: OrderedDict[int, tuple[weakref.ref, ImageSignals]] = OrderedDict()
         # Seconds spent on vision-tower signals since the last prefill (generate() encodes images before it).
         self._vision_seconds = 0.0
@@ -232,18 +233,22 @@ class PruningEngine:
         signature = inspect.signature(encode)
 
         def observed(*args, **kwargs):
-            self._tower_rows, self._tower_queries = {}, {}
+            self._tower_rows, self._tower_queries, self._tower_keys = {}, {}, {}
             try:
                 output = encode(*args, **kwargs)
             finally:
-                rows, self._tower_rows, self._tower_queries = self._tower_rows, None, {}
+                rows, keys = self._tower_rows, self._tower_keys
+                self._tower_rows, self._tower_queries, self._tower_keys = None, {}, {}
             start = time.perf_counter()
             call = self.adapter.bind_call(signature, args, kwargs)
             per_image = getattr(output, "pooler_output", None)
             sources = self.adapter.image_sources(call, output) if per_image is not None else None
             if sources is not None:
                 states = self.adapter.encoder_states(call, output) if self._wants_encoder_features() else None
-                for tensor, signals in zip(per_image, align_image_signals(sources[0], sources[1], rows, states)):
+                aligned = align_image_signals(
+                    sources[0], sources[1], rows, states, keys, self.adapter.cls_position if states is not None else None
+                )
+                for tensor, signals in zip(per_image, aligned):
                     self._vision_calls[id(tensor)] = (weakref.ref(tensor), signals)
                 while len(self._vision_calls) > _PENDING_IMAGES:
                     self._vision_calls.popitem(last=False)
@@ -268,6 +273,7 @@ class PruningEngine:
                 start = time.perf_counter()
                 queries = self._tower_queries.pop(index)
                 self._tower_rows[index] = vit_cls_rows(queries, output, attn.num_heads, attn.scale)
+                self._tower_keys[index] = output.unflatten(-1, (attn.num_heads, -1)).mean(2)  # head-averaged
                 self._vision_seconds += time.perf_counter() - start
 
         return hook
@@ -668,6 +674,10 @@ class PruningEngine:
                 else None
             ),
             cls_attention=cls_attention,
+            encoder_keys=(
+                signals.keys[stage.vision_layers[-1]].to(slots.device)[tokens] if stage.vision_layers else None
+            ),
+            cls_features=signals.view_cls if stage.encoder_features and signals is not None else None,
             groups=groups,
             group_budgets=group_budgets,
         )

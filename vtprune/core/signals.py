@@ -7,7 +7,7 @@ averaged over them, query states after RoPE, and the vision tower's [CLS] rows a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -97,6 +97,9 @@ class ImageSignals:
     tokens_per_view: int
     cls_attention: dict[int, Tensor]
     encoder_features: Tensor | None = None
+    # head-averaged keys of tower layers per token, and each view's [CLS] feature (encoder space)
+    keys: dict[int, Tensor] = field(default_factory=dict)
+    view_cls: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def view(self) -> Tensor:
@@ -110,20 +113,36 @@ class ImageSignals:
             self.tokens_per_view,
             {layer: values[span] for layer, values in self.cls_attention.items()},
             self.encoder_features[span] if self.encoder_features is not None else None,
+            {layer: values[span] for layer, values in self.keys.items()},
+            self.view_cls,
         )
 
 
 def align_image_signals(
-    sources: list[Tensor], tokens_per_view: int, cls_rows: dict[int, Tensor], encoder_states: Tensor | None
+    sources: list[Tensor],
+    tokens_per_view: int,
+    cls_rows: dict[int, Tensor],
+    encoder_states: Tensor | None,
+    keys: dict[int, Tensor] | None = None,
+    cls_position: int | None = None,
 ) -> list[ImageSignals]:
-    """Per image: pick each token's [CLS] attention and encoder feature from the tower outputs by its source."""
+    """Per image: pick each token's [CLS] attention, encoder feature and keys from the tower outputs by its source;
+    with ``cls_position``, also each of its views' [CLS] feature."""
     signals = []
     for source in sources:
         found = source >= 0
         flat = source.clamp(min=0)
-        cls = {layer: torch.where(found, rows.flatten()[flat], 0.0) for layer, rows in cls_rows.items()}
-        features = None
-        if encoder_states is not None:
-            features = encoder_states.flatten(0, 1)[flat] * found[:, None].to(encoder_states.dtype)
-        signals.append(ImageSignals(source, tokens_per_view, cls, features))
+
+        def pick(values: Tensor) -> Tensor:  # [views, T, ...] -> [n, ...], zero where no view produced the token
+            picked = values.flatten(0, 1)[flat]
+            return picked * found.view(-1, *[1] * (picked.ndim - 1)).to(picked.dtype)
+
+        cls = {layer: pick(rows) for layer, rows in cls_rows.items()}
+        features = pick(encoder_states) if encoder_states is not None else None
+        token_keys = {layer: pick(values) for layer, values in (keys or {}).items()}
+        view_cls = {}
+        if encoder_states is not None and cls_position is not None:
+            for view in torch.unique(source[found] // tokens_per_view).tolist():
+                view_cls[view] = encoder_states[view, cls_position]
+        signals.append(ImageSignals(source, tokens_per_view, cls, features, token_keys, view_cls))
     return signals

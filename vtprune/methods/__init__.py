@@ -10,6 +10,7 @@ from vtprune.methods.pool import Pool
 from vtprune.methods.random import Random
 from vtprune.methods.transprune import TransPrune
 from vtprune.methods.uniform import Uniform
+from vtprune.methods.visionzip import VisionZip
 from vtprune.methods.vtc_cls import VTCCLS
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "TransPrune",
     "Uniform",
     "VTCCLS",
+    "VisionZip",
 ]
