@@ -50,6 +50,8 @@ CONFIGS = [
     ("pdrop", {}),
     ("fastv", {"query": "all"}),
     ("visionzip", {}),
+    ("sparsevlm", {}),
+    ("sparsevlm", {"recycle": False}),
 ]
 # Random models may emit any id; keep placeholder/special ids out of generated text.
 NO_SPECIAL = {"suppress_tokens": list(range(120, 128)), "pad_token_id": 0}

@@ -18,7 +18,7 @@ class ItemView:
 
     ``tokens`` are the item's surviving tokens in its original numbering (ascending), ``slots`` where they sit in
     row ``item.sample`` of the current layout. The rest are per current token, where the stage asked for them:
-    ``features`` projected features (before the LLM only), ``encoder_features`` features before the projector,
+    ``features`` the projected features the LLM received (always), ``encoder_features`` features before the projector,
     ``cls_attention`` ``[len(stage.vision_layers), n]`` head-averaged [CLS] -> token attention of those tower layers
     (each token scored by its own view's [CLS]), ``encoder_keys`` the head-averaged keys of the last of those layers,
     ``cls_features`` each view's [CLS] feature before the projector (by view id), ``groups`` the view (crop) of each
@@ -81,6 +81,7 @@ class PruneContext:
     embed: Callable[[Tensor], Tensor] | None = None
     tokenizer: Any = None
     _signals: dict[str, Callable[[], Tensor]] = field(default_factory=dict, repr=False)
+    _attention_of: Callable[[Tensor, Tensor], Tensor] | None = field(default=None, repr=False)
     _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def _signal(self, name: str, field_name: str) -> Tensor:
@@ -92,6 +93,13 @@ class PruneContext:
 
     def attention(self) -> Tensor:
         return self._signal("attention", "attention_from")
+
+    def attention_of(self, rows: Tensor, real: Tensor) -> Tensor:
+        """Like :meth:`attention`, for query rows the method chooses: slots ``rows [B, R]``, ``real [B, R]`` marking
+        which of them count (e.g. SparseVLM's text raters)."""
+        if self._attention_of is None:
+            raise RuntimeError("this stage did not request attention rows: set Stage.attention_from in stages()")
+        return self._attention_of(rows, real)
 
     def query_states(self) -> Tensor:
         return self._signal("query_states", "states_from")

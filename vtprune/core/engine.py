@@ -521,6 +521,10 @@ class PruningEngine:
                 inputs[key] = inputs[key].gather(1, index).masked_fill(pad, 0)
         return inputs
 
+    def _input_rows(self, current: _Pass, item: VisualItem, tokens: Tensor) -> Tensor:
+        """Rows of ``current.features[item]`` (the features the LLM received) holding ``tokens``."""
+        return torch.searchsorted(self._item_tokens(current.segments[0], item), tokens)
+
     @staticmethod
     def _item_tokens(layout: Layout, item: VisualItem) -> Tensor:
         """The item's tokens present in ``layout``, in slot (= ascending token) order."""
@@ -595,18 +599,23 @@ class PruningEngine:
         )
         if stage.attention_from is not None:
             ctx._signals["attention"] = lambda: self._attention(current, stage, hidden, position_embeddings)
+            ctx._attention_of = lambda rows, real: self._attention(
+                current, stage, hidden, position_embeddings, (rows, real)
+            )
         if stage.states_from is not None:
             ctx._signals["query_states"] = lambda: self._query_states(current, stage)
 
         scores: list[Tensor | None] = [None] * len(views)
-        if self.frozen is not None and not self.method.merges:
+        current.merges = {}
+        if self.frozen is not None:
             selections = _replay(self.frozen, stage_index, views)
+            # merged features depend on prompt tokens only, so the recorded ones are what a rerun would compute
+            current.merges = dict(self.frozen.stages[stage_index].merges)
         elif type(self.method).select is Method.select:
             scores = self.method.score(ctx)
             selections = top_budget(views, scores)
-        else:  # merging methods run again under freeze: their features are recomputed, their choice checked below
+        else:
             selections = self.method.select(ctx)
-        current.merges = {}
         for i, (view, chosen) in enumerate(zip(views, selections)):
             if isinstance(chosen, Merged):
                 selections[i] = chosen.indices
@@ -632,14 +641,9 @@ class PruningEngine:
                 kept=_kept_per_sample(current.items, kept_per_item, layout.batch_size),
                 kept_per_item=kept_per_item,
                 scores_per_item=[s.detach().float() if s is not None else None for s in scores],
+                merges=dict(current.merges),
             )
         )
-        if self.frozen is not None and self.method.merges:
-            expected = self.frozen.stages[stage_index].kept_per_item
-            if len(expected) != len(kept_per_item) or any(
-                not torch.equal(a.cpu(), b.cpu()) for a, b in zip(expected, kept_per_item)
-            ):
-                raise ValueError("the frozen selection was recorded on different images; unfreeze first")
         if bool((keep == layout.valid).all()):
             return None
         return keep
@@ -667,7 +671,7 @@ class PruningEngine:
             slots=slots,
             selectable=selectable,
             budget=budget,
-            features=current.features[item.index][tokens] if stage.layer is None else None,
+            features=current.features[item.index][self._input_rows(current, item, tokens)],
             encoder_features=(
                 signals.encoder_features[tokens]
                 if stage.encoder_features and signals is not None and signals.encoder_features is not None
@@ -683,7 +687,12 @@ class PruningEngine:
         )
 
     def _attention(
-        self, current: _Pass, stage: Stage, hidden: Tensor | None, position_embeddings: tuple[Tensor, Tensor] | None
+        self,
+        current: _Pass,
+        stage: Stage,
+        hidden: Tensor | None,
+        position_embeddings: tuple[Tensor, Tensor] | None,
+        query: str | tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         layout = current.layout
         attn = self.adapter.decoder_layers[stage.attention_from].self_attn
@@ -699,7 +708,7 @@ class PruningEngine:
 
             def queries(slots: Tensor) -> Tensor:
                 return gather_rows(captured["q"], slots)
-        return mean_attention(attn, queries, keys, position_embeddings, layout, stage.query)
+        return mean_attention(attn, queries, keys, position_embeddings, layout, query or stage.query)
 
     def _query_states(self, current: _Pass, stage: Stage) -> Tensor:
         captured = self._captured(current, stage.states_from, current.layout)

@@ -14,7 +14,8 @@ class StageRecord:
     ``kept[b]`` holds the indices (ascending) of sample b's visual tokens that survive this stage, in the sample's
     original visual-token numbering (its images' tokens concatenated in prompt order). ``kept_per_item[i]`` is the
     same per image/frame in that item's own numbering; ``scores_per_item[i]`` the method's scores for the item's
-    tokens present at this stage (``None`` for methods that select without scoring).
+    tokens present at this stage (``None`` for methods that select without scoring). ``merges[i]`` holds, for items
+    a merging method changed, the tokens that carry new features and those features (LLM space).
     """
 
     layer: int | None
@@ -22,6 +23,7 @@ class StageRecord:
     kept: list[Tensor]
     kept_per_item: list[Tensor]
     scores_per_item: list[Tensor | None]
+    merges: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @property
     def where(self) -> str:

@@ -49,13 +49,14 @@ def mean_attention(
     key_states: Tensor,
     position_embeddings: tuple[Tensor, Tensor],
     layout: Layout,
-    query: str,
+    query: str | tuple[Tensor, Tensor],
 ) -> Tensor:
-    """Head- and row-averaged attention of the ``query`` rows to every slot, ``[B, L]`` (fp32).
+    """Head- and row-averaged attention of the query rows to every slot, ``[B, L]`` (fp32).
 
-    ``queries(slots)`` returns the layer's ``q_proj`` output at ``slots [B, R]``, so only those rows are projected.
+    ``query`` names the rows (see :func:`query_slots`) or gives them as ``(slots [B, R], real [B, R])``.
+    ``queries(slots)`` returns the layer's ``q_proj`` output at ``slots``, so only those rows are projected.
     """
-    rows, row_valid = query_slots(layout, query)
+    rows, row_valid = query_slots(layout, query) if isinstance(query, str) else query
     total = torch.zeros(layout.batch_size, layout.length, dtype=torch.float32, device=rows.device)
     for start in range(0, rows.shape[1], _QUERY_CHUNK):
         chunk = slice(start, start + _QUERY_CHUNK)

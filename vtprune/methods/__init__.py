@@ -8,6 +8,7 @@ from vtprune.methods.mmtok import MMTok
 from vtprune.methods.pdrop import PyramidDrop
 from vtprune.methods.pool import Pool
 from vtprune.methods.random import Random
+from vtprune.methods.sparsevlm import SparseVLM
 from vtprune.methods.transprune import TransPrune
 from vtprune.methods.uniform import Uniform
 from vtprune.methods.visionzip import VisionZip
@@ -22,6 +23,7 @@ __all__ = [
     "Pool",
     "PyramidDrop",
     "Random",
+    "SparseVLM",
     "TransPrune",
     "Uniform",
     "VTCCLS",
