@@ -27,7 +27,9 @@ def _split(value: str | None) -> list[str] | None:
 @app.command()
 def demo(
     family: str = typer.Option(None, help="Comma-separated families (default: all four)."),
-    methods: str = typer.Option("random,uniform,fastv", help="Comma-separated registered methods."),
+    methods: str = typer.Option(
+        "random,uniform,fastv,vtc_cls,visionzip,transprune", help="Comma-separated registered methods."
+    ),
     keep: str = typer.Option("16", help="Tokens kept per image (int) or a fraction in (0, 1], e.g. 0.25."),
 ) -> None:
     """Wrap tiny models of every family, generate, and print what each method kept."""

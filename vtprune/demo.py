@@ -32,7 +32,7 @@ def run_demo(
     families: list[str] | None = None, methods: list[str] | None = None, keep: int | float = 16, new_tokens: int = 6
 ) -> None:
     console = Console(width=max(Console().width, 120))
-    methods = methods or ["random", "uniform", "fastv"]
+    methods = methods or ["random", "uniform", "fastv", "vtc_cls", "visionzip", "transprune"]
     for family in families or list(FAMILIES):
         torch.manual_seed(0)
         model = tiny_model(family)
@@ -48,17 +48,24 @@ def run_demo(
         table.add_column("generated ids (sample 0)")
         rows, pictures = [], []
         for name in methods:
-            with vtprune.wrap(model, name, keep=keep) as pruning, torch.no_grad():
+            vtprune.method_class(name)  # an unknown name is the caller's error, not a method's
+            try:
+                pruning = vtprune.wrap(model, name, keep=keep)
+            except ValueError as error:  # e.g. a [CLS] method on Qwen
+                rows.append((name, "n/a", str(error).split(";")[0], "", ""))
+                continue
+            with pruning, torch.no_grad():
                 out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
                 record = pruning.last
-            stage = record.stages[0]
+            stage = record.stages[-1]
             sizes = ", ".join(f"{k.numel()}/{item['num_tokens']}" for k, item in zip(stage.kept_per_item, record.items))
-            if not rows:
+            if not any(row[0] == "dense" for row in rows):
                 all_tokens = ", ".join(str(item["num_tokens"]) for item in record.items)
-                rows.append(("dense", "-", all_tokens, " ".join([str(dense_length)] * layers), ""))
+                rows.insert(0, ("dense", "-", all_tokens, " ".join([str(dense_length)] * layers), ""))
+            where = ", ".join(s.where for s in record.stages)
             rows.append((
                 name,
-                stage.where,
+                where,
                 sizes,
                 " ".join(map(str, record.seq_lens)),
                 " ".join(map(str, out[0, batch["input_ids"].shape[1] :].tolist())),
