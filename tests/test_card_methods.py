@@ -19,7 +19,7 @@ from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.registry import ModelInfo, Stage
 from vtprune.methods.entropyprune import find_collapse_layer, token_matrix_entropy
 from vtprune.methods.mmtok import coverage_matrix, greedy_coverage, keywords
-from vtprune.methods.transprune import scaled_layers, transition_variation
+from vtprune.methods.transprune import transition_variation
 
 LLAVA = ModelInfo(family="llava", num_layers=32, has_cls_token=True, mrope=False, vision_layers=24, vision_feature_layer=22)
 QWEN = ModelInfo(family="qwen_vl", num_layers=28, has_cls_token=False, mrope=True, family_name="Qwen2-VL / Qwen2.5-VL")
@@ -239,7 +239,9 @@ def test_transprune_schedule_on_32_layers_and_scaled():
     assert budgets == [504, 360, 72]  # 576 -> 504 -> 360 -> 72
     assert stage_budgets(0.125, 576, [(s.layer, s.scale) for s in stages], 32) == [504, 360, 72]
     assert vtprune.TransPrune().observed_layers(LLAVA) == tuple(range(6, 12))  # layers 7..12, 1-based
-    assert scaled_layers((7, 9, 12), 4) == [1, 2, 3]
+    tiny = ModelInfo(family="llava", num_layers=4, has_cls_token=True, mrope=False)
+    assert tiny.scale_layers((7, 9, 12)) == [1, 2, 3]
+    assert LLAVA.scale_layers((7, 9, 12)) == [7, 9, 12]
     assert [s.attention_from for s in vtprune.TransPrune(ttv_only=True).stages(LLAVA, 72)] == [None] * 3
 
 

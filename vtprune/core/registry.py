@@ -42,6 +42,18 @@ class ModelInfo:
     vision_feature_layer: int = 0
     family_name: str = ""
 
+    def scale_layers(
+        self, layers: tuple[int, ...], reference_depth: int = 32, *, minimum: int = 1, maximum: int | None = None
+    ) -> list[int]:
+        """Layers of a schedule the authors wrote for ``reference_depth`` layers, mapped onto this model's depth:
+        proportionally, within ``[minimum, maximum]``, kept strictly increasing (unchanged at the reference depth)."""
+        top = self.num_layers - 1 if maximum is None else maximum
+        scaled: list[int] = []
+        for layer in layers:
+            value = min(top, max(minimum, round(layer * self.num_layers / reference_depth)))
+            scaled.append(max(value, scaled[-1] + 1) if scaled else value)
+        return scaled
+
     def require_cls_token(self, method: str) -> None:
         """Raise a clear error on families whose vision tower has no [CLS] token."""
         if not self.has_cls_token:

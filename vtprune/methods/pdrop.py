@@ -44,7 +44,7 @@ class PyramidDrop(Method):
             raise ValueError(f"{self.name}: lam must lie in (0, 1], got {self.lam}")
 
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
-        layers = list(self.layers) if self.layers is not None else self._scaled(model.num_layers)
+        layers = list(self.layers) if self.layers is not None else model.scale_layers(AUTHORS_LAYERS, REFERENCE_DEPTH)
         if layers != sorted(set(layers)):
             raise ValueError(f"{self.name}: layers must increase, got {layers}")
         for layer in layers:
@@ -55,14 +55,6 @@ class PyramidDrop(Method):
             Stage(layer=layer, scale=self.lam ** (i + 1 - count), attention_from=layer, query="last")
             for i, layer in enumerate(layers)
         ]
-
-    @staticmethod
-    def _scaled(depth: int) -> list[int]:
-        layers: list[int] = []
-        for layer in AUTHORS_LAYERS:
-            value = max(1, round(layer * depth / REFERENCE_DEPTH))
-            layers.append(max(value, layers[-1] + 1) if layers else value)
-        return layers
 
     def score(self, ctx: PruneContext) -> list[Tensor]:
         return ctx.per_item(ctx.attention())

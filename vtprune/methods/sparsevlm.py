@@ -86,7 +86,10 @@ class SparseVLM(Method):
             self.layers = tuple(self.layers)
 
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
-        layers = list(self.layers) if self.layers is not None else self._scaled(model.num_layers)
+        if self.layers is None:  # 0-based layers whose output is pruned, so at most the second to last
+            layers = model.scale_layers(AUTHORS_LAYERS, REFERENCE_DEPTH, minimum=0, maximum=model.num_layers - 2)
+        else:
+            layers = list(self.layers)
         if layers != sorted(set(layers)):
             raise ValueError(f"{self.name}: layers must increase, got {layers}")
         for layer in layers:
@@ -98,14 +101,6 @@ class SparseVLM(Method):
             Stage(layer=layer + 1, scale=count / counts[-1], attention_from=layer, text_embeddings=True)
             for layer, count in zip(layers, counts)
         ]
-
-    @staticmethod
-    def _scaled(depth: int) -> list[int]:
-        layers: list[int] = []
-        for layer in AUTHORS_LAYERS:
-            value = min(depth - 2, round(layer * depth / REFERENCE_DEPTH))
-            layers.append(max(value, layers[-1] + 1) if layers else value)
-        return layers
 
     @staticmethod
     def _profile(keep: Keep, stages: int) -> tuple[float, ...]:

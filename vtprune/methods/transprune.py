@@ -37,17 +37,6 @@ REFERENCE_DEPTH = 32
 AUTHORS_PRUNE_LAYERS, AUTHORS_ACCUMULATE_FROM = (7, 9, 12), 7
 
 
-def scaled_layers(layers: tuple[int, ...], depth: int) -> list[int]:
-    """1-based layer numbers of a 32-layer schedule mapped onto ``depth`` layers, kept strictly increasing."""
-    scaled: list[int] = []
-    for layer in layers:
-        value = max(1, round(layer * depth / REFERENCE_DEPTH))
-        if scaled and value <= scaled[-1]:
-            value = scaled[-1] + 1
-        scaled.append(value)
-    return scaled
-
-
 def transition_variation(inputs: Tensor, outputs: Tensor, valid: Tensor) -> Tensor:
     """TTV of one sub-layer, ``[B, L]``: norm ratio times the softmax (over each sample's real tokens) of 1 - cos."""
     x, y = inputs.float(), outputs.float()
@@ -91,8 +80,8 @@ class TransPrune(Method):
 
         The authors' layers (for 32-layer models) are scaled to the model's depth; layers given explicitly are not.
         """
-        after = list(self.prune_layers or scaled_layers(AUTHORS_PRUNE_LAYERS, model.num_layers))
-        first = self.accumulate_from or scaled_layers((AUTHORS_ACCUMULATE_FROM,), model.num_layers)[0]
+        after = list(self.prune_layers or model.scale_layers(AUTHORS_PRUNE_LAYERS, REFERENCE_DEPTH))
+        first = self.accumulate_from or model.scale_layers((AUTHORS_ACCUMULATE_FROM,), REFERENCE_DEPTH)[0]
         if not 1 <= first <= after[0]:
             raise ValueError(f"{self.name}: accumulate_from={first} must lie in [1, {after[0]}] (the first prune layer)")
         # pruning "after layer k" (1-based) acts on the input of 0-based layer k
