@@ -52,6 +52,7 @@ CONFIGS = [
     ("visionzip", {}),
     ("sparsevlm", {}),
     ("sparsevlm", {"recycle": False}),
+    ("downsample", {}),
 ]
 # Random models may emit any id; keep placeholder/special ids out of generated text.
 NO_SPECIAL = {"suppress_tokens": list(range(120, 128)), "pad_token_id": 0}
@@ -72,6 +73,8 @@ def _skip_inapplicable(request):
     method, family = params.params.get("method"), params.params.get("family")
     if method in ("vtc_cls", "fastervlm", "visionzip") and family and family.startswith("qwen"):
         pytest.skip(f"{method} needs a [CLS] token, which {family} has not")
+    if method == "downsample" and family and not family.startswith("qwen"):
+        pytest.skip("downsampling needs a dynamic-resolution tower (Qwen); CLIP resizes to 336 px")
     options = params.params.get("options") or {}
     if method == "pool" and options.get("where") == "before" and family and family.startswith("qwen"):
         pytest.skip("pooling before the projector needs a per-token projector, which Qwen's merger is not")
@@ -281,7 +284,9 @@ def test_sequence_lengths_and_kept_follow_the_budget(family, method, options):
                     size = record.items[len(items)]["num_tokens"] - newlines
                     items.append((sample, min(budget * views, size) + newlines))
                 elif isinstance(part, Video):
-                    items += [(sample, min(budget, record.items[len(items)]["num_tokens"]))] * part.frames
+                    frame = record.items[len(items)]["num_tokens"]
+                    video_budgeted = stage.modalities is None or "video" in stage.modalities
+                    items += [(sample, min(budget, frame) if video_budgeted else frame)] * part.frames
         return items
 
     real = batch["attention_mask"].sum(1).tolist()

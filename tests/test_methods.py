@@ -165,7 +165,7 @@ def test_method_configs_round_trip_through_json():
         assert data["method"] == config.name
         assert vtprune.Method.from_dict(data) == config
     expected = [
-        "divprune", "entropyprune", "fastervlm", "fastv", "mmtok", "pdrop", "pool", "random", "sparsevlm", "transprune", "uniform",
+        "divprune", "downsample", "entropyprune", "fastervlm", "fastv", "mmtok", "pdrop", "pool", "random", "sparsevlm", "transprune", "uniform",
         "visionzip", "vtc_cls",
     ]  # fmt: skip
     assert vtprune.list_methods() == expected

@@ -22,6 +22,7 @@ from vtprune.core.registry import (
 from vtprune.methods import (
     VTCCLS,
     DivPrune,
+    Downsample,
     EntropyPrune,
     FastV,
     FasterVLM,
@@ -53,6 +54,7 @@ __all__ = [
     "ItemView",
     "Pruning",
     "DivPrune",
+    "Downsample",
     "EntropyPrune",
     "FastV",
     "FasterVLM",

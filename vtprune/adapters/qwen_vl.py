@@ -9,9 +9,11 @@ its token count, dropping image tokens leaves nothing to renumber: ``positions="
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from transformers.vision_utils import get_vision_window_index
@@ -113,6 +115,39 @@ class QwenVLAdapter(Adapter):
             groups = groups[torch.argsort(window_index.to(groups.device))]
         return groups.mean(1)[None]
 
+    def resample_images(
+        self, call: dict[str, Any], target: Callable[[int, int], tuple[int, int]]
+    ) -> tuple[dict[str, Any], list[tuple[tuple[int, int], tuple[int, int]] | None]] | None:
+        """Undo the processor's patchify, resize each still image to ``target``'s merged grid with bicubic
+        antialiased interpolation (normalised pixels; the normalisation is affine, so this equals resizing first),
+        and patchify again with the processor's own code. Video frames are left as they are."""
+        grid, pixels = call.get("image_grid_thw"), call.get("pixel_values")
+        if grid is None or pixels is None:
+            return None
+        vision = self.vlm.config.vision_config
+        merge, patch, frames = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
+        rows_out, grids_out, changes, start = [], [], [], 0
+        for t, height, width in grid.tolist():
+            count = t * height * width
+            rows = pixels[start : start + count]
+            start += count
+            new = target(height // merge, width // merge) if t == 1 else (height // merge, width // merge)
+            if t != 1 or new == (height // merge, width // merge):
+                rows_out.append(rows)
+                grids_out.append([t, height, width])
+                changes.append(None)
+                continue
+            image = _unpatchify(rows, height, width, merge, patch, frames)
+            size = (new[0] * merge * patch, new[1] * merge * patch)
+            resized = F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True)[0]
+            rows_out.append(_patchify(resized.to(rows.dtype), merge, patch, frames))
+            grids_out.append([1, new[0] * merge, new[1] * merge])
+            changes.append(((height // merge, width // merge), new))
+        call = dict(call)
+        call["pixel_values"] = torch.cat(rows_out)
+        call["image_grid_thw"] = torch.tensor(grids_out, dtype=grid.dtype, device=grid.device)
+        return call, changes
+
     def encode(self, inputs: dict[str, Any]) -> list[VisualChunk]:
         return self._chunks(inputs, "image") + self._chunks(inputs, "video")
 
@@ -150,3 +185,20 @@ class QwenVLAdapter(Adapter):
         if positions.shape[0] == 4:
             return positions[1:], positions[0]
         return positions, None
+
+
+def _unpatchify(rows: Tensor, height: int, width: int, merge: int, patch: int, frames: int) -> Tensor:
+    """An image ``[C, height * patch, width * patch]`` from the processor's flattened patches (first temporal copy)."""
+    channels = rows.shape[-1] // (frames * patch * patch)
+    blocks = rows.view(height // merge, width // merge, merge, merge, channels, frames, patch, patch)[..., 0, :, :]
+    # [h/m, w/m, m, m, C, p, p] -> [C, h/m, m, p, w/m, m, p]
+    return blocks.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, height * patch, width * patch)
+
+
+def _patchify(image: Tensor, merge: int, patch: int, frames: int) -> Tensor:
+    """The processor's layout of an image ``[C, H, W]``: ``[H/p * W/p, C * frames * p * p]`` (the Qwen2-VL image
+    processor's ``patchify``, which duplicates a still image over the temporal patch)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    patches, _, _ = Qwen2VLImageProcessor.patchify(None, image[None], patch, merge, frames)
+    return patches[0]

@@ -128,6 +128,13 @@ class Adapter:
         """The tower's hidden states that feed the projector, ``[views, T, D]``, from one encoder call."""
         return None
 
+    def resample_images(
+        self, call: dict[str, Any], target: Callable[[int, int], tuple[int, int]]
+    ) -> tuple[dict[str, Any], list[tuple[tuple[int, int], tuple[int, int]] | None]] | None:
+        """The encoder call's arguments with each image resized to the token grid ``target(rows, cols)``, and per
+        image ((rows, cols), (new rows, new cols)) or None where it stayed; None when the family cannot resample."""
+        return None
+
     def project(self, features: Tensor) -> Tensor:
         """Features from before the projector mapped into the LLM's input space (for methods that merge there)."""
         raise NotImplementedError(f"{self.display_name or self.family} has no per-token projector")

@@ -106,3 +106,16 @@ def split_budget(budget: int, sizes: list[int]) -> list[int]:
         if counts[i] < sizes[i]:
             counts[i] += 1
     return counts
+
+
+def pooled_shape(height: int, width: int, count: int) -> tuple[int, int]:
+    """The largest ``rows x cols <= count`` on ``height x width``; among equal products, the aspect closest to the grid's."""
+    best = (1, 1)
+    for rows in range(1, height + 1):
+        cols = min(width, count // rows)
+        if cols < 1:
+            break
+        key = (rows * cols, -abs(rows / cols - height / width))
+        if key > (best[0] * best[1], -abs(best[0] / best[1] - height / width)):
+            best = (rows, cols)
+    return best

@@ -22,7 +22,8 @@ class ItemView:
     ``cls_attention`` ``[len(stage.vision_layers), n]`` head-averaged [CLS] -> token attention of those tower layers
     (each token scored by its own view's [CLS]), ``encoder_keys`` the head-averaged keys of the last of those layers,
     ``cls_features`` each view's [CLS] feature before the projector (by view id), ``groups`` the view (crop) of each
-    token for per-crop budgets.
+    token for per-crop budgets; ``replacement`` / ``replacement_grid`` the features and (rows, cols) of the image
+    re-encoded at a lower resolution (``Stage.resample``).
     """
 
     item: VisualItem
@@ -36,6 +37,8 @@ class ItemView:
     cls_attention: Tensor | None = None
     encoder_keys: Tensor | None = None
     cls_features: dict[int, Tensor] | None = None
+    replacement: Tensor | None = None
+    replacement_grid: tuple[int, int] | None = None
     groups: Tensor | None = None
     group_budgets: dict[int, int] | None = None
 

@@ -16,6 +16,7 @@ Everything is done with PyTorch module hooks that :meth:`PruningEngine.remove` t
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 import weakref
@@ -99,7 +100,9 @@ class _Pass:
     layer_inputs: _LayerInputs | None = None
     captured: dict[int, dict[str, Any]] = field(default_factory=dict)
     # features merging methods gave the kept tokens at the last stage: item -> (tokens ascending, features)
-    merges: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    merges: dict[int, Merged] = field(default_factory=dict)
+    # images re-encoded at a lower resolution: item -> (features, (rows, cols)) (Stage.resample)
+    replacements: dict[int, tuple[Tensor, tuple[int, int]]] = field(default_factory=dict)
     # decode only
     session: _Session | None = None
     new_columns: Tensor | None = None
@@ -140,6 +143,7 @@ class PruningEngine:
         self.vision_layers = sorted({layer for s in stages for layer in s.vision_layers})
         self.observe_vision = any(s.needs_vision_call for s in stages)
         self.wants_text = any(s.text_embeddings for s in stages)
+        self.resample = any(s.resample for s in stages)
         self.last: ForwardRecord | None = None
         self.frozen: ForwardRecord | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -152,6 +156,8 @@ class PruningEngine:
         self._tower_queries: dict[int, Tensor] = {}
         self._tower_keys: dict[int, Tensor] = {}
         self._vision_calls: OrderedDict[int, tuple[weakref.ref, ImageSignals]] = OrderedDict()
+        # Images re-encoded at a lower resolution, keyed by their features: the new (rows, cols) grid.
+        self._resampled: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
         # Seconds spent on vision-tower signals since the last prefill (generate() encodes images before it).
         self._vision_seconds = 0.0
         # When True, timed regions synchronise CUDA so that ForwardRecord.overhead measures device time too.
@@ -224,6 +230,7 @@ class PruningEngine:
             delattr(self.adapter.vlm, name)  # the instance attribute shadowed the class's method
         self._wrapped_encoders.clear()
         self._vision_calls.clear()
+        self._resampled.clear()
         self._pass = None
         self._session = None
 
@@ -233,6 +240,13 @@ class PruningEngine:
         signature = inspect.signature(encode)
 
         def observed(*args, **kwargs):
+            call = self.adapter.bind_call(signature, args, kwargs)
+            changes = None
+            if self.resample:
+                resampled = self.adapter.resample_images(call, self._target_grid)
+                if resampled is not None:
+                    call, changes = resampled
+                    args, kwargs = (), call
             self._tower_rows, self._tower_queries, self._tower_keys = {}, {}, {}
             try:
                 output = encode(*args, **kwargs)
@@ -240,8 +254,10 @@ class PruningEngine:
                 rows, keys = self._tower_rows, self._tower_keys
                 self._tower_rows, self._tower_queries, self._tower_keys = None, {}, {}
             start = time.perf_counter()
-            call = self.adapter.bind_call(signature, args, kwargs)
             per_image = getattr(output, "pooler_output", None)
+            for tensor, change in zip(per_image if changes else (), changes or ()):
+                if change is not None:
+                    self._resampled[id(tensor)] = (weakref.ref(tensor), change[1])
             sources = self.adapter.image_sources(call, output) if per_image is not None else None
             if sources is not None:
                 states = self.adapter.encoder_states(call, output) if self._wants_encoder_features() else None
@@ -256,6 +272,11 @@ class PruningEngine:
             return output
 
         return observed
+
+    def _target_grid(self, rows: int, cols: int) -> tuple[int, int]:
+        """The token grid an image of ``rows x cols`` tokens is re-encoded on (Stage.resample)."""
+        budget = stage_budgets(self.keep, rows * cols, [(None, 1.0)], self.info.num_layers, self.budget)[0]
+        return self.method.target_grid(rows, cols, budget)
 
     def _wants_encoder_features(self) -> bool:
         return any(s.encoder_features for s in self.stages)
@@ -376,6 +397,7 @@ class PruningEngine:
         chunks = self.adapter.encode(inputs)
         if not chunks:
             return None  # text-only batch
+        replaced = self._take_resampled(chunks)
         batch, length = reference.shape[:2]
         device = reference.device
         cache = self._prefill_cache(inputs)
@@ -417,6 +439,7 @@ class PruningEngine:
             segments=[layout],
         )
         current.budgets = {item.index: self._item_budgets(item, current.vision.get(item.index)) for item in items}
+        current.replacements = {chunk_items[i][0]: value for i, value in replaced.items()}
         if self.wants_text:
             current.instruction_ids, current.instruction_embeddings = self._instruction(input_ids, embeds, layout)
         if current.pending and current.pending[0][1].layer is None:
@@ -429,11 +452,13 @@ class PruningEngine:
                 current.features = self._kept_features(items, features, shorter)
                 current.layout = shorter
                 current.segments = [shorter]
-            for item_index, (tokens, merged) in current.merges.items():
+            for item_index, merge in current.merges.items():
                 kept_tokens = self._item_tokens(current.layout, items[item_index])
-                rows = torch.searchsorted(kept_tokens, tokens)
+                rows = torch.searchsorted(kept_tokens, merge.indices)
                 current.features[item_index] = current.features[item_index].clone()
-                current.features[item_index][rows] = merged.to(current.features[item_index].dtype)
+                current.features[item_index][rows] = merge.features.to(current.features[item_index].dtype)
+            current.layout = self._override_positions(current.layout, items, current.merges)
+            current.segments = [current.layout]
         inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(
             _features_by_chunk(chunks, chunk_items, current.features)
         )
@@ -443,6 +468,20 @@ class PruningEngine:
         inputs["past_key_values"] = cache
         self._pass = current
         return (), inputs
+
+    def _take_resampled(self, chunks: list[VisualChunk]) -> dict[int, tuple[Tensor, tuple[int, int]]]:
+        """Chunks whose image was re-encoded smaller: set their new features aside, by chunk, and give the chunk
+        placeholder-sized stand-ins so its tokens still map onto the prompt's placeholders."""
+        replaced = {}
+        for index, chunk in enumerate(chunks):
+            entry = self._resampled.pop(id(chunk.features), None)
+            if entry is None or entry[0]() is not chunk.features:
+                continue
+            replaced[index] = (chunk.features, entry[1])
+            count = sum(spec.count for spec in chunk.items)
+            chunk.features = chunk.features.new_zeros(count, chunk.features.shape[-1])
+        self._resampled.clear()
+        return replaced
 
     def _item_vision(self, chunks: list[VisualChunk], chunk_items: list[list[int]]) -> dict[int, ImageSignals]:
         """Tower signals of each item, from the observed encoder call that produced its chunk."""
@@ -525,6 +564,23 @@ class PruningEngine:
         """Rows of ``current.features[item]`` (the features the LLM received) holding ``tokens``."""
         return torch.searchsorted(self._item_tokens(current.segments[0], item), tokens)
 
+    def _override_positions(self, layout: Layout, items: list[VisualItem], merges: dict[int, Merged]) -> Layout:
+        """Apply the M-RoPE positions merging results carry: their tokens take the given (t, h, w), and every later
+        token of the prompt moves down by the positions the image no longer spans (decoding follows via ``shift``)."""
+        overrides = {i: m for i, m in merges.items() if m.positions is not None}
+        if not overrides:
+            return layout
+        positions, shift = layout.positions.clone(), layout.shift.clone()
+        for item_index, merge in overrides.items():
+            item = items[item_index]
+            slots = (layout.item[item.sample] == item.index).nonzero().squeeze(1)
+            rows = slots[torch.searchsorted(self._item_tokens(layout, item), merge.indices)]
+            positions[-3:, item.sample, rows] = merge.positions.T.to(positions.dtype)
+            later = torch.arange(layout.length, device=slots.device) > slots.max()
+            positions[:, item.sample, later & layout.valid[item.sample]] -= merge.advance
+            shift[item.sample] += merge.advance
+        return dataclasses.replace(layout, positions=positions, shift=shift)
+
     @staticmethod
     def _item_tokens(layout: Layout, item: VisualItem) -> Tensor:
         """The item's tokens present in ``layout``, in slot (= ascending token) order."""
@@ -557,11 +613,11 @@ class PruningEngine:
                 )
             if current.merges:
                 hidden = hidden.clone()
-                for item_index, (tokens, merged) in current.merges.items():
+                for item_index, merge in current.merges.items():
                     item = current.items[item_index]
                     slots = (current.layout.item[item.sample] == item.index).nonzero().squeeze(1)
-                    rows = slots[torch.searchsorted(self._item_tokens(current.layout, item), tokens)]
-                    hidden[item.sample, rows] = merged.to(hidden.dtype)
+                    rows = slots[torch.searchsorted(self._item_tokens(current.layout, item), merge.indices)]
+                    hidden[item.sample, rows] = merge.features.to(hidden.dtype)
         current.record.seq_lens.append(hidden.shape[1])
         if current.layer_inputs is not None:
             args, kwargs = _replace_layer_inputs(args, kwargs, hidden, current.layer_inputs, self._layer_type(index))
@@ -625,7 +681,14 @@ class PruningEngine:
                     merged = self.adapter.project(merged)
                 elif chosen.space != "llm":
                     raise RuntimeError(f"{self.method.name}: Merged.space must be 'llm' or 'encoder'")
-                current.merges[view.item.index] = (view.tokens[chosen.indices[order]], merged)
+                if chosen.positions is not None and stage.layer is not None:
+                    raise RuntimeError(f"{self.method.name}: Merged.positions are only allowed before the LLM")
+                current.merges[view.item.index] = Merged(
+                    view.tokens[chosen.indices[order]],
+                    merged,
+                    positions=chosen.positions[order] if chosen.positions is not None else None,
+                    advance=chosen.advance,
+                )
         _check_selections(self.method.name, views, selections)
 
         keep = layout.valid & ~layout.visual
@@ -656,6 +719,8 @@ class PruningEngine:
         signals = current.vision.get(item.index)
         groups = signals.view.to(slots.device)[tokens] if signals is not None else None
         budgets = current.budgets[item.index][stage_index]
+        if stage.modalities is not None and item.modality not in stage.modalities:  # not this stage's business
+            budgets = {-1: item.num_tokens}
         if -1 in budgets:  # one budget for the whole item
             group_budgets, budget = None, min(budgets[-1], int(selectable.sum()))
         else:  # one budget per view (per-crop accounting)
@@ -682,6 +747,8 @@ class PruningEngine:
                 signals.keys[stage.vision_layers[-1]].to(slots.device)[tokens] if stage.vision_layers else None
             ),
             cls_features=signals.view_cls if stage.encoder_features and signals is not None else None,
+            replacement=current.replacements.get(item.index, (None, None))[0],
+            replacement_grid=current.replacements.get(item.index, (None, None))[1],
             groups=groups,
             group_budgets=group_budgets,
         )

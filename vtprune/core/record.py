@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -15,7 +16,8 @@ class StageRecord:
     original visual-token numbering (its images' tokens concatenated in prompt order). ``kept_per_item[i]`` is the
     same per image/frame in that item's own numbering; ``scores_per_item[i]`` the method's scores for the item's
     tokens present at this stage (``None`` for methods that select without scoring). ``merges[i]`` holds, for items
-    a merging method changed, the tokens that carry new features and those features (LLM space).
+    a merging method changed, a ``Merged`` whose ``indices`` are the item tokens that carry new features (ascending)
+    and whose ``features`` are those features in LLM space (and positions, for re-encoded images).
     """
 
     layer: int | None
@@ -23,7 +25,7 @@ class StageRecord:
     kept: list[Tensor]
     kept_per_item: list[Tensor]
     scores_per_item: list[Tensor | None]
-    merges: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    merges: dict[int, Any] = field(default_factory=dict)
 
     @property
     def where(self) -> str:

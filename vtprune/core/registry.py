@@ -94,6 +94,9 @@ class Stage:
     * ``vision_layers``: vision-tower layers whose [CLS] -> token attention each image's ``cls_attention`` holds.
     * ``encoder_features``: each image's features before the projector (``ItemView.encoder_features``).
     * ``text_embeddings``: the LLM input embeddings of each prompt's instruction (``ctx.instruction_embeddings``).
+    * ``modalities``: the kinds of items the stage budgets ("image", "video"; None: all); others keep every token.
+    * ``resample``: images are re-encoded on the grid the method's ``target_grid(rows, cols, budget)`` returns
+      (``ItemView.replacement`` holds the new features); before the LLM only.
     """
 
     layer: int | None
@@ -105,11 +108,13 @@ class Stage:
     vision_layers: tuple[int, ...] = ()
     encoder_features: bool = False
     text_embeddings: bool = False
+    resample: bool = False
+    modalities: tuple[str, ...] | None = None
 
     @property
     def needs_vision_call(self) -> bool:
-        """True when the vision encoder call must be observed (tower signals or per-view budgets)."""
-        return bool(self.vision_layers) or self.encoder_features or self.per_crop
+        """True when the vision encoder call must be observed (tower signals, per-view budgets, re-encoding)."""
+        return bool(self.vision_layers) or self.encoder_features or self.per_crop or self.resample
 
 
 @dataclass
@@ -124,6 +129,10 @@ class Merged:
     indices: Tensor
     features: Tensor
     space: str = "llm"
+    # M-RoPE (t, h, w) positions of the kept tokens, [k, 3], and how many positions the image no longer spans, by
+    # which every later token of its prompt moves down (an image re-encoded on a smaller grid); None: keep positions.
+    positions: Tensor | None = None
+    advance: int = 0
 
 
 _REGISTRY: dict[str, type[Method]] = {}

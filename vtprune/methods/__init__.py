@@ -1,6 +1,7 @@
 """Pruning methods: one module per method, each registering its config class."""
 
 from vtprune.methods.divprune import DivPrune
+from vtprune.methods.downsample import Downsample
 from vtprune.methods.entropyprune import EntropyPrune
 from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
@@ -16,6 +17,7 @@ from vtprune.methods.vtc_cls import VTCCLS
 
 __all__ = [
     "DivPrune",
+    "Downsample",
     "EntropyPrune",
     "FastV",
     "FasterVLM",

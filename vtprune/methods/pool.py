@@ -17,25 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtprune.core.budget import Keep, split_budget
+from vtprune.core.budget import Keep, pooled_shape, split_budget
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.registry import Merged, ModelInfo, SingleStageMethod, Stage, register_method
 from vtprune.kernels import merge_tokens
 
 PLACES = ("after", "before")
-
-
-def pooled_shape(height: int, width: int, count: int) -> tuple[int, int]:
-    """The largest ``rows x cols <= count`` on ``height x width``; among equal products, the aspect closest to the grid's."""
-    best = (1, 1)
-    for rows in range(1, height + 1):
-        cols = min(width, count // rows)
-        if cols < 1:
-            break
-        key = (rows * cols, -abs(rows / cols - height / width))
-        if key > (best[0] * best[1], -abs(best[0] / best[1] - height / width)):
-            best = (rows, cols)
-    return best
 
 
 def cell_of(height: int, width: int, rows: int, cols: int) -> Tensor:
