@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from transformers.vision_utils import get_vision_window_index
 
-from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk
+from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk, _to_unit_range
 from vtprune.core.layout import GridPart
 
 
@@ -85,6 +85,22 @@ class QwenVLAdapter(Adapter):
             grids.append(grid if grid[0] * grid[1] * grid[2] == count else None)
             start += count
         return grids
+
+    def vision_tower(self) -> nn.Module:
+        return self.vlm.visual
+
+    def tower_inputs(self, args: tuple, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        return [{"grid": tuple(row)} for row in grid.tolist()]
+
+    def display_image(self, inputs: dict[str, Any], index: int = 0) -> Tensor:
+        vision = self.vlm.config.vision_config
+        grids = inputs["image_grid_thw"].tolist()
+        start = sum(t * h * w for t, h, w in grids[:index])
+        t, height, width = grids[index]
+        rows = inputs["pixel_values"][start : start + t * height * width]
+        image = _unpatchify(rows, height, width, vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size)
+        return _to_unit_range(image.float())
 
     @staticmethod
     def _call_grid(call: dict[str, Any]) -> Tensor | None:

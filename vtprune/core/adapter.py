@@ -128,6 +128,22 @@ class Adapter:
         """The tower's hidden states that feed the projector, ``[views, T, D]``, from one encoder call."""
         return None
 
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder module (its calls are counted for FLOPs reports)."""
+        return self.vlm.vision_tower
+
+    def tower_inputs(self, args: tuple, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        """What one call of :meth:`vision_tower` encodes, per sequence: ``{"views": n}`` (fixed-size views) or
+        ``{"grid": (t, h, w)}`` (patch grids)."""
+        pixels = args[0] if args else kwargs["pixel_values"]
+        return [{"views": int(pixels.shape[0])}]
+
+    def display_image(self, inputs: dict[str, Any], index: int = 0) -> Tensor:
+        """Image ``index`` as the tower saw it (its first view), ``[3, H, W]`` scaled to [0, 1] for display."""
+        pixels = inputs["pixel_values"][index]
+        image = pixels[0] if pixels.ndim == 4 else pixels  # LLaVA-NeXT: the base view
+        return _to_unit_range(image.float())
+
     def resample_images(
         self, call: dict[str, Any], target: Callable[[int, int], tuple[int, int]]
     ) -> tuple[dict[str, Any], list[tuple[tuple[int, int], tuple[int, int]] | None]] | None:
@@ -193,3 +209,10 @@ class Adapter:
             else:
                 flat[name] = value
         return flat
+
+
+def _to_unit_range(image: Tensor) -> Tensor:
+    """Per-channel min-max scaling of a normalised image, for display."""
+    low = image.amin(dim=(1, 2), keepdim=True)
+    high = image.amax(dim=(1, 2), keepdim=True)
+    return (image - low) / (high - low).clamp(min=1e-6)

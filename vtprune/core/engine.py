@@ -156,6 +156,7 @@ class PruningEngine:
         self._tower_queries: dict[int, Tensor] = {}
         self._tower_keys: dict[int, Tensor] = {}
         self._vision_calls: OrderedDict[int, tuple[weakref.ref, ImageSignals]] = OrderedDict()
+        self._tower_inputs: list[dict[str, Any]] = []
         # Images re-encoded at a lower resolution, keyed by their features: the new (rows, cols) grid.
         self._resampled: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
         # Seconds spent on vision-tower signals since the last prefill (generate() encodes images before it).
@@ -186,6 +187,9 @@ class PruningEngine:
             self._hooks.append(vlm.register_forward_pre_hook(self._on_vlm_forward, with_kwargs=True, prepend=True))
             self._hooks.append(
                 self.adapter.language_model.register_forward_hook(self._on_language_model_done, with_kwargs=True)
+            )
+            self._hooks.append(
+                self.adapter.vision_tower().register_forward_pre_hook(self._on_tower_call, with_kwargs=True)
             )
             # Runs even when the forward raised, so a failed forward leaves no state behind for the next one.
             self._hooks.append(vlm.register_forward_hook(self._on_vlm_done, always_call=True))
@@ -272,6 +276,10 @@ class PruningEngine:
             return output
 
         return observed
+
+    def _on_tower_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # generate() encodes before prefill: keep what the tower saw for the next prefill's record
+        self._tower_inputs.extend(self.adapter.tower_inputs(args, kwargs))
 
     def _target_grid(self, rows: int, cols: int) -> tuple[int, int]:
         """The token grid an image of ``rows x cols`` tokens is re-encoded on (Stage.resample)."""
@@ -396,6 +404,7 @@ class PruningEngine:
             return None
         chunks = self.adapter.encode(inputs)
         if not chunks:
+            self._tower_inputs = []
             return None  # text-only batch
         replaced = self._take_resampled(chunks)
         batch, length = reference.shape[:2]
@@ -422,11 +431,13 @@ class PruningEngine:
         )
         record = ForwardRecord(
             items=[{"sample": i.sample, "modality": i.modality, "num_tokens": i.num_tokens} for i in items],
+            item_grids=[[(g.offset, g.height, g.width, g.row_stride) for g in i.grids] for i in items],
             input_length=length,
             budget=self.budget,
         )
         if self.observe_vision:
             record.overhead["vision"], self._vision_seconds = self._vision_seconds, 0.0
+        record.encoder_inputs, self._tower_inputs = self._tower_inputs, []
         current = _Pass(
             prefill=True,
             layout=layout,
@@ -688,6 +699,7 @@ class PruningEngine:
                     merged,
                     positions=chosen.positions[order] if chosen.positions is not None else None,
                     advance=chosen.advance,
+                    combined=chosen.combined[order] if chosen.combined is not None else None,
                 )
         _check_selections(self.method.name, views, selections)
 

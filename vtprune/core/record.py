@@ -51,3 +51,7 @@ class ForwardRecord:
     output_index: Tensor | None = None
     budget: str = "final"
     overhead: dict[str, float] = field(default_factory=dict)
+    # what the vision tower encoded for this forward: {"views": n} or {"grid": (t, h, w)} per call / image
+    encoder_inputs: list[dict[str, Any]] = field(default_factory=list)
+    # per item, its patch grids as (token offset, rows, cols, row stride), first the view the tower saw first
+    item_grids: list[list[tuple[int, int, int, int]]] = field(default_factory=list)

@@ -133,6 +133,9 @@ class Merged:
     # which every later token of its prompt moves down (an image re-encoded on a smaller grid); None: keep positions.
     positions: Tensor | None = None
     advance: int = 0
+    # per row, whether it combines several tokens (or [CLS]) rather than passing one token's own features on;
+    # None: every row does. For reports and pictures only.
+    combined: Tensor | None = None
 
 
 _REGISTRY: dict[str, type[Method]] = {}

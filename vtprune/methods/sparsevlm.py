@@ -155,4 +155,5 @@ class SparseVLM(Method):
         means = merge_tokens(hidden[candidates][None], assignment[None], None, clusters)[0]
         indices = torch.cat([kept, candidates[centres]])
         features = torch.cat([hidden[kept], means])
-        return Merged(indices, features, space="llm")
+        combined = torch.cat([torch.zeros_like(kept, dtype=torch.bool), torch.ones_like(centres, dtype=torch.bool)])
+        return Merged(indices, features, space="llm", combined=combined)

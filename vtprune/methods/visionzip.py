@@ -73,16 +73,21 @@ class VisionZip(Method):
         return [self._zip(view) for view in ctx.items]
 
     def _zip(self, view: ItemView) -> Merged:
-        indices, features = [], []
+        indices, features, combined = [], [], []
         for members, budget in view.budget_groups():
             if budget >= members.numel():  # nothing to compress in this view
                 indices.append(members)
                 features.append(view.encoder_features[members])
+                combined.append(torch.zeros_like(members, dtype=torch.bool))
                 continue
             chosen, merged = self._zip_view(view, members, budget)
             indices.append(chosen)
             features.append(merged)
-        return Merged(torch.cat(indices), torch.cat(features), space="encoder")
+            # the dominant tokens lead and pass on their own features; contextual tokens and the [CLS] carrier follow
+            flags = torch.ones_like(chosen, dtype=torch.bool)
+            flags[: split_budget(budget, self.contextual_share)[0] - 1] = False
+            combined.append(flags)
+        return Merged(torch.cat(indices), torch.cat(features), space="encoder", combined=torch.cat(combined))
 
     def _zip_view(self, view: ItemView, members: Tensor, budget: int) -> tuple[Tensor, Tensor]:
         hidden = view.encoder_features[members]
