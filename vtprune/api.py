@@ -50,16 +50,8 @@ def wrap(
                 f"this model is already wrapped by vtprune ({existing.method.name}, keep={existing.keep}); "
                 "call .unwrap() on that handle before wrapping it again"
             )
-    info = ModelInfo(
-        family=adapter.family,
-        num_layers=len(adapter.decoder_layers),
-        has_cls_token=adapter.has_cls_token,
-        mrope=adapter.mrope,
-        vision_layers=adapter.vision_depth(),
-        vision_feature_layer=adapter.vision_feature_layer(),
-        family_name=adapter.display_name,
-    )
-    stages = _checked_stages(config, config.stages(info, keep), info)
+    info = model_info(adapter)
+    stages = checked_stages(config, config.stages(info, keep), info)
     engine = PruningEngine(model, adapter, config, keep, stages, info, budget, tokenizer)
     engine.install()
     handle = Pruning(engine)
@@ -81,7 +73,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _checked_stages(config: Method, stages: list[Stage], info: ModelInfo) -> list[Stage]:
+def model_info(adapter: Adapter) -> ModelInfo:
+    """What methods may know about the adapter's model (works on the ``meta`` device too)."""
+    return ModelInfo(
+        family=adapter.family,
+        num_layers=len(adapter.decoder_layers),
+        has_cls_token=adapter.has_cls_token,
+        mrope=adapter.mrope,
+        vision_layers=adapter.vision_depth(),
+        vision_feature_layer=adapter.vision_feature_layer(),
+        family_name=adapter.display_name,
+    )
+
+
+def checked_stages(config: Method, stages: list[Stage], info: ModelInfo) -> list[Stage]:
     if not stages:
         raise ValueError(f"{config.name}: stages() returned no pruning point")
     layers = [-1 if s.layer is None else s.layer for s in stages]
@@ -108,3 +113,21 @@ def _checked_stages(config: Method, stages: list[Stage], info: ModelInfo) -> lis
         if not stage.scale > 0:
             raise ValueError(f"{config.name}: stage scale must be positive, got {stage.scale}")
     return stages
+
+
+def report(
+    model: nn.Module,
+    inputs: dict[str, Any],
+    methods: list[str] | tuple[str, ...] = ("fastv",),
+    keep: list[Keep] | tuple[Keep, ...] = (64,),
+    **kwargs: Any,
+) -> Any:
+    """FLOPs and latency of ``model`` on ``inputs``, dense and under every (method, keep); returns a
+    :class:`~vtprune.eval.report.Report` (``to_dict``, ``to_csv``, ``to_json``, ``plot``, ``table``)."""
+    from vtprune.eval.report import build_report
+
+    for name in methods:
+        make_method(name)  # unknown names fail before anything runs
+    for value in keep:
+        validate_keep(value)
+    return build_report(model, inputs, list(methods), list(keep), **kwargs)

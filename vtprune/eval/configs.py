@@ -1,0 +1,84 @@
+"""Full-size configs of the supported families, written out (no download), for FLOPs estimates on ``meta``.
+
+Sizes as published on the Hugging Face hub for llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf,
+llava-hf/llava-v1.6-vicuna-7b-hf, Qwen/Qwen2-VL-7B-Instruct and Qwen/Qwen2.5-VL-7B-Instruct.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+CLIP_L_336 = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14
+)
+VICUNA_7B = dict(
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+    vocab_size=32064, max_position_embeddings=4096,
+)  # fmt: skip
+VICUNA_13B = dict(
+    hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+    vocab_size=32064, max_position_embeddings=4096,
+)  # fmt: skip
+QWEN2_7B_TEXT = dict(
+    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+    vocab_size=152064, max_position_embeddings=32768, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+)  # fmt: skip
+
+REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
+    "llava-1.5-7b": {"family": "llava", "vision": CLIP_L_336, "text": VICUNA_7B},
+    "llava-1.5-13b": {"family": "llava", "vision": CLIP_L_336, "text": VICUNA_13B},
+    "llava-next-7b": {
+        "family": "llava_next",
+        "vision": CLIP_L_336,
+        "text": VICUNA_7B,
+        "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    },
+    "qwen2-vl-7b": {
+        "family": "qwen2_vl",
+        "vision": dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=3584, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2),
+        "text": QWEN2_7B_TEXT,
+    },  # fmt: skip
+    "qwen2.5-vl-7b": {
+        "family": "qwen2_5_vl",
+        "vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31]),
+        "text": QWEN2_7B_TEXT,
+    },  # fmt: skip
+}
+
+
+def reference_config(name: str) -> Any:
+    """The transformers config of a full-size reference model (see :data:`REFERENCE_CONFIGS`)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig, Qwen2VLConfig
+
+    if name not in REFERENCE_CONFIGS:
+        raise ValueError(f"unknown reference model {name!r}; known: {', '.join(REFERENCE_CONFIGS)}")
+    spec = REFERENCE_CONFIGS[name]
+    family = spec["family"]
+    if family in ("llava", "llava_next"):
+        common = dict(
+            vision_config=CLIPVisionConfig(**spec["vision"]),
+            text_config=LlamaConfig(**spec["text"]),
+            image_token_index=32000,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+        if family == "llava":
+            return LlavaConfig(**common)
+        return LlavaNextConfig(**common, image_grid_pinpoints=spec["image_grid_pinpoints"])
+    special = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    config_class = Qwen2VLConfig if family == "qwen2_vl" else Qwen2_5_VLConfig
+    return config_class(text_config=dict(spec["text"]), vision_config=dict(spec["vision"]), **special)
+
+
+def meta_model(name: str) -> nn.Module:
+    """A full-size reference model on the ``meta`` device: real module structure, no weight memory."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(reference_config(name))

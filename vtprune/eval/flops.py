@@ -1,0 +1,315 @@
+"""Analytical FLOPs of a VLM forward, from its config and the token counts a (wrapped) forward really used.
+
+Counted as multiply-adds x 2 (one multiply-add = 2 FLOPs), over every matrix product the model runs: the vision
+tower (patch embedding, attention projections, attention scores and values, MLP), the projector or patch merger,
+each decoder layer (q/k/v/o projections, ``Q K^T`` and ``A V`` with the real query and key lengths of that layer,
+the gated MLP) and the LM head. Norms, activations, softmax and RoPE are not counted (they are O(n d), not
+O(n d^2)); neither is the quadratic term halved for causality, because SDPA / eager kernels compute the full
+``n x n`` product (FlashAttention skips about half of it; the difference is printed where it matters). This is
+what ``torch.utils.flop_counter.FlopCounterMode`` counts, and the tests hold the two within 2 %.
+
+Token counts come from a wrapped model's last record (:func:`prefill_flops`, per sample, real tokens only) or
+from a method's schedule for a what-if estimate (:func:`schedule_flops`). Configs of full-size models need no
+weights: :data:`REFERENCE_CONFIGS` builds LLaVA-1.5-7B/13B, LLaVA-NeXT-7B, Qwen2-VL-7B and Qwen2.5-VL-7B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LanguageShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    def layer_flops(self, queries: int, keys: int) -> float:
+        """One decoder layer for ``queries`` new tokens attending to ``keys`` tokens (cache + new)."""
+        d, hd = self.hidden, self.head_dim
+        projections = 2 * queries * d * (self.heads * hd) * 2 + 2 * queries * d * (self.kv_heads * hd) * 2  # q, o + k, v
+        attention = 2 * 2 * queries * keys * self.heads * hd  # Q K^T and A V
+        mlp = 3 * 2 * queries * d * self.intermediate  # gate, up, down
+        return float(projections + attention + mlp)
+
+    def lm_head_flops(self, rows: int) -> float:
+        return float(2 * rows * self.hidden * self.vocab)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """``kind``: "clip" (ViT with [CLS], GELU MLP), "qwen2_vl" (GELU MLP) or "qwen2_5_vl" (gated MLP, windows)."""
+
+    kind: str
+    layers: int
+    hidden: int
+    intermediate: int
+    patch: int
+    image_size: int = 0
+    temporal_patch: int = 1
+    merge: int = 1
+    window: int = 0
+    full_attention_layers: tuple[int, ...] = ()
+    projector_in: int = 0
+    projector_hidden: int = 0
+    projector_out: int = 0
+
+    def tower_flops(self, sequences: list[int], windows: list[int] | None = None) -> float:
+        """The tower on sequences of these lengths (one per view / image; tokens per sequence incl. [CLS])."""
+        tokens = sum(sequences)
+        patches = tokens - (len(sequences) if self.kind == "clip" else 0)
+        embed = 2 * patches * 3 * self.temporal_patch * self.patch**2 * self.hidden
+        mlp_matrices = 3 if self.kind == "qwen2_5_vl" else 2
+        per_layer_linear = 2 * tokens * self.hidden * self.hidden * 4 + mlp_matrices * 2 * tokens * self.hidden * self.intermediate
+        total = embed + self.layers * per_layer_linear
+        for layer in range(self.layers):
+            windowed = self.kind == "qwen2_5_vl" and layer not in self.full_attention_layers and windows is not None
+            lengths = windows if windowed else sequences
+            total += sum(4 * s * s * self.hidden for s in lengths)
+        return float(total)
+
+    def projector_flops(self, tokens: int) -> float:
+        """The projector (LLaVA: per image token) or the patch merger (Qwen: per merged token)."""
+        return float(2 * tokens * self.projector_in * self.projector_hidden + 2 * tokens * self.projector_hidden * self.projector_out)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    family: str
+    language: LanguageShape
+    vision: VisionShape
+
+
+def model_shape(model_or_config: Any) -> ModelShape:
+    """The shapes FLOPs depend on, from a model (any device, ``meta`` included) or its config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    language = LanguageShape(
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab=text.vocab_size,
+    )
+    vision_config = config.vision_config
+    model_type = config.model_type
+    if model_type in ("llava", "llava_next"):
+        selected = config.vision_feature_layer
+        feature_layers = len(selected) if isinstance(selected, (list, tuple)) else 1
+        vision = VisionShape(
+            kind="clip",
+            layers=vision_config.num_hidden_layers,
+            hidden=vision_config.hidden_size,
+            intermediate=vision_config.intermediate_size,
+            patch=vision_config.patch_size,
+            image_size=vision_config.image_size,
+            projector_in=vision_config.hidden_size * feature_layers,
+            projector_hidden=text.hidden_size,
+            projector_out=text.hidden_size,
+        )
+    elif model_type == "qwen2_vl":
+        merged = vision_config.embed_dim * vision_config.spatial_merge_size**2
+        vision = VisionShape(
+            kind="qwen2_vl",
+            layers=vision_config.depth,
+            hidden=vision_config.embed_dim,
+            intermediate=int(vision_config.embed_dim * vision_config.mlp_ratio),
+            patch=vision_config.patch_size,
+            temporal_patch=vision_config.temporal_patch_size,
+            merge=vision_config.spatial_merge_size,
+            projector_in=merged,
+            projector_hidden=merged,
+            projector_out=vision_config.hidden_size,
+        )
+    elif model_type == "qwen2_5_vl":
+        merged = vision_config.hidden_size * vision_config.spatial_merge_size**2
+        vision = VisionShape(
+            kind="qwen2_5_vl",
+            layers=vision_config.depth,
+            hidden=vision_config.hidden_size,
+            intermediate=vision_config.intermediate_size,
+            patch=vision_config.patch_size,
+            temporal_patch=vision_config.temporal_patch_size,
+            merge=vision_config.spatial_merge_size,
+            window=vision_config.window_size,
+            full_attention_layers=tuple(vision_config.fullatt_block_indexes),
+            projector_in=merged,
+            projector_hidden=merged,
+            projector_out=vision_config.out_hidden_size,
+        )
+    else:
+        raise TypeError(f"no FLOPs model for {model_type!r}; supported: llava, llava_next, qwen2_vl, qwen2_5_vl")
+    return ModelShape(model_type, language, vision)
+
+
+@dataclass
+class FlopsReport:
+    """FLOPs of one forward (all samples), by component; ``decode_per_token`` is the cost of generating one more
+    token after it, with the KV cache the prefill left (per-layer lengths after pruning)."""
+
+    vision: float = 0.0
+    projector: float = 0.0
+    layers: list[float] = field(default_factory=list)
+    lm_head: float = 0.0
+    decode_per_token: float = 0.0
+
+    @property
+    def llm(self) -> float:
+        return sum(self.layers)
+
+    @property
+    def prefill(self) -> float:
+        return self.vision + self.projector + self.llm + self.lm_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "llm": self.llm, "prefill": self.prefill}
+
+
+def llm_flops(
+    shape: LanguageShape, tokens_per_layer: list[list[int]], logits_rows: list[int] | None = None
+) -> tuple[list[float], float, float]:
+    """(FLOPs per decoder layer, LM head FLOPs, FLOPs of one decoded token) for per-sample token counts per layer.
+
+    ``tokens_per_layer[l][b]``: tokens of sample b entering layer l (the prefill's queries and keys there, and the
+    KV-cache length that layer keeps). ``logits_rows[b]``: rows the LM head computes (all tokens in a forward,
+    1 in ``generate``); default all.
+    """
+    layers = [sum(shape.layer_flops(n, n) for n in counts) for counts in tokens_per_layer]
+    rows = logits_rows if logits_rows is not None else tokens_per_layer[-1]
+    decode = sum(shape.layer_flops(1, n + 1) for counts in tokens_per_layer for n in counts)
+    decode += shape.lm_head_flops(len(tokens_per_layer[0]))
+    return layers, shape.lm_head_flops(sum(rows)), decode
+
+
+def qwen_windows(grids: list[tuple[int, int, int]], vision: VisionShape) -> list[int]:
+    """Attention window lengths of Qwen2.5-VL's windowed tower layers for these (t, h, w) patch grids."""
+    from transformers.vision_utils import get_vision_window_index
+
+    _, cumulative = get_vision_window_index(torch.tensor(grids), vision.merge, vision.window, vision.patch)
+    cumulative = torch.unique_consecutive(torch.as_tensor(cumulative))
+    return (cumulative[1:] - cumulative[:-1]).tolist()
+
+
+def vision_flops(shape: ModelShape, images: list[dict[str, Any]]) -> tuple[float, float]:
+    """(tower FLOPs, projector / merger FLOPs) for the encoder inputs ``images``: for CLIP towers
+    ``{"views": v}`` per image, for Qwen ``{"grid": (t, h, w)}`` in patches."""
+    vision = shape.vision
+    if vision.kind == "clip":
+        per_view = (vision.image_size // vision.patch) ** 2
+        views = sum(image["views"] for image in images)
+        tower = vision.tower_flops([per_view + 1] * views)
+        return tower, vision.projector_flops(views * per_view)
+    grids = [tuple(image["grid"]) for image in images]
+    sequences = [t * h * w for t, h, w in grids]
+    windows = qwen_windows(grids, vision) if vision.kind == "qwen2_5_vl" else None
+    merged = sum(sequences) // vision.merge**2
+    return vision.tower_flops(sequences, windows), vision.projector_flops(merged)
+
+
+def prefill_flops(model: Any, record: Any, images: list[dict[str, Any]], logits_rows: list[int] | None = None) -> FlopsReport:
+    """FLOPs of the forward a wrapped model's ``record`` describes (``pruning.last``; per-sample real tokens)."""
+    shape = model_shape(model)
+    layers, head, decode = llm_flops(shape.language, record.tokens_per_layer, logits_rows)
+    tower, projector = vision_flops(shape, images)
+    return FlopsReport(vision=tower, projector=projector, layers=layers, lm_head=head, decode_per_token=decode)
+
+
+def dense_tokens_per_layer(shape: ModelShape, lengths: list[int]) -> list[list[int]]:
+    return [list(lengths) for _ in range(shape.language.layers)]
+
+
+def schedule_tokens(
+    num_layers: int, text_tokens: int, image_tokens: int, stages: list[tuple[int | None, int]]
+) -> list[int]:
+    """Tokens entering each decoder layer of one prompt under a schedule ``[(layer or None, visual tokens kept)]``."""
+    tokens, visual = [], image_tokens
+    starts = {0 if layer is None else layer: kept for layer, kept in stages}
+    for layer in range(num_layers):
+        visual = starts.get(layer, visual)
+        tokens.append(text_tokens + visual)
+    return tokens
+
+
+def paper_layer_flops(n: int, hidden: int, intermediate: int, *, gated: bool = False) -> float:
+    """The per-layer estimate FastV writes (MACs): ``4 n d^2 + 2 n^2 d + 2 n d m``; EntropyPrune's
+    ``8 n d^2 + 4 n^2 d + 6 n d m`` is twice it with a gated (3-matrix) MLP."""
+    mlp = 3 if gated else 2
+    return float(4 * n * hidden**2 + 2 * n * n * hidden + mlp * n * hidden * intermediate)
+
+
+def schedule_flops(
+    model: Any,
+    method: str | Any,
+    keep: Any,
+    *,
+    text_tokens: int,
+    image_tokens: int | None = None,
+    encoder_inputs: list[dict[str, Any]] | None = None,
+    images: int = 1,
+    budget: str = "final",
+    logits_rows: int = 1,
+    **options: Any,
+) -> FlopsReport:
+    """What-if FLOPs of one prompt under ``method`` at ``keep``, from the method's schedule, without running it.
+
+    ``model`` may live on the ``meta`` device (:func:`~vtprune.eval.configs.meta_model`). The prompt has
+    ``text_tokens`` text tokens and ``images`` images of ``image_tokens`` LLM tokens each. LLaVA-1.5 needs neither
+    count (576 tokens, one view); Qwen takes ``image_tokens`` as a square of merged tokens (or ``encoder_inputs``
+    with the patch grids); LLaVA-NeXT's count depends on the image size, so it needs both ``image_tokens`` and
+    ``encoder_inputs=[{"views": v}]``. Exact for pre-LLM and in-LLM dropping; the per-view budgets of ``per_crop``
+    methods and the recycled tokens of SparseVLM are data-dependent and counted as one image-wide budget here.
+    """
+    from vtprune.adapters import find_adapter
+    from vtprune.api import checked_stages, model_info
+    from vtprune.core.budget import stage_budgets, validate_keep
+    from vtprune.core.registry import make_method
+
+    shape = model_shape(model)
+    adapter = find_adapter(model)
+    info = model_info(adapter)
+    config = make_method(method, **options)
+    keep = validate_keep(keep)
+    stages = checked_stages(config, config.stages(info, keep), info)
+    if any(stage.resample for stage in stages):
+        raise ValueError(f"{config.name} re-encodes images at a data-dependent size; run the model and use "
+                         "prefill_flops(model, pruning.last, ...) instead")  # fmt: skip
+    if images < 1 or text_tokens < 0:
+        raise ValueError(f"images must be >= 1 and text_tokens >= 0, got images={images}, text_tokens={text_tokens}")
+    vision = shape.vision
+    if encoder_inputs is None:
+        if shape.family == "llava":
+            encoder_inputs = [{"views": 1}] * images
+        elif vision.kind != "clip" and image_tokens is not None:
+            side = int(round(image_tokens**0.5))
+            if side * side != image_tokens:
+                raise ValueError(f"image_tokens={image_tokens} is not a square; pass encoder_inputs=[{{'grid': "
+                                 "(t, h, w)}] with the patch grid of each image")  # fmt: skip
+            encoder_inputs = [{"grid": (1, side * vision.merge, side * vision.merge)}] * images
+        else:
+            raise ValueError(f"{shape.family}: the image token count depends on the image size; pass image_tokens= "
+                             "and encoder_inputs= (LLaVA-NeXT: [{'views': v}] per image)")  # fmt: skip
+    if image_tokens is None:
+        if shape.family == "llava":
+            image_tokens = (vision.image_size // vision.patch) ** 2
+        elif vision.kind != "clip":
+            t, h, w = encoder_inputs[0]["grid"]
+            image_tokens = t * h * w // vision.merge**2
+        else:
+            raise ValueError("llava_next: pass image_tokens= (the LLM tokens of one image, row separators included)")
+    kept = stage_budgets(keep, image_tokens, [(s.layer, s.scale) for s in stages], shape.language.layers, budget)
+    schedule = [(stage.layer, count * images) for stage, count in zip(stages, kept)]
+    tokens = schedule_tokens(shape.language.layers, text_tokens, image_tokens * images, schedule)
+    layers, head, decode = llm_flops(shape.language, [[n] for n in tokens], [logits_rows])
+    tower, projector = vision_flops(shape, encoder_inputs)
+    return FlopsReport(vision=tower, projector=projector, layers=layers, lm_head=head, decode_per_token=decode)
