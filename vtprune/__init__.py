@@ -6,7 +6,7 @@
     pruning.unwrap()
 """
 
-from vtprune.api import adapter_for, unwrap, wrap
+from vtprune.api import adapter_for, report, unwrap, wrap
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.handle import Pruning
 from vtprune.core.registry import (
@@ -42,6 +42,7 @@ __all__ = [
     "wrap",
     "unwrap",
     "adapter_for",
+    "report",
     "list_methods",
     "method_class",
     "register_method",
