@@ -26,3 +26,11 @@ def test_readme_method_example_registers_and_prunes():
         from vtprune.core import registry
 
         registry._REGISTRY.pop("my_norm", None)
+
+
+def test_readme_what_if_flops_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    example = next(b for b in blocks if "schedule_flops" in b)
+    namespace: dict = {}
+    exec(example.replace("print(", "saved = ("), namespace)
+    assert 0.5 < namespace["saved"] < 0.9  # FastV at 64 of 576 tokens from layer 2 of 32

@@ -1,6 +1,8 @@
-"""Command line: ``vtprune demo``, ``vtprune methods``."""
+"""Command line: ``vtprune demo``, ``vtprune methods``, ``vtprune report``, ``vtprune show``."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -61,6 +63,118 @@ def list_methods_command() -> None:
         defaults = ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if k != "method")
         table.add_row(name, config.summary, config.paper, defaults)
     Console().print(table)
+
+
+MODEL_HELP = (
+    "A checkpoint path or hub id (loaded with from_pretrained and its processor), or an embedded random model: "
+    "tiny:llava, tiny:llava_next, tiny:qwen2_vl, tiny:qwen2_5_vl, shaped:llava (LLaVA-1.5-shaped, 576 image tokens)."
+)
+
+
+def _load(model: str, image: Path | None, prompt: str, dtype: str, device: str) -> tuple:
+    """(model, inputs, tokenizer) for a command, with bad input turned into a clear usage error."""
+    from vtprune.eval.inputs import load_model, prepare_inputs
+
+    try:
+        loaded, processor = load_model(model, dtype=dtype, device=device)
+        inputs = prepare_inputs(loaded, processor, image=image, prompt=prompt)
+    except (ValueError, TypeError) as error:
+        raise typer.BadParameter(str(error)) from error
+    return loaded, inputs, getattr(processor, "tokenizer", None)
+
+
+def _check_methods(model, names: list[str], keeps: list, budget: str, tokenizer) -> None:
+    """Fail before measuring anything when a method or budget does not apply to the model."""
+    import vtprune
+
+    for name in names:
+        for value in keeps:
+            try:
+                vtprune.wrap(model, name, keep=value, budget=budget, tokenizer=tokenizer).unwrap()
+            except (ValueError, TypeError) as error:
+                raise typer.BadParameter(str(error)) from error
+
+
+@app.command()
+def report(
+    model: str = typer.Option("shaped:llava", help=MODEL_HELP),
+    methods: str = typer.Option("fastv,random", help="Comma-separated registered methods."),
+    keep: str = typer.Option("576,192,128,64", help="Comma-separated budgets: tokens per image or fractions."),
+    out: Path = typer.Option(Path("vtprune-report"), help="Folder for report.json, report.csv and report.png."),
+    image: Path = typer.Option(None, help="Image for the prompt (required with a checkpoint)."),
+    prompt: str = typer.Option("Describe the image in detail.", help="Question asked about the image."),
+    budget: str = typer.Option("final", help="What keep counts: final or average (see the README)."),
+    new_tokens: int = typer.Option(8, min=1, help="Tokens generated per timed run (decode speed)."),
+    repeats: int = typer.Option(3, min=1, help="Timed runs per row; medians are reported."),
+    warmup: int = typer.Option(1, min=0, help="Untimed runs before timing each row."),
+    device: str = typer.Option("cpu", help="Device to run on, e.g. cpu or cuda."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16 (checkpoints only)."),
+) -> None:
+    """FLOPs, latency and memory of the dense model and of every (method, keep): table, JSON, CSV and plots."""
+    from rich.progress import Progress
+
+    from vtprune.core.budget import validate_keep
+    from vtprune.eval.report import build_report
+
+    names = _split(methods) or []
+    try:
+        keeps = [validate_keep(parse_keep(part)) for part in _split(keep) or []]
+    except (ValueError, TypeError) as error:
+        raise typer.BadParameter(str(error)) from error
+    if not names or not keeps:
+        raise typer.BadParameter("methods and keep each need at least one value")
+    loaded, inputs, tokenizer = _load(model, image, prompt, dtype, device)
+    _check_methods(loaded, names, keeps, budget, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(partial) -> None:  # after every row: an interrupted run keeps what it measured
+        partial.context["model"] = model
+        partial.to_json(out / "report.json")
+        partial.to_csv(out / "report.csv")
+
+    with Progress(transient=True) as progress:
+        result = build_report(
+            loaded, inputs, names, keeps, budget=budget, new_tokens=new_tokens, warmup=warmup, repeats=repeats,
+            tokenizer=tokenizer, progress=progress, on_row=save,
+        )  # fmt: skip
+    result.plot(out / "report.png")
+    console = Console()
+    if not console.is_terminal:  # piped into a file: do not squeeze the table into 80 columns
+        console = Console(width=170)
+    console.print(result.table())
+    console.print(f"wrote {out / 'report.json'}, {out / 'report.csv'}, {out / 'report.png'}")
+
+
+@app.command()
+def show(
+    image: Path = typer.Option(None, help="Image to prune (required with a checkpoint; random pixels otherwise)."),
+    methods: str = typer.Option("vtc_cls,fastv,divprune", help="Comma-separated registered methods."),
+    keep: str = typer.Option("64", help="Tokens kept per image (int) or a fraction in (0, 1]."),
+    model: str = typer.Option("shaped:llava", help=MODEL_HELP),
+    prompt: str = typer.Option("Describe the image in detail.", help="Question asked about the image."),
+    out: Path = typer.Option(Path("vtprune-show"), help="Folder for <method>.png and methods.png."),
+    device: str = typer.Option("cpu", help="Device to run on, e.g. cpu or cuda."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16 (checkpoints only)."),
+) -> None:
+    """One picture per method with the patches it keeps highlighted, and all of them side by side."""
+    from vtprune.core.budget import validate_keep
+    from vtprune.eval.show import show as draw
+
+    names = _split(methods) or []
+    try:
+        budget = validate_keep(parse_keep(keep))
+    except (ValueError, TypeError) as error:
+        raise typer.BadParameter(str(error)) from error
+    if not names:
+        raise typer.BadParameter("methods needs at least one value")
+    loaded, inputs, tokenizer = _load(model, image, prompt, dtype, device)
+    _check_methods(loaded, names, [budget], "final", tokenizer)
+    shown_prompt = prompt if tokenizer is not None else "random tokens (embedded model, no tokenizer)"
+    try:
+        written = draw(loaded, inputs, names, budget, out, prompt=shown_prompt, tokenizer=tokenizer)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    Console().print("wrote " + ", ".join(str(path) for path in written))
 
 
 if __name__ == "__main__":

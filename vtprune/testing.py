@@ -8,6 +8,7 @@ and benchmarks exercise the real model code (``LlavaForConditionalGeneration``, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -300,3 +301,63 @@ def _add_image(
     pixels.append(torch.randn(height * width, 3 * 2 * 2 * 2, generator=generator))
     grids.append([1, height, width])
     return height * width // 4
+
+
+def save_tiny_checkpoint(family: str, path: str | Path, *, seed: int = 0) -> Path:
+    """Save a tiny model of ``family`` with a working processor (a word-level tokenizer over ``w3 .. w119``, the
+    family's image processor at the tiny tower's sizes, a one-turn chat template), so the ``from_pretrained``
+    path users take with real checkpoints can run here. Families: llava, qwen2_vl, qwen2_5_vl."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(3, VOCAB)]
+    qwen = family.startswith("qwen")
+    if qwen:
+        names = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                 "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}  # fmt: skip
+        for token_id, key in ((IMAGE_TOKEN, "image_token"), (VIDEO_TOKEN, "video_token"),
+                              (VISION_START, "vision_start_token"), (VISION_END, "vision_end_token")):  # fmt: skip
+            words[token_id] = names[key]
+        image_part = "<|vision_start|> <|image_pad|> <|vision_end|> "
+    elif family == "llava":
+        names = {"image_token": "<image>"}
+        words[IMAGE_TOKEN] = "<image>"
+        image_part = "<image> "
+    else:
+        raise ValueError(f"save_tiny_checkpoint supports llava, qwen2_vl and qwen2_5_vl, got {family!r}")
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w3"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, pad_token="<pad>", bos_token="<s>", eos_token="</s>", extra_special_tokens=names
+    )
+    template = (
+        "{% for m in messages %}w4 {% for c in m['content'] %}{% if c['type'] == 'image' %}" + image_part
+        + "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}w5"
+    )  # fmt: skip
+    model = tiny_model(family, seed=seed)
+    if qwen:
+        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+        sizes = dict(patch_size=2, merge_size=2, temporal_patch_size=2)
+        processor = Qwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**sizes, min_pixels=16 * 16, max_pixels=64 * 64),
+            video_processor=Qwen2VLVideoProcessor(**sizes),
+            tokenizer=tokenizer,
+            chat_template=template,
+        )
+    else:
+        from transformers import CLIPImageProcessor, LlavaProcessor
+
+        side = model.config.vision_config.image_size
+        processor = LlavaProcessor(
+            image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
+            tokenizer=tokenizer,
+            patch_size=model.config.vision_config.patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's [CLS], as in the llava-hf processors
+            chat_template=template,
+        )
+    target = Path(path)
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    return target

@@ -1,0 +1,103 @@
+"""Models and inputs for the command line: a checkpoint (``from_pretrained`` + its processor and chat template) or
+an embedded random model (``tiny:<family>``, ``shaped:llava``) for trying the tools without weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# OpenAI CLIP's normalisation, which LLaVA and Qwen-VL processors both use.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SYNTHETIC = ("tiny:llava", "tiny:llava_next", "tiny:qwen2_vl", "tiny:qwen2_5_vl", "shaped:llava")
+DEFAULT_PROMPT = "Describe the image in detail."
+
+
+def load_model(spec: str, *, dtype: str = "auto", device: str = "cpu") -> tuple[nn.Module, Any]:
+    """``(model, processor)`` for a checkpoint path / hub id, or ``(model, None)`` for an embedded random model.
+
+    ``dtype``: ``auto`` (the checkpoint's own), ``float32``, ``bfloat16`` or ``float16``.
+    """
+    if spec in SYNTHETIC:
+        from vtprune.testing import llava_shaped_model, tiny_model
+
+        model = llava_shaped_model() if spec == "shaped:llava" else tiny_model(spec.split(":", 1)[1])
+        return model.to(device), None
+    if ":" in spec and not Path(spec).exists():
+        raise ValueError(f"model must be a checkpoint path / hub id or one of {', '.join(SYNTHETIC)}; got {spec!r}")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtypes[dtype], attn_implementation="sdpa")
+    return model.to(device).eval(), AutoProcessor.from_pretrained(spec)
+
+
+def prepare_inputs(
+    model: nn.Module, processor: Any, *, image: str | Path | None = None, prompt: str = DEFAULT_PROMPT
+) -> dict[str, Tensor]:
+    """One prompt with one image, as the model's processor and chat template build it.
+
+    Embedded random models have no tokenizer: their prompt is random text tokens around the image (LLaVA-shaped:
+    35 before and 20 after, like LLaVA-1.5's system prompt and a short question), and ``image`` (if given)
+    replaces the random pixels, resized to what the tower takes.
+    """
+    device = next(model.parameters()).device
+    picture = _open(image) if image is not None else None
+    if processor is not None:
+        if picture is None:
+            raise ValueError("image is required with a checkpoint (the processor builds the prompt around it)")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        batch = processor(images=[picture], text=[text], return_tensors="pt")
+        dtype = next(model.parameters()).dtype
+        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+    from vtprune.testing import Image, llava_shaped_batch, make_batch
+
+    vision = model.config.vision_config
+    qwen = hasattr(vision, "spatial_merge_size")
+    if not qwen and vision.image_size == 336:
+        batch = llava_shaped_batch(model)
+    else:
+        batch = make_batch(model, [[35, Image(size=(64, 64) if qwen else (32, 32)), 20]])
+    if picture is not None:
+        _replace_pixels(model, batch, picture)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _open(path: str | Path) -> Any:
+    from PIL import Image as PILImage
+
+    if not Path(path).is_file():
+        raise ValueError(f"image: no such file {str(path)!r}")
+    return PILImage.open(path).convert("RGB")
+
+
+def _normalised(picture: Any, height: int, width: int) -> Tensor:
+    import numpy as np
+
+    resized = picture.resize((width, height))
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+def _replace_pixels(model: nn.Module, batch: dict[str, Tensor], picture: Any) -> None:
+    """Put the picture where the random pixels of the batch's first image were."""
+    vision = model.config.vision_config
+    pixels = batch["pixel_values"]
+    if hasattr(vision, "spatial_merge_size"):  # Qwen: flattened patches of a (t, h, w) grid
+        from vtprune.adapters.qwen_vl import _patchify
+
+        _, height, width = batch["image_grid_thw"][0].tolist()
+        image = _normalised(picture, height * vision.patch_size, width * vision.patch_size)
+        rows = _patchify(image, vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size)
+        pixels[: rows.shape[0]] = rows.to(pixels.dtype)
+        return
+    # LLaVA: [images, 3, S, S]; LLaVA-NeXT: [images, views, 3, S, S], where every view gets the whole picture (the
+    # base view exactly; the crops only approximately, which a random model cannot tell apart)
+    image = _normalised(picture, vision.image_size, vision.image_size).to(pixels.dtype)
+    pixels[0] = image
