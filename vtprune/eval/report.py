@@ -76,12 +76,10 @@ class Report:
 
     def plot(self, path: str | Path) -> Path:
         """TFLOPs and prefill latency against visual tokens kept, one line per method (dense as a marker)."""
-        import matplotlib
+        from matplotlib.figure import Figure  # not pyplot: no global backend switch in the user's session
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+        figure = Figure(figsize=(11, 4))
+        axes = figure.subplots(1, 2)
         dense = next((row for row in self.rows if row["method"] == "dense"), None)
         methods = dict.fromkeys(row["method"] for row in self.rows if row["method"] != "dense")
         for axis, key, label in ((axes[0], "tflops_prefill", "prefill TFLOPs"), (axes[1], "prefill_ms", "prefill ms")):
@@ -98,7 +96,6 @@ class Report:
         figure.tight_layout()
         path = Path(path)
         figure.savefig(path, dpi=120)
-        plt.close(figure)
         return path
 
 

@@ -45,10 +45,7 @@ def show(
     """Write ``<method>.png`` per method (and ``methods.png`` side by side) with the first image's kept patches
     highlighted, dropped ones dimmed and kept ones carrying merged features tinted orange. LLaVA-NeXT shows its
     base (overview) view. Returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch in the user's session
 
     import vtprune
 
@@ -87,21 +84,21 @@ def show(
         axis.axis("off")
 
     for name, mask, count in panels:
-        figure, axis = plt.subplots(figsize=(4, 4.4))
+        figure = Figure(figsize=(4, 4.4))
+        axis = figure.subplots()
         draw(axis, name, mask, count)
         figure.suptitle("\n".join(textwrap.wrap(title, 60)), fontsize=8)
         figure.tight_layout()
         path = out / f"{name}.png"
         figure.savefig(path, dpi=110)
-        plt.close(figure)
         written.append(path)
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8), squeeze=False)
+    figure = Figure(figsize=(3.2 * len(panels), 3.8))
+    axes = figure.subplots(1, len(panels), squeeze=False)
     for axis, (name, mask, count) in zip(axes[0], panels):
         draw(axis, name, mask, count)
     figure.suptitle("\n".join(textwrap.wrap(title, 120)), fontsize=9)
     figure.tight_layout()
     path = out / "methods.png"
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     written.append(path)
     return written
