@@ -1,0 +1,1 @@
+"""Datasets built from data that ships in installed packages (no download)."""
