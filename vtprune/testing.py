@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -303,10 +304,9 @@ def _add_image(
     return height * width // 4
 
 
-def save_tiny_checkpoint(family: str, path: str | Path, *, seed: int = 0) -> Path:
-    """Save a tiny model of ``family`` with a working processor (a word-level tokenizer over ``w3 .. w119``, the
-    family's image processor at the tiny tower's sizes, a one-turn chat template), so the ``from_pretrained``
-    path users take with real checkpoints can run here. Families: llava, qwen2_vl, qwen2_5_vl."""
+def tiny_processor(family: str, model: nn.Module | None = None) -> Any:
+    """A working processor for :func:`tiny_model` (a word-level tokenizer over ``w3 .. w119``, the family's image
+    processor at the tiny tower's sizes, a one-turn chat template). Families: llava, qwen2_vl, qwen2_5_vl."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -324,7 +324,7 @@ def save_tiny_checkpoint(family: str, path: str | Path, *, seed: int = 0) -> Pat
         words[IMAGE_TOKEN] = "<image>"
         image_part = "<image> "
     else:
-        raise ValueError(f"save_tiny_checkpoint supports llava, qwen2_vl and qwen2_5_vl, got {family!r}")
+        raise ValueError(f"tiny processors exist for llava, qwen2_vl and qwen2_5_vl, got {family!r}")
     word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w3"))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
@@ -334,29 +334,35 @@ def save_tiny_checkpoint(family: str, path: str | Path, *, seed: int = 0) -> Pat
         "{% for m in messages %}w4 {% for c in m['content'] %}{% if c['type'] == 'image' %}" + image_part
         + "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}w5"
     )  # fmt: skip
-    model = tiny_model(family, seed=seed)
     if qwen:
         from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
         sizes = dict(patch_size=2, merge_size=2, temporal_patch_size=2)
-        processor = Qwen2VLProcessor(
+        return Qwen2VLProcessor(
             image_processor=Qwen2VLImageProcessor(**sizes, min_pixels=16 * 16, max_pixels=64 * 64),
             video_processor=Qwen2VLVideoProcessor(**sizes),
             tokenizer=tokenizer,
             chat_template=template,
         )
-    else:
-        from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import CLIPImageProcessor, LlavaProcessor
 
-        side = model.config.vision_config.image_size
-        processor = LlavaProcessor(
-            image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
-            tokenizer=tokenizer,
-            patch_size=model.config.vision_config.patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,  # CLIP's [CLS], as in the llava-hf processors
-            chat_template=template,
-        )
+    vision = (model or tiny_model(family)).config.vision_config
+    side = vision.image_size
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's [CLS], as in the llava-hf processors
+        chat_template=template,
+    )
+
+
+def save_tiny_checkpoint(family: str, path: str | Path, *, seed: int = 0) -> Path:
+    """Save a tiny model of ``family`` with its :func:`tiny_processor`, so the ``from_pretrained`` path users take
+    with real checkpoints can run here. Families: llava, qwen2_vl, qwen2_5_vl."""
+    model = tiny_model(family, seed=seed)
+    processor = tiny_processor(family, model)
     target = Path(path)
     model.save_pretrained(target)
     processor.save_pretrained(target)

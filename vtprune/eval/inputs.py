@@ -16,16 +16,25 @@ SYNTHETIC = ("tiny:llava", "tiny:llava_next", "tiny:qwen2_vl", "tiny:qwen2_5_vl"
 DEFAULT_PROMPT = "Describe the image in detail."
 
 
-def load_model(spec: str, *, dtype: str = "auto", device: str = "cpu") -> tuple[nn.Module, Any]:
+def load_model(
+    spec: str, *, dtype: str = "auto", device: str = "cpu", text_processor: bool = False
+) -> tuple[nn.Module, Any]:
     """``(model, processor)`` for a checkpoint path / hub id, or ``(model, None)`` for an embedded random model.
 
-    ``dtype``: ``auto`` (the checkpoint's own), ``float32``, ``bfloat16`` or ``float16``.
+    ``dtype``: ``auto`` (the checkpoint's own), ``float32``, ``bfloat16`` or ``float16``. ``text_processor``: give
+    embedded tiny models (LLaVA, Qwen) a word-level processor too, for tools that build prompts from text.
     """
     if spec in SYNTHETIC:
-        from vtprune.testing import llava_shaped_model, tiny_model
+        from vtprune.testing import llava_shaped_model, tiny_model, tiny_processor
 
-        model = llava_shaped_model() if spec == "shaped:llava" else tiny_model(spec.split(":", 1)[1])
-        return model.to(device), None
+        family = spec.split(":", 1)[1]
+        model = llava_shaped_model() if spec == "shaped:llava" else tiny_model(family)
+        processor = None
+        if text_processor:
+            if spec == "shaped:llava" or family == "llava_next":
+                raise ValueError(f"{spec} has no processor; use tiny:llava, tiny:qwen2_vl or tiny:qwen2_5_vl")
+            processor = tiny_processor(family, model)
+        return model.to(device), processor
     if ":" in spec and not Path(spec).exists():
         raise ValueError(f"model must be a checkpoint path / hub id or one of {', '.join(SYNTHETIC)}; got {spec!r}")
     from transformers import AutoModelForImageTextToText, AutoProcessor
