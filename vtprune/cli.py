@@ -1,4 +1,4 @@
-"""Command line: ``vtprune demo``, ``vtprune methods``, ``vtprune report``, ``vtprune show``."""
+"""Command line: ``vtprune demo``, ``methods``, ``report``, ``show``, ``sweep``, ``plot``, ``tasks``."""
 
 from __future__ import annotations
 
@@ -175,6 +175,113 @@ def show(
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     Console().print("wrote " + ", ".join(str(path) for path in written))
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """``["layer=3", "query=all"]`` -> ``{"layer": 3, "query": "all"}`` (ints, floats and booleans converted)."""
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise typer.BadParameter(f"option must look like name=value, got {pair!r}")
+        name, text = pair.split("=", 1)
+        value: object = text
+        for convert in (int, float):
+            try:
+                value = convert(text)
+                break
+            except ValueError:
+                continue
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        options[name.strip()] = value
+    return options
+
+
+def _print_sweep(out: Path, metric: str | None) -> None:
+    from vtprune.eval.sweep_report import table, write_reports
+
+    records, csv_path, png_path = write_reports(out, metric)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)
+    console.print(table(records, title=f"sweep in {out}"))
+    console.print(f"wrote {csv_path}, {png_path} (all points: {out / 'results.jsonl'})")
+
+
+@app.command()
+def sweep(
+    model: str = typer.Option(..., help="Checkpoint directory or hub id with its processor."),
+    methods: str = typer.Option("fastv,vtc_cls,random", help="Comma-separated registered methods (dense runs once)."),
+    keep: str = typer.Option("576,192,128,64,32", help="Comma-separated budgets: tokens per image or fractions."),
+    tasks: str = typer.Option("vtprune_digits", help="Comma-separated lmms-eval tasks (local: vtprune_digits, "
+                                                      "vtprune_digits_yesno)."),  # fmt: skip
+    limit: float = typer.Option(None, help="Documents per task (int) or a fraction of them."),
+    out: Path = typer.Option(Path("vtprune-sweep"), help="Folder for results.jsonl, summary.csv, pareto.png."),
+    budget: str = typer.Option("final", help="What keep counts: final or average."),
+    batch_size: int = typer.Option(1, min=1, help="Prompts per generate call."),
+    device: str = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    include_path: str = typer.Option(None, help="Another folder of lmms-eval task YAMLs."),
+    option: list[str] = typer.Option([], help="A method option as name=value (repeatable), e.g. --option layer=3."),
+    metric: str = typer.Option(None, help="Metric to plot (default: each task's first)."),
+    use_ray: bool = typer.Option(False, "--ray", help="Run grid points as Ray tasks on a local Ray instance."),
+    ray_address: str = typer.Option(None, help="Address of a running Ray cluster (implies --ray)."),
+    ray_workers: int = typer.Option(None, help="Ray actors, one model copy each (default: one per GPU, else 2)."),
+) -> None:
+    """Evaluate dense once and every (method, keep) through lmms-eval; resumable; table, CSV and Pareto plot."""
+    from rich.progress import Progress
+
+    from vtprune.eval.sweep import SweepSpec, run_sweep, validate
+
+    try:
+        keeps = [parse_keep(part) for part in _split(keep) or []]
+        spec = SweepSpec(
+            model=model, methods=_split(methods) or [], keeps=keeps, tasks=_split(tasks) or [], out_dir=str(out),
+            limit=int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit,
+            budget=budget, batch_size=batch_size, device=device, dtype=dtype, include_path=include_path,
+            options=_parse_options(option),
+        )  # fmt: skip
+        validate(spec)  # before the progress bar: bad arguments fail at once
+        with Progress() as progress:
+            task = progress.add_task("sweep", total=None)
+
+            def started(total: int, pending: int) -> None:
+                if total > pending:
+                    progress.console.print(f"{total - pending} of {total} points already in {out}; skipping them")
+                progress.update(task, total=pending, completed=0)
+
+            def finished(row: dict) -> None:
+                label = row["method"] if row.get("keep") is None else f"{row['method']}@{row['keep']}"
+                progress.console.print(f"done {label} in {row['seconds']:.1f} s")
+                progress.advance(task)
+
+            run_sweep(spec, ray=use_ray, ray_address=ray_address, ray_workers=ray_workers,
+                      on_start=started, on_row=finished)  # fmt: skip
+    except (ValueError, TypeError) as error:
+        raise typer.BadParameter(str(error)) from error
+    _print_sweep(out, metric)
+
+
+@app.command()
+def plot(
+    out: Path = typer.Argument(..., help="A sweep folder (holding results.jsonl)."),
+    metric: str = typer.Option(None, help="Metric to plot (default: each task's first)."),
+) -> None:
+    """Table, summary.csv and pareto.png from a sweep folder (also while it still runs)."""
+    try:
+        _print_sweep(out, metric)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+
+
+@app.command()
+def tasks(
+    folder: Path = typer.Option(None, "--dir", help="Where to write the YAMLs (default ~/.cache/vtprune/lmms_tasks)."),
+) -> None:
+    """Write the local lmms-eval task YAMLs and print their folder, for `python -m lmms_eval --include_path`."""
+    from vtprune.eval.tasks import task_dir
+
+    print(task_dir(folder))
 
 
 if __name__ == "__main__":

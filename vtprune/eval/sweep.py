@@ -1,0 +1,318 @@
+"""Pruning-ratio sweeps through lmms-eval: the dense model once, then every (method, keep), resumable.
+
+Every finished grid point is appended at once to ``<out>/results.jsonl`` (one JSON line, written with a single
+``write`` on an append-only descriptor, then fsynced), so a sweep that is killed keeps every finished point, and a
+rerun with the same folder skips them. A line cut short by a kill is ignored and the point is evaluated again.
+Points run in this process (one model, wrapped and unwrapped per point) or as Ray tasks on a pool of actors, each
+holding one copy of the model (one GPU each where there are GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from vtprune.core.budget import BUDGET_CONVENTIONS, validate_keep
+from vtprune.core.registry import make_method
+
+RESULTS_FILE = "results.jsonl"
+DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One evaluation: ``method`` (or ``dense``) at ``keep`` tokens per image (None for dense)."""
+
+    method: str
+    keep: int | float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.method if self.keep is None else f"{self.method}@{self.keep}"
+
+
+@dataclass
+class SweepSpec:
+    """What a sweep evaluates; ``setup()`` is the part a result must match to count as already done."""
+
+    model: str
+    methods: list[str]
+    keeps: list[int | float]
+    tasks: list[str]
+    out_dir: str
+    limit: int | float | None = None
+    budget: str = "final"
+    batch_size: int = 1
+    device: str | None = None
+    dtype: str = "auto"
+    include_path: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def setup(self) -> dict[str, Any]:
+        return {"model": self.model, "tasks": sorted(self.tasks), "limit": self.limit, "budget": self.budget,
+                "options": self.options}  # fmt: skip
+
+    def grid(self) -> list[GridPoint]:
+        """Dense first (once, not once per method), then methods x keeps in the order given."""
+        return [GridPoint(DENSE)] + [GridPoint(m, k) for m in self.methods for k in self.keeps]
+
+
+def validate(spec: SweepSpec) -> None:
+    """Every check that needs no model: raise before any work starts."""
+    if not spec.methods or not spec.keeps:
+        raise ValueError("the grid is empty: give at least one method (--methods) and one budget (--keep)")
+    if not spec.tasks:
+        raise ValueError("tasks is empty: give at least one lmms-eval task (--tasks)")
+    for name in spec.methods:
+        if name == DENSE:
+            raise ValueError("dense is always evaluated once; leave it out of methods")
+        make_method(name, **spec.options)
+    for keep in spec.keeps:
+        validate_keep(keep)
+    if spec.budget not in BUDGET_CONVENTIONS:
+        raise ValueError(f"budget must be one of {BUDGET_CONVENTIONS}, got {spec.budget!r}")
+    if spec.limit is not None and not spec.limit > 0:
+        raise ValueError(f"limit must be positive, got {spec.limit}")
+    if spec.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
+    hub_id = spec.model.count("/") == 1 and not spec.model.startswith((".", "/", "~"))
+    if not _is_embedded(spec.model) and not hub_id and not Path(spec.model).expanduser().exists():
+        raise ValueError(f"model: no checkpoint at {spec.model!r} (give a local directory or an organisation/name hub id)")
+
+
+def _is_embedded(model: str) -> bool:
+    from vtprune.eval.inputs import SYNTHETIC
+
+    return model in SYNTHETIC
+
+
+# -- results file ----------------------------------------------------------------------------------------------------
+
+
+def point_key(setup: dict[str, Any], point: GridPoint) -> str:
+    return json.dumps({**setup, "method": point.method, "keep": point.keep}, sort_keys=True, default=str)
+
+
+def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``results.jsonl`` that were written whole (a line cut by a kill is skipped)."""
+    path = Path(out_dir) / RESULTS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "method" in row:
+            rows.append(row)
+    return rows
+
+
+def append_result(out_dir: str | Path, row: dict[str, Any]) -> None:
+    """Append one row durably: one ``write`` of the whole line on an O_APPEND descriptor, then fsync."""
+    path = Path(out_dir) / RESULTS_FILE
+    line = json.dumps(row, default=str) + "\n"
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(descriptor).st_size > 0:
+            with path.open("rb") as existing:
+                existing.seek(-1, os.SEEK_END)
+                if existing.read(1) != b"\n":  # a torn last line: start ours on a fresh one
+                    line = "\n" + line
+        os.write(descriptor, line.encode())
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def finished_keys(spec: SweepSpec) -> set[str]:
+    setup = spec.setup()
+    return {
+        point_key(setup, GridPoint(row["method"], row.get("keep")))
+        for row in read_results(spec.out_dir)
+        if row.get("setup") == json.loads(json.dumps(setup, default=str))
+    }
+
+
+# -- evaluation --------------------------------------------------------------------------------------------------
+
+
+def _task_manager(include_path: str | None) -> Any:
+    from lmms_eval.tasks import TaskManager
+
+    from vtprune.eval.tasks import task_dir
+
+    paths = [str(task_dir())] + ([include_path] if include_path else [])
+    return TaskManager(include_path=paths)
+
+
+def check_tasks(tasks: list[str], manager: Any) -> None:
+    known = set(manager.all_tasks)
+    unknown = [task for task in tasks if task not in known]
+    if unknown:
+        local = sorted(name for name in known if name.startswith("vtprune"))
+        raise ValueError(f"unknown lmms-eval task(s) {', '.join(unknown)}; local tasks: {', '.join(local)} "
+                         "(other names need lmms-eval's task files and their data)")  # fmt: skip
+
+
+def check_methods_apply(model: Any, spec: SweepSpec) -> None:
+    """Wrap and unwrap every (method, keep) once: a method the model cannot take fails before any evaluation."""
+    import vtprune
+
+    for name in spec.methods:
+        for keep in spec.keeps:
+            vtprune.wrap(model, name, keep=keep, budget=spec.budget, **spec.options).unwrap()
+
+
+def evaluate_point(model: Any, processor: Any, spec: SweepSpec, point: GridPoint, manager: Any) -> dict[str, Any]:
+    """Evaluate one grid point through lmms-eval's evaluator; the row that goes into results.jsonl."""
+    from lmms_eval.evaluator import simple_evaluate
+
+    from vtprune.eval.lmms_model import VtpruneLMM
+
+    options = spec.options if point.method != DENSE else {}
+    keep = {"keep": point.keep} if point.method != DENSE else {}
+    lm = VtpruneLMM(
+        pretrained=spec.model, model=model, processor=processor, method=point.method, budget=spec.budget,
+        batch_size=spec.batch_size, **keep, **options,
+    )  # fmt: skip
+    began = time.perf_counter()
+    try:
+        output = simple_evaluate(
+            model=lm, tasks=list(spec.tasks), limit=spec.limit, task_manager=manager, log_samples=False,
+            bootstrap_iters=0, verbosity="WARNING",
+        )  # fmt: skip
+    finally:
+        lm.close()
+    return {
+        "setup": spec.setup(),
+        "method": point.method,
+        "keep": point.keep,
+        "metrics": _metrics(output["results"]),
+        "cost": lm.cost_summary(),
+        "seconds": round(time.perf_counter() - began, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _metrics(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """lmms-eval's ``{"accuracy,none": 0.8, "accuracy_stderr,none": ...}`` -> ``{"accuracy": 0.8}`` per task."""
+    metrics: dict[str, dict[str, float]] = {}
+    for task, values in results.items():
+        metrics[task] = {}
+        for key, value in values.items():
+            name = key.split(",")[0]
+            if "stderr" in name or name == "alias" or isinstance(value, bool):
+                continue
+            try:
+                metrics[task][name] = float(value)
+            except (TypeError, ValueError):
+                continue
+    return metrics
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    ray: bool = False,
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate the points of ``spec`` not already in its results file; returns the rows of this setup.
+
+    ``on_start(total, pending)`` runs once before evaluating; ``on_row(row)`` after each finished point.
+    """
+    validate(spec)
+    Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+    done = finished_keys(spec)
+    setup = spec.setup()
+    pending = [point for point in spec.grid() if point_key(setup, point) not in done]
+    manager = _task_manager(spec.include_path)
+    check_tasks(spec.tasks, manager)
+    if on_start is not None:
+        on_start(len(spec.grid()), len(pending))
+    if pending:
+        if ray or ray_address:
+            _run_on_ray(spec, pending, ray_address, ray_workers, on_row)
+        else:
+            _run_here(spec, pending, manager, on_row)
+    rows = [row for row in read_results(spec.out_dir) if row.get("setup") == json.loads(json.dumps(setup, default=str))]
+    return rows
+
+
+def _load(spec: SweepSpec) -> tuple[Any, Any]:
+    from vtprune.eval.inputs import load_model
+
+    device = spec.device or _default_device()
+    model, processor = load_model(spec.model, dtype=spec.dtype, device=device, text_processor=True)
+    if processor is None:
+        raise ValueError(f"model={spec.model!r} has no processor (tokenizer + image processor); lmms-eval needs one")
+    check_methods_apply(model, spec)
+    return model, processor
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run_here(spec: SweepSpec, pending: list[GridPoint], manager: Any, on_row: Callable | None) -> None:
+    model, processor = _load(spec)
+    for point in pending:
+        row = evaluate_point(model, processor, spec, point, manager)
+        append_result(spec.out_dir, row)
+        if on_row is not None:
+            on_row(row)
+
+
+class _Evaluator:
+    """A Ray actor: one copy of the model, evaluating the grid points it is sent."""
+
+    def __init__(self, spec_fields: dict[str, Any]) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(1)  # one CPU per actor
+        self.spec = SweepSpec(**spec_fields)
+        self.model, self.processor = _load(self.spec)
+        self.manager = _task_manager(self.spec.include_path)
+
+    def evaluate(self, method: str, keep: Any) -> dict[str, Any]:
+        return evaluate_point(self.model, self.processor, self.spec, GridPoint(method, keep), self.manager)
+
+
+def _run_on_ray(
+    spec: SweepSpec, pending: list[GridPoint], address: str | None, workers: int | None, on_row: Callable | None
+) -> None:
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError as error:
+        raise ImportError("--ray needs Ray: pip install 'vtprune[ray]'") from error
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=max(2, workers or 2), include_dashboard=False, log_to_driver=False)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    count = workers or (gpus if gpus else 2)
+    count = max(1, min(count, len(pending)))
+    resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    # fields travel as a dict: the actor rebuilds the spec, loads the model once and keeps it
+    actor = ray.remote(**resources)(_Evaluator)
+    fields = asdict(spec)
+    fields["device"] = spec.device or ("cuda" if gpus else "cpu")  # where the actors run, not where the driver does
+    pool = ActorPool([actor.remote(fields) for _ in range(count)])
+    for row in pool.map_unordered(lambda a, p: a.evaluate.remote(p.method, p.keep), pending):
+        append_result(spec.out_dir, row)
+        if on_row is not None:
+            on_row(row)
