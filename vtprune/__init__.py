@@ -9,6 +9,7 @@
 from vtprune.api import adapter_for, report, unwrap, wrap
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.handle import Pruning
+from vtprune.core.vit import ViTMethod, ViTPruning, list_vit_methods, register_vit_method
 from vtprune.core.registry import (
     Merged,
     Method,
@@ -24,6 +25,7 @@ from vtprune.methods import (
     DivPrune,
     Downsample,
     EntropyPrune,
+    EViT,
     FastV,
     FasterVLM,
     MMTok,
@@ -31,6 +33,7 @@ from vtprune.methods import (
     PyramidDrop,
     Random,
     SparseVLM,
+    ToMe,
     TransPrune,
     Uniform,
     VisionZip,
@@ -44,6 +47,12 @@ __all__ = [
     "adapter_for",
     "report",
     "list_methods",
+    "list_vit_methods",
+    "register_vit_method",
+    "ViTMethod",
+    "ViTPruning",
+    "EViT",
+    "ToMe",
     "method_class",
     "register_method",
     "Merged",

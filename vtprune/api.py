@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from vtprune.adapters import find_adapter
+from vtprune.adapters import find_adapter, find_vit_adapter
 from vtprune.core.adapter import Adapter
 from vtprune.core.budget import BUDGET_CONVENTIONS, Keep, validate_keep
 from vtprune.core.engine import PruningEngine
@@ -26,7 +26,9 @@ def wrap(
     """Patch ``model`` in place so its forward (and ``generate``) prunes visual tokens; returns the handle.
 
     Args:
-        model: a supported Hugging Face VLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL).
+        model: a supported Hugging Face VLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL), or a timm
+            ``VisionTransformer`` / open_clip visual tower (then ``method`` is a ViT method: ``evit``, ``tome``;
+            ``keep`` counts patch rows after the last reducing block; returns a ``ViTPruning`` handle).
         method: a registered method name (see :func:`list_methods`) or a method config such as ``vtprune.FastV()``.
         keep: visual tokens kept per image (int >= 1) or the fraction of each image's tokens kept (float in (0, 1]).
         budget: what ``keep`` counts: ``"final"`` (default) the visual tokens the LLM finally sees per image;
@@ -39,6 +41,13 @@ def wrap(
     ``unwrap()``; it is also a context manager.
     """
     keep = validate_keep(keep)
+    vit = find_vit_adapter(model)
+    if vit is not None:
+        from vtprune.core.vit import wrap_vit
+
+        if budget != "final" or tokenizer is not None:
+            raise ValueError("budget and tokenizer apply to VLMs; a vision transformer takes method, keep and options")
+        return wrap_vit(model, vit, method, keep, **options)  # type: ignore[return-value]
     if budget not in BUDGET_CONVENTIONS:
         raise ValueError(f"budget must be one of {BUDGET_CONVENTIONS}, got {budget!r}")
     config = make_method(method, **options)

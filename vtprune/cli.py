@@ -62,6 +62,13 @@ def list_methods_command() -> None:
         config = vtprune.method_class(name)()
         defaults = ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if k != "method")
         table.add_row(name, config.summary, config.paper, defaults)
+    from vtprune.core.vit import make_vit_method
+
+    for name in vtprune.list_vit_methods():
+        config = make_vit_method(name)
+        defaults = ", ".join(f"{k}={v}" for k, v in config.options().items())
+        table.add_row(name, (type(config).__doc__ or "").split(";")[0] + " [ViT: timm / open_clip]",
+                      config.paper, defaults)  # fmt: skip
     Console().print(table)
 
 

@@ -7,13 +7,28 @@ from torch import nn
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.llava_next import LlavaNextAdapter
 from vtprune.adapters.qwen_vl import QwenVLAdapter
+from vtprune.adapters.open_clip_vit import OpenClipViTAdapter
+from vtprune.adapters.timm_vit import TimmViTAdapter
 from vtprune.core.adapter import Adapter
+from vtprune.core.vit import ViTAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter)
 
 
+VIT_ADAPTERS: tuple[type[ViTAdapter], ...] = (TimmViTAdapter, OpenClipViTAdapter)
+
+
+def find_vit_adapter(model: object) -> ViTAdapter | None:
+    """The ViT adapter for a timm / open_clip vision transformer, else None."""
+    for adapter in VIT_ADAPTERS:
+        if isinstance(model, nn.Module) and adapter.matches(model):
+            return adapter(model)
+    return None
+
+
 def supported_model_classes() -> list[str]:
-    return [name for adapter in ADAPTERS for name in adapter.model_class_names]
+    vits = ["timm VisionTransformer", "open_clip VisionTransformer (model.visual)"]
+    return [name for adapter in ADAPTERS for name in adapter.model_class_names] + vits
 
 
 def find_adapter(model: object) -> Adapter:
@@ -27,4 +42,4 @@ def find_adapter(model: object) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "find_adapter", "supported_model_classes"]
+__all__ = ["ADAPTERS", "VIT_ADAPTERS", "Adapter", "find_adapter", "find_vit_adapter", "supported_model_classes"]

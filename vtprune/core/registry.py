@@ -255,7 +255,10 @@ def method_class(name: str) -> type[Method]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}") from None
+        from vtprune.core.vit import _VIT_REGISTRY
+
+        hint = f" ({name!r} is for timm / open_clip vision transformers)" if name in _VIT_REGISTRY else ""
+        raise ValueError(f"unknown method {name!r}{hint}; registered methods: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def make_method(method: str | Method, **options: Any) -> Method:

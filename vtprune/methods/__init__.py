@@ -3,6 +3,7 @@
 from vtprune.methods.divprune import DivPrune
 from vtprune.methods.downsample import Downsample
 from vtprune.methods.entropyprune import EntropyPrune
+from vtprune.methods.evit import EViT
 from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
 from vtprune.methods.mmtok import MMTok
@@ -10,6 +11,7 @@ from vtprune.methods.pdrop import PyramidDrop
 from vtprune.methods.pool import Pool
 from vtprune.methods.random import Random
 from vtprune.methods.sparsevlm import SparseVLM
+from vtprune.methods.tome import ToMe
 from vtprune.methods.transprune import TransPrune
 from vtprune.methods.uniform import Uniform
 from vtprune.methods.visionzip import VisionZip
@@ -18,6 +20,7 @@ from vtprune.methods.vtc_cls import VTCCLS
 __all__ = [
     "DivPrune",
     "Downsample",
+    "EViT",
     "EntropyPrune",
     "FastV",
     "FasterVLM",
@@ -26,6 +29,7 @@ __all__ = [
     "PyramidDrop",
     "Random",
     "SparseVLM",
+    "ToMe",
     "TransPrune",
     "Uniform",
     "VTCCLS",
