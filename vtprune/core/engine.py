@@ -268,7 +268,11 @@ class PruningEngine:
                 aligned = align_image_signals(
                     sources[0], sources[1], rows, states, keys, self.adapter.cls_position if states is not None else None
                 )
+                for dead in [key for key, (ref, _) in self._vision_calls.items() if ref() is None]:
+                    del self._vision_calls[dead]
                 for tensor, signals in zip(per_image, aligned):
+                    # re-insert at the end: a freed tensor's id comes back, and the trim below drops the oldest
+                    self._vision_calls.pop(id(tensor), None)
                     self._vision_calls[id(tensor)] = (weakref.ref(tensor), signals)
                 while len(self._vision_calls) > _PENDING_IMAGES:
                     self._vision_calls.popitem(last=False)
