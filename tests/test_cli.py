@@ -10,20 +10,20 @@ def _text(output: str) -> str:
     return " ".join(output.replace("│", " ").split())
 
 
-def test_demo_prints_kept_tokens_and_sequence_lengths():
-    result = runner.invoke(app, ["demo", "--family", "llava", "--keep", "16"])
+def test_tour_prints_kept_tokens_and_sequence_lengths():
+    result = runner.invoke(app, ["tour", "--family", "llava", "--keep", "16"])
     assert result.exit_code == 0, result.output
     assert "16/64, 16/64, 16/64" in result.output
     assert "140 140 44 44" in result.output  # fastv prunes at layer 2: 3 images x 48 tokens fewer
     assert "44 44 44 44" in result.output  # random/uniform prune before the LLM
 
 
-def test_demo_rejects_bad_arguments():
-    result = runner.invoke(app, ["demo", "--family", "gpt"])
+def test_tour_rejects_bad_arguments():
+    result = runner.invoke(app, ["tour", "--family", "gpt"])
     assert result.exit_code != 0 and "unknown family gpt" in _text(result.output)
-    result = runner.invoke(app, ["demo", "--family", "llava", "--keep", "0"])
+    result = runner.invoke(app, ["tour", "--family", "llava", "--keep", "0"])
     assert result.exit_code != 0 and "keep must be" in _text(result.output)
-    result = runner.invoke(app, ["demo", "--family", "llava", "--methods", "nope"])
+    result = runner.invoke(app, ["tour", "--family", "llava", "--methods", "nope"])
     assert result.exit_code != 0 and "unknown method 'nope'" in _text(result.output)
 
 

@@ -27,17 +27,17 @@ def _split(value: str | None) -> list[str] | None:
 
 
 @app.command()
-def demo(
+def tour(
     family: str = typer.Option(None, help="Comma-separated families (default: all four)."),
     methods: str = typer.Option(
         "random,uniform,fastv,vtc_cls,visionzip,transprune", help="Comma-separated registered methods."
     ),
     keep: str = typer.Option("16", help="Tokens kept per image (int) or a fraction in (0, 1], e.g. 0.25."),
 ) -> None:
-    """Wrap tiny models of every family, generate, and print what each method kept."""
+    """Wrap tiny random models of every family, generate, and print what each method kept."""
     from vtprune.core.budget import validate_keep
-    from vtprune.demo import run_demo
     from vtprune.testing import FAMILIES
+    from vtprune.tour import run_tour
 
     families = _split(family)
     unknown = sorted(set(families or []) - set(FAMILIES))
@@ -45,9 +45,30 @@ def demo(
         raise typer.BadParameter(f"unknown family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
     try:
         budget = validate_keep(parse_keep(keep))
-        run_demo(families, _split(methods), budget)
+        run_tour(families, _split(methods), budget)
     except (ValueError, TypeError) as error:
         raise typer.BadParameter(str(error)) from error
+
+
+@app.command()
+def demo(
+    methods: str = typer.Option(None, help="Comma-separated methods (default: every registered one that applies)."),
+    keep: str = typer.Option("32,16,8,4", help="Comma-separated budgets (the embedded model sees 64 tokens)."),
+    limit: int = typer.Option(200, min=1, help="Held-out documents per point."),
+    out: Path = typer.Option(Path("vtprune-demo"), help="Folder for results.jsonl, summary.csv, pareto.png."),
+    batch_size: int = typer.Option(16, min=1, help="Prompts per generate call."),
+) -> None:
+    """The main job: sweep the methods at several budgets on the embedded digits model through lmms-eval."""
+    from vtprune.demo import applicable_methods
+
+    names = _split(methods)
+    if names is None:
+        names, skipped = applicable_methods()
+        for name, reason in skipped.items():
+            Console().print(f"[dim]{name}: skipped ({reason})[/dim]")
+    sweep(model="embedded", methods=",".join(names), keep=keep, tasks="vtprune_digits", limit=limit, out=out,
+          budget="final", batch_size=batch_size, device=None, dtype="auto", include_path=None, option=[],
+          metric="type_accuracy", use_ray=False, ray_address=None, ray_workers=None)  # fmt: skip
 
 
 @app.command("methods")
@@ -217,7 +238,8 @@ def _print_sweep(out: Path, metric: str | None) -> None:
 
 @app.command()
 def sweep(
-    model: str = typer.Option(..., help="Checkpoint directory or hub id with its processor."),
+    model: str = typer.Option("embedded", help="Checkpoint directory or hub id with its processor; default: the "
+                                                "embedded digits model."),  # fmt: skip
     methods: str = typer.Option("fastv,vtc_cls,random", help="Comma-separated registered methods (dense runs once)."),
     keep: str = typer.Option("576,192,128,64,32", help="Comma-separated budgets: tokens per image or fractions."),
     tasks: str = typer.Option("vtprune_digits", help="Comma-separated lmms-eval tasks (local: vtprune_digits, "
