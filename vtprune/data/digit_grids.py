@@ -98,7 +98,8 @@ def _grid(rng: random.Random, pool: tuple[int, ...], spec: GridSpec) -> list[int
     return cells
 
 
-def _question(kind: str, rng: random.Random, cells: list[int], spec: GridSpec) -> tuple[str, str] | None:
+def ask(kind: str, rng: random.Random, cells: list[int], spec: GridSpec = GridSpec()) -> tuple[str, str] | None:
+    """A (question, answer) of ``kind`` about the grid ``cells``, or None when the grid cannot pose it."""
     labels = labels_of(cells)
     present = [d for d in labels if d >= 0]
     if kind == "cell":
@@ -132,7 +133,7 @@ def generate(split: str, count: int, *, seed: int = 0, spec: GridSpec = GridSpec
     while len(docs) < count:
         kind = QUESTION_TYPES[len(docs) % len(QUESTION_TYPES)]
         cells = _grid(rng, pool, spec)
-        asked = _question(kind, rng, cells, spec)
+        asked = ask(kind, rng, cells, spec)
         if asked is None:
             continue
         question, answer = asked

@@ -1,5 +1,6 @@
-"""Models and inputs for the command line: a checkpoint (``from_pretrained`` + its processor and chat template) or
-an embedded random model (``tiny:<family>``, ``shaped:llava``) for trying the tools without weights."""
+"""Models and inputs for the command line: a checkpoint (``from_pretrained`` + its processor and chat template),
+``embedded`` (the trained digits model shipped in the package), or a random model (``tiny:<family>``,
+``shaped:llava``) for trying the tools without weights."""
 
 from __future__ import annotations
 
@@ -35,8 +36,13 @@ def load_model(
                 raise ValueError(f"{spec} has no processor; use tiny:llava, tiny:qwen2_vl or tiny:qwen2_5_vl")
             processor = tiny_processor(family, model)
         return model.to(device), processor
+    if spec == "embedded":
+        from vtprune.embedded import model_dir
+
+        spec = str(model_dir())
     if ":" in spec and not Path(spec).exists():
-        raise ValueError(f"model must be a checkpoint path / hub id or one of {', '.join(SYNTHETIC)}; got {spec!r}")
+        raise ValueError(f"model must be a checkpoint path / hub id, embedded, or one of {', '.join(SYNTHETIC)}; "
+                         f"got {spec!r}")  # fmt: skip
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -85,9 +85,10 @@ def validate(spec: SweepSpec) -> None:
 
 
 def _is_embedded(model: str) -> bool:
+    from vtprune.embedded import EMBEDDED
     from vtprune.eval.inputs import SYNTHETIC
 
-    return model in SYNTHETIC
+    return model in SYNTHETIC or model == EMBEDDED
 
 
 # -- results file ----------------------------------------------------------------------------------------------------

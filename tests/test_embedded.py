@@ -1,0 +1,103 @@
+"""The embedded digits model: the shipped weights load offline and answer held-out questions, pruning costs them
+accuracy, and the training recipe runs (a few steps; CI never retrains)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+import vtprune
+from vtprune.data.digit_grids import generate, normalise_answer, render
+from vtprune.embedded import model_dir
+from vtprune.embedded.train import (
+    IMAGE_TOKENS,
+    answer_accuracy,
+    batch_for,
+    build_model,
+    build_processor,
+    dialogue_batch,
+    prompt_text,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    path = model_dir()
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return generate("test", 200, seed=1000)  # the split's documents are never seen in training
+
+
+def test_shipped_checkpoint_is_a_llava_with_cls_and_64_visual_tokens(shipped):
+    model, processor = shipped
+    vision = model.config.vision_config
+    assert (vision.image_size // vision.patch_size) ** 2 == IMAGE_TOKENS == 64
+    assert model.config.vision_feature_select_strategy == "default"  # [CLS] exists in the tower and is dropped
+    assert processor.num_additional_image_tokens == 1
+    record = json.loads((model_dir() / "training.json").read_text())
+    assert record["steps"] > record["symbolic_steps"] > 0 and record["held_out_accuracy"]["mean over types"] > 0.45
+
+
+def test_shipped_model_answers_held_out_questions(shipped, held_out):
+    model, processor = shipped
+    scores = answer_accuracy(model, processor, held_out)
+    # chance is ~0.28 (cell 1/10, left 1/10, exists 1/2, count's most common answer ~0.4); the shipped model is
+    # below the 0.85 goal of its issue, and this guards what it does reach
+    assert scores["mean over types"] >= 0.45 and scores["cell"] >= 0.4 and scores["left"] >= 0.4, scores
+    # generate() through the processor's chat template says the same words
+    docs = held_out[:8]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=[prompt_text(processor, d["question"]) for d in docs], images=[render(d) for d in docs],
+                       return_tensors="pt", padding=True)  # fmt: skip
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert len(answers) == len(docs) and all(normalise_answer(a) for a in answers), answers
+    first_tokens = model(**inputs).logits[:, -1].argmax(-1)
+    said = [normalise_answer(w) for w in processor.batch_decode(first_tokens[:, None])]
+    assert [normalise_answer(a) for a in answers] == said  # generate's first word is the scored one
+
+
+def test_pruning_the_shipped_model_costs_accuracy(shipped, held_out):
+    model, processor = shipped
+    dense = answer_accuracy(model, processor, held_out)["mean over types"]
+    with vtprune.wrap(model, "random", keep=8, seed=0):
+        pruned = answer_accuracy(model, processor, held_out)["mean over types"]
+    assert dense - pruned >= 0.08, (dense, pruned)
+
+
+def test_dialogue_batch_first_turn_is_the_evaluation_prompt():
+    processor = build_processor()
+    docs = generate("train", 2, seed=3)
+    batch = dialogue_batch(processor, docs, turns=3, rng=random.Random(0), read_share=0.5)
+    single = batch_for(processor, docs)
+    for row in range(2):
+        length = int(single["attention_mask"][row].sum())
+        assert torch.equal(batch["input_ids"][row, :length], single["input_ids"][row, :length])
+        assert torch.equal(batch["labels"][row, :length], single["labels"][row, :length])
+    assert (batch["labels"] != -100).sum() > (single["labels"] != -100).sum()  # later turns are supervised too
+
+
+def test_training_smoke_run_saves_a_loadable_checkpoint(tmp_path):
+    with torch.enable_grad():  # the suite runs without autograd (conftest); training needs it
+        _, _, scores = train(2, tmp_path / "ckpt", batch_size=2, turns=2, eval_docs=8, log_every=0,
+                             symbolic_steps=1)  # fmt: skip
+    assert set(scores) >= {"cell", "count", "exists", "left", "mean over types"}
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    processor = AutoProcessor.from_pretrained(tmp_path / "ckpt")
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+    assert json.loads((tmp_path / "ckpt" / "training.json").read_text())["steps"] == 2
+
+
+def test_training_is_seeded():
+    first = build_model(40, seed=7).state_dict()
+    second = build_model(40, seed=7).state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
