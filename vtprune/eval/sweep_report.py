@@ -118,6 +118,7 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str = "vtprune 
             row[1].axhline(dense["score"], color="black", linestyle="--", linewidth=1, label="dense")
         metric = mine[0]["metric"] if mine else ""
         row[0].set_xlabel("prefill TFLOPs per sample")
+        row[0].ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))  # tiny models: 2e-4, not 0.000200
         row[1].set_xlabel("visual tokens kept per image")
         row[1].set_xscale("log", base=2)
         for axis in row:
