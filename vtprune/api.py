@@ -12,17 +12,18 @@ from vtprune.core.budget import BUDGET_CONVENTIONS, Keep, validate_keep
 from vtprune.core.engine import PruningEngine
 from vtprune.core.handle import WRAPPED_ATTRIBUTE, Pruning
 from vtprune.core.registry import ATTENTION_QUERIES, Method, ModelInfo, Stage, make_method
+from vtprune.core.vit import ViTMethod, ViTPruning, wrap_vit
 
 
 def wrap(
     model: nn.Module,
-    method: str | Method,
+    method: str | Method | ViTMethod,
     keep: Keep,
     *,
     budget: str = "final",
     tokenizer: Any = None,
     **options: Any,
-) -> Pruning:
+) -> Pruning | ViTPruning:
     """Patch ``model`` in place so its forward (and ``generate``) prunes visual tokens; returns the handle.
 
     Args:
@@ -43,11 +44,9 @@ def wrap(
     keep = validate_keep(keep)
     vit = find_vit_adapter(model)
     if vit is not None:
-        from vtprune.core.vit import wrap_vit
-
         if budget != "final" or tokenizer is not None:
             raise ValueError("budget and tokenizer apply to VLMs; a vision transformer takes method, keep and options")
-        return wrap_vit(model, vit, method, keep, **options)  # type: ignore[return-value]
+        return wrap_vit(model, vit, method, keep, **options)
     if budget not in BUDGET_CONVENTIONS:
         raise ValueError(f"budget must be one of {BUDGET_CONVENTIONS}, got {budget!r}")
     config = make_method(method, **options)
