@@ -39,6 +39,7 @@ POST_PROMPT = "\nAnswer the question using a single word or phrase."
 # Llama's default 0.02 leaves a 192-wide model's attention uniform for hundreds of steps (q.k ~ 0); ~1/sqrt(width)
 # gets the question-to-image lookups learning at once.
 INIT_STD = 0.07
+GRID = GridSpec()  # the grids trained on: 4 x 4 cells of 16 px
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
@@ -183,15 +184,21 @@ def reading_task(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "type": "read", "question": "read the grid .", "answer": " ".join(words)}
 
 
-def cell_targets(docs: list[dict[str, Any]], spec: GridSpec = GridSpec()) -> tuple[Tensor, Tensor]:
-    """Per patch (raster order) the digit of its cell or 10 for empty, and per image the multi-hot digit presence."""
+def patch_cells(spec: GridSpec = GridSpec()) -> Tensor:
+    """The grid cell (``row * cols + col``) each patch lies in, in raster order."""
     side = IMAGE_SIZE // PATCH
     per_cell = spec.cell // PATCH
+    index = torch.arange(side) // per_cell
+    return (index[:, None] * spec.cols + index[None, :]).reshape(-1)
+
+
+def cell_targets(docs: list[dict[str, Any]], spec: GridSpec = GridSpec()) -> tuple[Tensor, Tensor]:
+    """Per patch (raster order) the digit of its cell or 10 for empty, and per image the multi-hot digit presence."""
+    cell_of_patch = patch_cells(spec)
     cells, presence = [], []
     for doc in docs:
         labels = labels_of(doc["cells"])
-        grid = torch.tensor([d if d >= 0 else 10 for d in labels]).view(spec.rows, spec.cols)
-        cells.append(grid.repeat_interleave(per_cell, 0).repeat_interleave(per_cell, 1).reshape(side * side))
+        cells.append(torch.tensor([d if d >= 0 else 10 for d in labels])[cell_of_patch])
         present = torch.zeros(10)
         present[[d for d in labels if d >= 0]] = 1.0
         presence.append(present)
@@ -200,12 +207,8 @@ def cell_targets(docs: list[dict[str, Any]], spec: GridSpec = GridSpec()) -> tup
 
 def place_targets(spec: GridSpec = GridSpec()) -> tuple[Tensor, Tensor]:
     """Grid row and column of every patch (raster order)."""
-    side = IMAGE_SIZE // PATCH
-    per_cell = spec.cell // PATCH
-    index = torch.arange(side)
-    rows = (index // per_cell)[:, None].expand(side, side).reshape(-1)
-    cols = (index // per_cell)[None, :].expand(side, side).reshape(-1)
-    return rows, cols
+    cell_of_patch = patch_cells(spec)
+    return cell_of_patch // spec.cols, cell_of_patch % spec.cols
 
 
 def answer_accuracy(model: nn.Module, processor: Any, docs: list[dict[str, Any]], batch: int = 100) -> dict[str, float]:
@@ -284,7 +287,7 @@ def train(
             symbolic[is_image] = digit_words[cells].flatten()
             embeds = model.get_input_embeddings()(symbolic)
             # each word also says where it is, along the directions the place head reads off image tokens later
-            where = heads.place.weight[rows] + heads.place.weight[4 + cols]  # [64, width]
+            where = heads.place.weight[rows] + heads.place.weight[GRID.rows + cols]  # [64, width]
             embeds = embeds.masked_scatter(is_image[..., None], embeds[is_image] + where.repeat(len(docs), 1))
             output = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], labels=inputs["labels"])
             model.model.get_image_features(pixel_values=inputs["pixel_values"])
@@ -298,8 +301,8 @@ def train(
         word_loss = nn.functional.cross_entropy(said, digit_words[cells.flatten()])
         # ... and say where they are: "row 2 column 3" questions match these directions, not RoPE offsets
         place = heads.place(captured["projected"])
-        place_loss = nn.functional.cross_entropy(place[..., :4].flatten(0, 1), rows.repeat(len(docs))) + \
-            nn.functional.cross_entropy(place[..., 4:].flatten(0, 1), cols.repeat(len(docs)))
+        place_loss = nn.functional.cross_entropy(place[..., : GRID.rows].flatten(0, 1), rows.repeat(len(docs))) + \
+            nn.functional.cross_entropy(place[..., GRID.rows :].flatten(0, 1), cols.repeat(len(docs)))
         loss = output.loss + 0.5 * (cell_loss + presence_loss + word_loss + place_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
