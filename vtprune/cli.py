@@ -1,4 +1,4 @@
-"""Command line: ``vtprune demo``, ``methods``, ``report``, ``show``, ``sweep``, ``plot``, ``tasks``."""
+"""Command line: ``vtprune demo``, ``methods``, ``report``, ``show``, ``sweep``, ``plot``, ``tasks``, ``dtop``."""
 
 from __future__ import annotations
 
@@ -90,6 +90,51 @@ def list_methods_command() -> None:
         defaults = ", ".join(f"{k}={v}" for k, v in config.options().items())
         table.add_row(name, (type(config).__doc__ or "").split(";")[0] + " [ViT: timm / open_clip]",
                       config.paper, defaults)  # fmt: skip
+    from vtprune.methods import dtop
+
+    table.add_row("dtop", "Trained early exit of confident tokens in a ViT segmenter [DToPSegmenter; vtprune dtop]",
+                  dtop.PAPER, f"thresh={dtop.AUTHORS_THRESH}, keep_per_class={dtop.AUTHORS_KEEP_PER_CLASS}")
+    Console().print(table)
+
+
+@app.command("dtop")
+def dtop_command(
+    thresholds: str = typer.Option("1.0,0.99,0.98,0.97,0.95", help="Comma-separated exit thresholds (1.0 = dense)."),
+    images: int = typer.Option(300, min=1, help="Held-out digit scenes to evaluate."),
+    flop_images: int = typer.Option(None, min=1, help="Scenes whose FLOPs are counted one by one (default: all)."),
+    segmenter: Path = typer.Option(None, help="A folder saved by python -m vtprune.embedded.train_dtop "
+                                              "(default: the shipped one)."),
+    out: Path = typer.Option(Path("vtprune-dtop/results.jsonl"), help="JSON lines, one row per threshold; rows "
+                                                                      "already there are reused."),
+) -> None:
+    """DToP on the embedded digit-scene segmenter: mIoU and GFLOPs per image at each exit threshold."""
+    import torch
+
+    from vtprune.data.digit_scenes import scenes
+    from vtprune.embedded.segmenter import load_segmenter, to_tensor
+    from vtprune.eval.segmentation import evaluate_thresholds
+
+    values = []
+    for part in _split(thresholds) or []:
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise typer.BadParameter(f"thresholds must be numbers in [0, 1], got {part!r}") from None
+        if not 0.0 <= values[-1] <= 1.0:
+            raise typer.BadParameter(f"thresholds must be numbers in [0, 1], got {part!r}")
+    model = load_segmenter(segmenter)
+    pixels, labels = scenes("test", 0, images, seed=1000)
+    rows = evaluate_thresholds(model, to_tensor(pixels), torch.from_numpy(labels), values, flop_images=flop_images,
+                               out=out)  # fmt: skip
+    dense = next((row for row in rows if row["thresh"] >= 1.0), None)
+    table = Table(title=f"DToP on {images} held-out digit scenes ({out})")
+    for column in ("thresh", "mIoU", "GFLOPs / image", "vs dense", "token-blocks run", "tokens exited after block"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        ratio = f"{row['gflops'] / dense['gflops']:.3f}" if dense else "-"
+        exits = ", ".join(f"{int(k) + 1}: {v}" for k, v in row["exited_after_block"].items())
+        table.add_row(f"{row['thresh']:g}", f"{row['miou']:.4f}", f"{row['gflops']:.4f}", ratio,
+                      f"{row['token_blocks']:.3f}", exits)  # fmt: skip
     Console().print(table)
 
 

@@ -244,6 +244,12 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
+# methods that are trained models rather than wraps: named here so that wrapping with them explains where they are
+TRAINED_MODELS = {
+    "dtop": "DToP needs trained stage heads: it is vtprune.methods.dtop.DToPSegmenter, not a wrap",
+}
+
+
 def list_methods() -> list[str]:
     """Names of all registered methods."""
     _load_builtin_methods()
@@ -258,6 +264,7 @@ def method_class(name: str) -> type[Method]:
         from vtprune.core.vit import _VIT_REGISTRY
 
         hint = f" ({name!r} is for timm / open_clip vision transformers)" if name in _VIT_REGISTRY else ""
+        hint = f" ({TRAINED_MODELS[name]})" if name in TRAINED_MODELS else hint
         raise ValueError(f"unknown method {name!r}{hint}; registered methods: {', '.join(sorted(_REGISTRY))}") from None
 
 

@@ -101,7 +101,10 @@ def make_vit_method(method: str | ViTMethod, **options: Any) -> ViTMethod:
         return method
     names = list_vit_methods()
     if method not in _VIT_REGISTRY:
-        raise ValueError(f"unknown ViT method {method!r}; methods for vision transformers: {', '.join(names)}")
+        from vtprune.core.registry import TRAINED_MODELS
+
+        hint = f" ({TRAINED_MODELS[method]})" if method in TRAINED_MODELS else ""
+        raise ValueError(f"unknown ViT method {method!r}{hint}; methods for vision transformers: {', '.join(names)}")
     cls = _VIT_REGISTRY[method]
     allowed = [f.name for f in fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(options) - set(allowed))
