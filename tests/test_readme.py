@@ -34,3 +34,10 @@ def test_readme_what_if_flops_example_runs():
     namespace: dict = {}
     exec(example.replace("print(", "saved = ("), namespace)
     assert 0.5 < namespace["saved"] < 0.9  # FastV at 64 of 576 tokens from layer 2 of 32
+
+
+def test_readme_dtop_example_runs():
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "load_segmenter" in b)
+    namespace: dict = {}
+    exec(block, namespace)
+    assert namespace["out"].labels((64, 64)).shape == (8, 64, 64)
