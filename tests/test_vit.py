@@ -184,6 +184,8 @@ def test_bad_inputs_name_the_parameter(images):
     handle.unwrap()
     with pytest.raises(ValueError, match="'token' pooling"):
         vtprune.wrap(_timm(global_pool="avg"), "tome", keep=8)
+    with pytest.raises(ValueError, match="global_pool='map'.*'token' pooling"):
+        vtprune.wrap(_timm(global_pool="map", class_token=False), "tome", keep=8)
     from vtprune.testing import tiny_model
 
     with pytest.raises(ValueError, match="'tome' is for timm / open_clip vision transformers"):

@@ -29,9 +29,10 @@ class TimmViTAdapter(ViTAdapter):
             if type(block).__name__ != "Block" or getattr(attn, "gate", None) is not None or custom_scale:
                 raise TypeError(f"timm block {index} is a {type(block).__name__} ({type(block.attn).__name__}); "
                                 "vtprune reduces tokens in plain ViT Blocks with ungated, default-scaled Attention")  # fmt: skip
-        if self.model.global_pool not in ("token", "map", ""):
-            # an average over rows of unequal size would need size weights: keep the [CLS] readout only
-            raise ValueError(f"global_pool={self.model.global_pool!r}: ViT-side reduction supports 'token' pooling")
+        if self.model.global_pool not in ("token", ""):
+            # average or attention ('map') pooling over rows of unequal size would need size weights: [CLS] only
+            raise ValueError(f"global_pool={self.model.global_pool!r}: ViT-side reduction supports 'token' pooling "
+                             "(or '' for the rows themselves)")  # fmt: skip
         if getattr(self.model, "dynamic_img_size", False):
             raise ValueError("dynamic_img_size towers are not supported: the token count must be fixed")
 
