@@ -244,6 +244,7 @@ def test_cli_prints_the_threshold_table_and_writes_rows(tmp_path):
     result = CliRunner().invoke(app, ["dtop", "--thresholds", "1.0,0.9", "--images", "6", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "mIoU" in result.output and len(out.read_text().splitlines()) == 2
+    assert (tmp_path / "exits.png").stat().st_size > 10_000
     bad = CliRunner().invoke(app, ["dtop", "--thresholds", "1.0,2", "--out", str(out)])
     assert bad.exit_code != 0 and "thresholds must be numbers in [0, 1]" in bad.output
 

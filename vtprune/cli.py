@@ -106,13 +106,15 @@ def dtop_command(
                                               "(default: the shipped one)."),
     out: Path = typer.Option(Path("vtprune-dtop/results.jsonl"), help="JSON lines, one row per threshold; rows "
                                                                       "already there are reused."),
+    pictures: int = typer.Option(4, min=0, help="Scenes drawn (image, truth, prediction, exit blocks) into "
+                                                "exits.png beside --out, at the lowest threshold."),
 ) -> None:
     """DToP on the embedded digit-scene segmenter: mIoU and GFLOPs per image at each exit threshold."""
     import torch
 
     from vtprune.data.digit_scenes import scenes
     from vtprune.embedded.segmenter import load_segmenter, to_tensor
-    from vtprune.eval.segmentation import evaluate_thresholds
+    from vtprune.eval.segmentation import evaluate_thresholds, plot_exits
 
     values = []
     for part in _split(thresholds) or []:
@@ -136,6 +138,11 @@ def dtop_command(
         table.add_row(f"{row['thresh']:g}", f"{row['miou']:.4f}", f"{row['gflops']:.4f}", ratio,
                       f"{row['token_blocks']:.3f}", exits)  # fmt: skip
     Console().print(table)
+    if pictures and values:
+        shown = min(pictures, images)
+        picture = plot_exits(model, pixels[:shown], to_tensor(pixels[:shown]), torch.from_numpy(labels[:shown]),
+                             min(values), out.parent / "exits.png")  # fmt: skip
+        Console().print(f"wrote {picture}")
 
 
 MODEL_HELP = (

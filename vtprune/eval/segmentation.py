@@ -104,3 +104,33 @@ def evaluate_thresholds(
             with open(out, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
     return rows
+
+
+def plot_exits(model: DToPSegmenter, pixels: Tensor, images: Tensor, labels: Tensor, thresh: float, path: Path) -> Path:
+    """A picture per scene: the image, the true classes, DToP's classes at ``thresh``, and the block after which
+    each token stopped (darker = earlier). ``pixels`` are the ``[n, H, W, 3]`` uint8 images behind ``images``."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch in the user's session
+
+    with torch.no_grad():
+        result = model(images, thresh=thresh)
+    predicted = result.labels(tuple(labels.shape[-2:]))
+    stops = result.exit_block.unflatten(1, model.grid)
+    depth = len(model.backbone.blocks)
+    classes = ListedColormap(["#202020", *[f"C{c}" for c in range(model.classes - 1)]])
+    figure = Figure(figsize=(8, 2.1 * len(images)))
+    axes = figure.subplots(len(images), 4, squeeze=False)
+    for row, panels in enumerate(axes):
+        exited = int((result.exit_block[row] < depth - 1).sum())
+        shown = [(pixels[row], "image", {}),
+                 (labels[row], "truth", {"cmap": classes, "vmin": 0, "vmax": model.classes - 1}),
+                 (predicted[row], f"DToP {thresh:g}", {"cmap": classes, "vmin": 0, "vmax": model.classes - 1}),
+                 (stops[row] + 1, f"exit block ({exited} early)", {"cmap": "viridis", "vmin": 1, "vmax": depth})]  # fmt: skip
+        for axis, (picture, title, style) in zip(panels, shown):
+            axis.imshow(picture, interpolation="nearest", **style)
+            axis.set_title(title, fontsize=8)
+            axis.set_axis_off()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
