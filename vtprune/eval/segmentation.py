@@ -54,7 +54,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.sha1()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())  # any dtype
     return digest.hexdigest()[:12]
 
 
