@@ -93,7 +93,8 @@ def list_methods_command() -> None:
     from vtprune.methods import dtop
 
     table.add_row("dtop", "Trained early exit of confident tokens in a ViT segmenter [DToPSegmenter; vtprune dtop]",
-                  dtop.PAPER, f"thresh={dtop.AUTHORS_THRESH}, keep_per_class={dtop.AUTHORS_KEEP_PER_CLASS}")
+                  dtop.PAPER, f"thresh=1.0 (dense; the authors run {dtop.AUTHORS_THRESH} on ViT-B, 0.95 on ViT-L), "
+                  f"keep_per_class={dtop.AUTHORS_KEEP_PER_CLASS}")  # fmt: skip
     Console().print(table)
 
 
