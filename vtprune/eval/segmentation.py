@@ -82,19 +82,20 @@ def evaluate_thresholds(
             rows.append(done[thresh])
             continue
         matrix = torch.zeros(model.classes, model.classes, dtype=torch.long)
-        token_blocks, exits = 0.0, torch.zeros(depth, dtype=torch.long)
+        token_blocks, dense_blocks, exits = 0.0, 0.0, torch.zeros(depth, dtype=torch.long)
         with torch.no_grad():
             for start in range(0, len(images), batch):
                 result = model(images[start : start + batch], thresh=thresh)
                 predicted = result.labels(tuple(labels.shape[-2:]))
                 matrix += confusion(predicted, labels[start : start + batch], model.classes)
                 token_blocks += float(result.rows.sum())
+                dense_blocks += float(result.rows[:, 0].sum()) * depth  # every row enters the first block
                 exits += torch.bincount(result.exit_block.flatten(), minlength=depth)
         flops = flops_per_image(model, counted, thresh)
         row = {
             "thresh": thresh, "images": len(images), "miou": mean_iou(matrix),
             "gflops": sum(flops) / len(flops) / 1e9, "flop_images": len(counted),
-            "token_blocks": token_blocks / (len(images) * depth * model.embed(images[:1]).shape[1]),
+            "token_blocks": token_blocks / dense_blocks,
             "exited_after_block": {str(b): int(exits[b]) for b in model.stages[:-1]},
             "iou_per_class": [round(float(v), 4) for v in iou_per_class(matrix)], "weights": weights,
         }  # fmt: skip
