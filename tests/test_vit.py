@@ -1,4 +1,5 @@
-"""ViT-side token reduction (EViT, ToMe) on timm and open_clip vision transformers through ``vtprune.wrap``."""
+"""ViT-side token reduction (EViT, ToMe) on timm, open_clip and transformers CLIP vision transformers through
+``vtprune.wrap``; inside LLaVA see tests/test_tower.py."""
 
 from __future__ import annotations
 
@@ -30,11 +31,27 @@ def _open_clip():
                              output_dim=16).eval()  # fmt: skip
 
 
+def _hf_clip():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=3,
+                              image_size=64, patch_size=8)  # fmt: skip
+    return CLIPVisionModel(config).eval()
+
+
 TOWERS = {
     "timm": _timm,
     "timm_layerscale_registers": lambda: _timm(init_values=0.5, reg_tokens=2),
     "open_clip": _open_clip,
+    "hf_clip": _hf_clip,
 }
+
+
+def _run(model, images):
+    """The tower's output tensor (transformers' CLIP returns a ModelOutput: its pooled [CLS])."""
+    out = model(images)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +65,12 @@ def images():
 def test_keep_all_is_the_dense_tower_and_unwrap_restores_it(tower, method, images):
     model = TOWERS[tower]()
     with torch.no_grad():
-        dense = model(images)
+        dense = _run(model, images)
         with vtprune.wrap(model, method, keep=64) as handle:
-            same = model(images)
+            same = _run(model, images)
         assert handle.last.seq_lens == [64 + handle.info.prefix] * 4
         torch.testing.assert_close(same, dense, atol=1e-5, rtol=1e-5)
-        assert torch.equal(model(images), dense)
+        assert torch.equal(_run(model, images), dense)
     assert all("forward" not in block.__dict__ for block in handle.adapter.blocks())
 
 
@@ -62,21 +79,28 @@ def test_keep_all_is_the_dense_tower_and_unwrap_restores_it(tower, method, image
 def test_reduction_follows_the_budget_and_batch_equals_each_image_alone(tower, method, images):
     model = TOWERS[tower]()
     with torch.no_grad(), vtprune.wrap(model, method, keep=16) as handle:
-        batch = model(images)
+        batch = _run(model, images)
         prefix = handle.info.prefix
         lengths = handle.last.seq_lens
-        alone = torch.cat([model(images[i : i + 1]) for i in range(len(images))])
+        origin = handle.last.origin
+        alone = torch.cat([_run(model, images[i : i + 1]) for i in range(len(images))])
     assert lengths[0] == 64 + prefix and lengths == sorted(lengths, reverse=True) and lengths[-1] > 16 + prefix - 1
     assert list(handle.plan.values())[-1] == 16
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(batch, TOWERS[tower]()(images), atol=1e-4)  # it did reduce
+    assert not torch.allclose(batch, _run(TOWERS[tower](), images), atol=1e-4)  # it did reduce
+    # each row's representative: prefix rows first and unchanged, every other one a distinct patch row
+    assert origin.shape == (len(images), 16 + prefix)
+    assert origin[:, :prefix].tolist() == [list(range(prefix))] * len(images)
+    for row in origin:
+        assert row.unique().numel() == row.numel() and bool((row[prefix:] >= prefix).all())
 
 
 def _context(x, keys, queries=None, sizes=None, prefix=1, target=2, proportional=False):
     batch, rows, _ = x.shape
     queries = keys if queries is None else queries
     sizes = torch.ones(batch, rows) if sizes is None else sizes
-    return ReduceContext(0, x, keys[:, None], queries[:, None], sizes, prefix, target, proportional)
+    origin = torch.arange(rows).expand(batch, -1) + 10  # representatives need not be 0 .. rows-1
+    return ReduceContext(0, x, keys[:, None], queries[:, None], sizes, origin, prefix, target, proportional)
 
 
 def test_tome_merges_each_a_row_into_its_most_similar_b_row_weighted_by_size():
@@ -85,7 +109,7 @@ def test_tome_merges_each_a_row_into_its_most_similar_b_row_weighted_by_size():
                           [0, 0, 0.1, 1], [0, 0, 1, 0.05], [0, 1, 1, 1]]])  # fmt: skip
     x = torch.arange(7 * 2, dtype=torch.float32).view(1, 7, 2)
     sizes = torch.tensor([[1.0, 1, 1, 2, 3, 1, 1]])
-    new_x, new_sizes = ToMe().reduce(_context(x, keys, sizes=sizes, target=4))
+    new_x, new_sizes, origin = ToMe().reduce(_context(x, keys, sizes=sizes, target=4))
     # A rows are the even ones (0 = [CLS], protected), B the odd ones; the reference below matches by brute force
     a_best = {}
     unit = keys[0] / keys[0].norm(dim=-1, keepdim=True)
@@ -106,13 +130,14 @@ def test_tome_merges_each_a_row_into_its_most_similar_b_row_weighted_by_size():
         torch.testing.assert_close(new_x[0, slot], expected)
         expected_sizes.append(float(weights.sum()))
     assert new_sizes[0].tolist() == expected_sizes and new_x.shape == (1, 5, 2)
+    assert origin[0].tolist() == [10 + members[0] for members in expected_rows]  # a merged row stays where B was
     assert new_sizes.sum() == sizes.sum()  # every patch is still counted once
 
 
 def test_tome_never_merges_prefix_rows():
     keys = torch.ones(1, 9, 4)  # every row identical: only the prefix rule decides
     x = torch.randn(1, 9, 3)
-    new_x, sizes = ToMe().reduce(_context(x, keys, prefix=3, target=3))
+    new_x, sizes, _ = ToMe().reduce(_context(x, keys, prefix=3, target=3))
     torch.testing.assert_close(new_x[0, :3], x[0, :3])
     assert sizes[0, :3].tolist() == [1, 1, 1] and sizes.sum() == 9
 
@@ -145,7 +170,7 @@ def test_evit_keeps_the_most_attended_rows_and_fuses_the_rest_by_attention():
     queries = torch.zeros(1, 6, 4)
     queries[0, 0, 0] = 1.0
     x = torch.randn(1, 6, 3)
-    new_x, sizes = EViT().reduce(_context(x, keys, queries, target=3))
+    new_x, sizes, origin = EViT().reduce(_context(x, keys, queries, target=3))
     attention = logits.softmax(-1)[1:]  # [CLS]'s attention to the 5 patches
     kept = [5, 2]  # the two largest logits (5 and 3), kept in raster order -> rows 2, 5
     torch.testing.assert_close(new_x[0, 1:3], x[0, sorted(kept)])
@@ -154,6 +179,7 @@ def test_evit_keeps_the_most_attended_rows_and_fuses_the_rest_by_attention():
     torch.testing.assert_close(new_x[0, 3], fused)
     torch.testing.assert_close(new_x[0, 0], x[0, 0])
     assert sizes[0].tolist() == [1, 1, 1, 3]
+    assert origin[0].tolist() == [10, 12, 15, 11]  # [CLS], the kept rows, the fused row where its first member was
 
 
 def test_schedules():
@@ -188,6 +214,10 @@ def test_bad_inputs_name_the_parameter(images):
         vtprune.wrap(_timm(global_pool="map", class_token=False), "tome", keep=8)
     from vtprune.testing import tiny_model
 
-    with pytest.raises(ValueError, match="'tome' is for timm / open_clip vision transformers"):
-        vtprune.wrap(tiny_model("llava"), "tome", keep=8)
+    from vtprune.core.registry import make_method
+
+    with pytest.raises(ValueError, match="'tome' is for vision transformers: pass it to vtprune.wrap"):
+        make_method("tome")
+    with pytest.raises(ValueError, match="reduce the CLIP tower of LLaVA-1.5 only, not Qwen2-VL"):
+        vtprune.wrap(tiny_model("qwen2_vl"), "tome", keep=8)
     assert math.isfinite(float(model(images).sum()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from vtprune.adapters.hf_clip_vit import HFClipViTAdapter
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.llava_next import LlavaNextAdapter
 from vtprune.adapters.qwen_vl import QwenVLAdapter
@@ -15,11 +16,11 @@ from vtprune.core.vit import ViTAdapter
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter)
 
 
-VIT_ADAPTERS: tuple[type[ViTAdapter], ...] = (TimmViTAdapter, OpenClipViTAdapter)
+VIT_ADAPTERS: tuple[type[ViTAdapter], ...] = (TimmViTAdapter, OpenClipViTAdapter, HFClipViTAdapter)
 
 
 def find_vit_adapter(model: object) -> ViTAdapter | None:
-    """The ViT adapter for a timm / open_clip vision transformer, else None."""
+    """The ViT adapter for a timm / open_clip / transformers CLIP vision transformer, else None."""
     for adapter in VIT_ADAPTERS:
         if isinstance(model, nn.Module) and adapter.matches(model):
             return adapter(model)
@@ -27,7 +28,7 @@ def find_vit_adapter(model: object) -> ViTAdapter | None:
 
 
 def supported_model_classes() -> list[str]:
-    vits = ["timm VisionTransformer", "open_clip VisionTransformer (model.visual)"]
+    vits = ["timm VisionTransformer", "open_clip VisionTransformer (model.visual)", "transformers CLIPVisionModel"]
     return [name for adapter in ADAPTERS for name in adapter.model_class_names] + vits
 
 

@@ -22,7 +22,7 @@ class OpenClipViTAdapter(ViTAdapter):
     def info(self) -> ViTInfo:
         rows, cols = self.model.grid_size
         block = self.model.transformer.resblocks[0]
-        return ViTInfo(self.family, len(self.blocks()), rows * cols, 1, block.attn.num_heads)
+        return ViTInfo(self.family, self.depth(), rows * cols, 1, block.attn.num_heads)
 
     def check(self) -> None:
         if not self.model.transformer.batch_first:

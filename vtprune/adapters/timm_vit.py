@@ -19,7 +19,7 @@ class TimmViTAdapter(ViTAdapter):
 
     def info(self) -> ViTInfo:
         grid = self.model.patch_embed.grid_size
-        return ViTInfo(self.family, len(self.model.blocks), grid[0] * grid[1], self.model.num_prefix_tokens,
+        return ViTInfo(self.family, self.depth(), grid[0] * grid[1], self.model.num_prefix_tokens,
                        self.model.blocks[0].attn.num_heads)  # fmt: skip
 
     def check(self) -> None:

@@ -15,13 +15,15 @@ from __future__ import annotations
 import math
 import types
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vtprune.core.budget import Keep, tokens_to_keep
+from vtprune.core.context import PruneContext
+from vtprune.core.registry import Method, ModelInfo, Stage
 
 WRAPPED_VIT = "_vtprune_vit_handle"
 
@@ -46,6 +48,7 @@ class ReduceContext:
     keys: Tensor  # [B, H, N, d] the block's keys
     queries: Tensor  # [B, H, N, d]
     sizes: Tensor  # [B, N] patches each row stands for (prefix rows: 1)
+    origin: Tensor  # [B, N] long: each row's representative among the rows entering the first block
     prefix: int
     target: int  # patch rows (excluding prefix) to leave after this block
     proportional: bool = False  # the block's attention added log(size) to the keys
@@ -60,6 +63,16 @@ class ReduceContext:
         return logits.softmax(-1).mean(1)[:, self.prefix :]
 
 
+class Reduced(NamedTuple):
+    """A reduction's result: ``prefix + target`` rows, their sizes, and each row's representative original row
+    (unique within an image: a kept row's own, a merged row's destination, a fused row's first member) — what a
+    VLM uses to place the row in its prompt."""
+
+    x: Tensor
+    sizes: Tensor
+    origin: Tensor
+
+
 class ViTMethod:
     """Base of a ViT token-reduction method: a config dataclass with ``schedule`` and ``reduce``."""
 
@@ -70,8 +83,8 @@ class ViTMethod:
         """{block index: patch rows left after that block}; ends at ``keep``."""
         raise NotImplementedError
 
-    def reduce(self, ctx: ReduceContext) -> tuple[Tensor, Tensor]:
-        """The new ``(x, sizes)`` with ``ctx.prefix + ctx.target`` rows."""
+    def reduce(self, ctx: ReduceContext) -> Reduced:
+        """The new rows (``ctx.prefix + ctx.target`` of them), their sizes and representatives."""
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
@@ -118,8 +131,18 @@ class ViTAdapter:
 
     family: ClassVar[str] = ""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, feature_blocks: int | None = None) -> None:
+        """``feature_blocks``: how many blocks feed what the caller reads (a VLM reading an inner layer); the
+        reduction schedule ends there. None: all."""
         self.model = model
+        self.feature_blocks = feature_blocks
+
+    def depth(self) -> int:
+        """Blocks the reduction schedule spans."""
+        depth = len(self.blocks())
+        if self.feature_blocks is not None and not 1 <= self.feature_blocks <= depth:
+            raise ValueError(f"feature_blocks must lie in [1, {depth}], got {self.feature_blocks}")
+        return self.feature_blocks or depth
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -149,9 +172,11 @@ class ViTAdapter:
 
 @dataclass
 class ViTRecord:
-    """Rows (prefix included) entering each block in the last forward."""
+    """The last forward: rows (prefix included) entering each block, and after the last reducing block each row's
+    representative among the rows entering the first block (``[B, rows]``; None before any forward)."""
 
     seq_lens: list[int]
+    origin: Tensor | None = None
 
 
 class ViTPruning:
@@ -164,6 +189,7 @@ class ViTPruning:
         self.plan = method.schedule(self.info, self.final)
         self.last = ViTRecord([])
         self._sizes: Tensor | None = None
+        self._origin: Tensor | None = None
         self._blocks = adapter.blocks()
         for index, block in enumerate(self._blocks):
             block.forward = types.MethodType(_block_forward(self, index), block)
@@ -194,7 +220,8 @@ def _block_forward(handle: ViTPruning, index: int) -> Any:
             raise ValueError("vtprune's ViT pruning runs unmasked self-attention only (got an attention mask)")
         if index == 0:
             handle._sizes = x.new_ones(x.shape[:2], dtype=torch.float32)
-            handle.last = ViTRecord([])
+            handle._origin = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            handle.last = ViTRecord([], handle._origin)
         sizes = handle._sizes
         handle.last.seq_lens.append(x.shape[1])
         norm1, scale1, norm2, mlp, scale2 = adapter.pieces(block)
@@ -205,9 +232,12 @@ def _block_forward(handle: ViTPruning, index: int) -> Any:
         x = x + _drop(block, 1)(scale1(adapter.attention_out(block, heads_out.transpose(1, 2).flatten(2))))
         target = handle.plan.get(index)
         if target is not None and target < x.shape[1] - prefix:
-            ctx = ReduceContext(index, x, k, q, sizes, prefix, target, proportional)
-            x, sizes = method.reduce(ctx)
-            handle._sizes = sizes
+            ctx = ReduceContext(index, x, k, q, sizes, handle._origin, prefix, target, proportional)
+            x, sizes, origin = method.reduce(ctx)
+            if origin.shape != x.shape[:2]:
+                raise RuntimeError(f"{method.name}: reduce returned {x.shape[1]} rows but {origin.shape[1]} origins")
+            handle._sizes, handle._origin = sizes, origin
+            handle.last.origin = origin
         return x + _drop(block, 2)(scale2(mlp(norm2(x))))
 
     return forward
@@ -253,3 +283,45 @@ def wrap_vit(model: nn.Module, adapter: ViTAdapter, method: str | ViTMethod, kee
     adapter.check()
     config = make_vit_method(method, **options)
     return ViTPruning(model, adapter, config, keep)
+
+
+@dataclass
+class TowerReduction(Method):
+    """The LLM side of a ViT method wrapped inside a VLM (``vtprune.wrap(llava, "tome", keep=64)``).
+
+    The tower reduces its own rows (the method runs between its blocks, as on a bare ViT); before the LLM each image
+    keeps exactly the tokens those rows stand on (a kept row's own patch, a merged row's destination, EViT's fused
+    row its first member), carrying the rows' projected features. Positions follow ``positions`` as for any
+    pre-LLM method. Not registered: ``vtprune.wrap`` builds it when a ViT method meets a VLM.
+    """
+
+    vit: ViTMethod | None = None
+    summary: ClassVar[str] = "a ViT method reducing the VLM's vision tower"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vit is None:
+            raise ValueError("TowerReduction needs the ViT method that reduces the tower (vit=...)")
+        self.name = self.vit.name  # reports name the tower's method  # type: ignore[misc]
+        self.paper = self.vit.paper  # type: ignore[misc]
+
+    def count_known_early(self) -> bool:
+        return True
+
+    def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
+        return [Stage(layer=None, tower=True, modalities=("image",))]
+
+    def select(self, ctx: PruneContext) -> list[Tensor]:
+        chosen = []
+        for view in ctx.items:
+            if view.tower_tokens is None:
+                raise ValueError(
+                    f"{self.name} reduces the vision tower, but this image was encoded outside the wrapped model "
+                    "(precomputed mm_encoder_outputs); pass pixel_values instead"
+                )
+            indices = torch.searchsorted(view.tokens, view.tower_tokens.to(view.tokens.device))
+            chosen.append(indices[view.selectable[indices]])  # [CLS] ("full" strategy) stays as a structural token
+        return chosen
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.vit.name, **self.vit.options(), "positions": self.positions, "tower": True}

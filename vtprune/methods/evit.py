@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtprune.core.vit import ReduceContext, ViTInfo, ViTMethod, register_vit_method
+from vtprune.core.vit import ReduceContext, Reduced, ViTInfo, ViTMethod, register_vit_method
 from vtprune.kernels import gather_tokens, merge_tokens
 
 AUTHORS_BLOCKS = (3, 6, 9)  # 0-based, of 12 (DeiT-S)
@@ -50,14 +50,15 @@ class EViT(ViTMethod):
         plan[blocks[-1]] = keep
         return plan
 
-    def reduce(self, ctx: ReduceContext) -> tuple[Tensor, Tensor]:
+    def reduce(self, ctx: ReduceContext) -> Reduced:
         p = ctx.prefix
         attention = ctx.cls_attention()  # [B, M]
-        patches, sizes = ctx.x[:, p:], ctx.sizes[:, p:]
+        patches, sizes, origin = ctx.x[:, p:], ctx.sizes[:, p:], ctx.origin[:, p:]
         kept = ctx.target - 1 if self.fuse else ctx.target
         top = attention.topk(kept, dim=-1).indices.sort(-1).values
         rows = [ctx.x[:, :p], gather_tokens(patches, top)]
         new_sizes = [ctx.sizes[:, :p], sizes.gather(1, top)]
+        origins = [ctx.origin[:, :p], origin.gather(1, top)]
         if self.fuse:
             rest = torch.ones_like(attention, dtype=torch.bool).scatter(1, top, False)
             destination = torch.where(rest, 0, -1)
@@ -65,4 +66,6 @@ class EViT(ViTMethod):
             mean = merge_tokens(patches, destination, weight, 1)  # attention-weighted mean of the rest
             rows.append(mean * weight.sum(-1, keepdim=True)[..., None].to(mean.dtype))  # -> the authors' sum
             new_sizes.append((sizes * rest).sum(-1, keepdim=True))
-        return torch.cat(rows, 1), torch.cat(new_sizes, 1)
+            # the fused row stands where its first member stood (never a kept row's place)
+            origins.append(origin.masked_fill(~rest, origin.max() + 1).amin(-1, keepdim=True))
+        return Reduced(torch.cat(rows, 1), torch.cat(new_sizes, 1), torch.cat(origins, 1))

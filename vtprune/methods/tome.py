@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtprune.core.vit import ReduceContext, ViTInfo, ViTMethod, even_schedule, register_vit_method
+from vtprune.core.vit import ReduceContext, Reduced, ViTInfo, ViTMethod, even_schedule, register_vit_method
 from vtprune.kernels import merge_tokens
 
 
@@ -52,7 +52,7 @@ class ToMe(ViTMethod):
             return plan
         return even_schedule(info.depth, self.start, info.patches, keep, cap=most)
 
-    def reduce(self, ctx: ReduceContext) -> tuple[Tensor, Tensor]:
+    def reduce(self, ctx: ReduceContext) -> Reduced:
         batch, rows, _ = ctx.x.shape
         r = rows - ctx.prefix - ctx.target
         metric = ctx.keys.mean(1)
@@ -73,4 +73,5 @@ class ToMe(ViTMethod):
         slots = rows - r
         x = merge_tokens(ctx.x, destination, ctx.sizes, slots)
         sizes = ctx.sizes.new_zeros(batch, slots).scatter_add_(1, destination, ctx.sizes)
-        return x, sizes
+        origin = ctx.origin[survives].view(batch, slots)  # a merged row keeps its B row's place
+        return Reduced(x, sizes, origin)
