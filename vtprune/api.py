@@ -12,7 +12,7 @@ from vtprune.core.budget import BUDGET_CONVENTIONS, Keep, validate_keep
 from vtprune.core.engine import PruningEngine
 from vtprune.core.handle import WRAPPED_ATTRIBUTE, Pruning
 from vtprune.core.registry import ATTENTION_QUERIES, Method, ModelInfo, Stage, make_method
-from vtprune.core.vit import ViTMethod, ViTPruning, wrap_vit
+from vtprune.core.vit import _VIT_REGISTRY, TowerReduction, ViTMethod, ViTPruning, list_vit_methods, wrap_vit
 
 
 def wrap(
@@ -28,8 +28,10 @@ def wrap(
 
     Args:
         model: a supported Hugging Face VLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL), or a timm
-            ``VisionTransformer`` / open_clip visual tower (then ``method`` is a ViT method: ``evit``, ``tome``;
-            ``keep`` counts patch rows after the last reducing block; returns a ``ViTPruning`` handle).
+            ``VisionTransformer`` / open_clip visual tower / transformers ``CLIPVisionModel`` (then ``method`` is a
+            ViT method: ``evit``, ``tome``; ``keep`` counts patch rows after the last reducing block; returns a
+            ``ViTPruning`` handle). A ViT method on LLaVA-1.5 reduces its CLIP tower the same way, and the LLM
+            receives ``keep`` visual tokens per image, each on the patch its tower row stands for.
         method: a registered method name (see :func:`list_methods`) or a method config such as ``vtprune.FastV()``.
         keep: visual tokens kept per image (int >= 1) or the fraction of each image's tokens kept (float in (0, 1]).
         budget: what ``keep`` counts: ``"final"`` (default) the visual tokens the LLM finally sees per image;
@@ -49,7 +51,6 @@ def wrap(
         return wrap_vit(model, vit, method, keep, **options)
     if budget not in BUDGET_CONVENTIONS:
         raise ValueError(f"budget must be one of {BUDGET_CONVENTIONS}, got {budget!r}")
-    config = make_method(method, **options)
     adapter = find_adapter(model)
     for module in (model, adapter.vlm):
         existing = getattr(module, WRAPPED_ATTRIBUTE, None)
@@ -58,14 +59,42 @@ def wrap(
                 f"this model is already wrapped by vtprune ({existing.method.name}, keep={existing.keep}); "
                 "call .unwrap() on that handle before wrapping it again"
             )
-    info = model_info(adapter)
-    stages = checked_stages(config, config.stages(info, keep), info)
-    engine = PruningEngine(model, adapter, config, keep, stages, info, budget, tokenizer)
-    engine.install()
+    tower = None
+    if _is_vit_method(method):
+        tower = _wrap_tower(adapter, method, keep, options)
+        config: Method = TowerReduction(vit=tower.method)
+    else:
+        config = make_method(method, **options)
+    try:
+        info = model_info(adapter)
+        stages = checked_stages(config, config.stages(info, keep), info)
+        engine = PruningEngine(model, adapter, config, keep, stages, info, budget, tokenizer, tower=tower)
+        engine.install()
+    except Exception:
+        if tower is not None:
+            tower.unwrap()
+        raise
     handle = Pruning(engine)
     for module in (model, adapter.vlm):
         setattr(module, WRAPPED_ATTRIBUTE, handle)
     return handle
+
+
+def _is_vit_method(method: str | Method | ViTMethod) -> bool:
+    if isinstance(method, ViTMethod):
+        return True
+    list_vit_methods()  # registers the built-in ones
+    return isinstance(method, str) and method in _VIT_REGISTRY
+
+
+def _wrap_tower(adapter: Adapter, method: str | ViTMethod, keep: Keep, options: dict[str, Any]) -> ViTPruning:
+    """Wrap the VLM's vision tower with a ViT method, its schedule ending at the layer the VLM reads."""
+    tower, feature_blocks = adapter.reducible_tower()
+    vit = find_vit_adapter(tower)
+    if vit is None:
+        raise TypeError(f"ViT-side methods cannot reduce this {adapter.display_name}'s {type(tower).__name__} tower")
+    vit.feature_blocks = feature_blocks
+    return wrap_vit(tower, vit, method, keep, **options)
 
 
 def adapter_for(model: nn.Module) -> Adapter:

@@ -72,6 +72,16 @@ class LlavaAdapter(Adapter):
     def vision_feature_layer(self) -> int:
         return self._feature_hidden_state() - 1
 
+    def reducible_tower(self) -> tuple[nn.Module, int]:
+        if type(self) is not LlavaAdapter:  # LLaVA-NeXT packs each view's rows onto its crop grid
+            return super().reducible_tower()
+        if isinstance(self.vlm.config.vision_feature_layer, (list, tuple)):
+            raise ValueError("ViT-side methods need one vision_feature_layer; this LLaVA concatenates several")
+        blocks = self._feature_hidden_state()  # hidden_states[h] is the output of block h - 1
+        if blocks == 0:
+            raise ValueError("vision_feature_layer reads the patch embeddings: no tower block to reduce in")
+        return self.vlm.vision_tower, blocks
+
     def vision_attention(self, layer: int) -> nn.Module:
         return self._tower_layers()[layer].self_attn
 

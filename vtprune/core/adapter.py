@@ -119,6 +119,14 @@ class Adapter:
         """The tower's attention module of ``layer`` (with ``q_proj``, ``k_proj``, ``num_heads``, ``scale``)."""
         raise NotImplementedError(f"{self.family} exposes no vision-tower attention")
 
+    def reducible_tower(self) -> tuple[nn.Module, int]:
+        """The vision tower a ViT method (``evit``, ``tome``) may reduce inside this VLM, and how many of its blocks
+        feed the features the VLM reads; a ValueError where the family's encoder output cannot take fewer rows."""
+        raise ValueError(
+            f"ViT-side methods (evit, tome) reduce the CLIP tower of LLaVA-1.5 only, not {self.display_name}'s vision "
+            "encoder; use an LLM-side method there (vtprune methods)"
+        )
+
     def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
         """For one encoder call: per image, each token's flat index ``view * T + position`` in the tower output
         (-1 where no view produced it), and ``T``; None when the family cannot say."""

@@ -23,7 +23,8 @@ class ItemView:
     (each token scored by its own view's [CLS]), ``encoder_keys`` the head-averaged keys of the last of those layers,
     ``cls_features`` each view's [CLS] feature before the projector (by view id), ``groups`` the view (crop) of each
     token for per-crop budgets; ``replacement`` / ``replacement_grid`` the features and (rows, cols) of the image
-    re-encoded at a lower resolution (``Stage.resample``).
+    re-encoded at a lower resolution (``Stage.resample``); ``tower_tokens`` the tokens (original numbering, ascending)
+    the rows of a tower that reduced its own tokens stand on (``Stage.tower``; None for an image it did not encode).
     """
 
     item: VisualItem
@@ -39,6 +40,7 @@ class ItemView:
     cls_features: dict[int, Tensor] | None = None
     replacement: Tensor | None = None
     replacement_grid: tuple[int, int] | None = None
+    tower_tokens: Tensor | None = None
     groups: Tensor | None = None
     group_budgets: dict[int, int] | None = None
 

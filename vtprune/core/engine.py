@@ -38,6 +38,7 @@ from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.layout import Layout, VisualItem, padding_side_of
 from vtprune.core.record import ForwardRecord, StageRecord
 from vtprune.core.registry import Merged, Method, ModelInfo, Stage, top_budget
+from vtprune.core.vit import ViTPruning
 from vtprune.core.signals import (
     ImageSignals,
     align_image_signals,
@@ -103,6 +104,8 @@ class _Pass:
     merges: dict[int, Merged] = field(default_factory=dict)
     # images re-encoded at a lower resolution: item -> (features, (rows, cols)) (Stage.resample)
     replacements: dict[int, tuple[Tensor, tuple[int, int]]] = field(default_factory=dict)
+    # images a reducing vision tower encoded: item -> the tokens its rows stand on (Stage.tower)
+    tower_tokens: dict[int, Tensor] = field(default_factory=dict)
     # decode only
     session: _Session | None = None
     new_columns: Tensor | None = None
@@ -124,8 +127,11 @@ class PruningEngine:
         info: ModelInfo,
         budget: str = "final",
         tokenizer: Any = None,
+        tower: ViTPruning | None = None,
     ) -> None:
         self.model = model
+        # the vision tower's own reduction (a ViT method wrapped inside this VLM); removed with the engine
+        self.tower = tower
         self.adapter = adapter
         self.method = method
         self.keep = keep
@@ -159,6 +165,8 @@ class PruningEngine:
         self._tower_inputs: list[dict[str, Any]] = []
         # Images re-encoded at a lower resolution, keyed by their features: the new (rows, cols) grid.
         self._resampled: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
+        # Images a reducing tower encoded, keyed by their (placed) features: the tokens its rows stand on.
+        self._tower_tokens: dict[int, tuple[weakref.ref, Tensor]] = {}
         # Seconds spent on vision-tower signals since the last prefill (generate() encodes images before it).
         self._vision_seconds = 0.0
         # When True, timed regions synchronise CUDA so that ForwardRecord.overhead measures device time too.
@@ -235,6 +243,9 @@ class PruningEngine:
         self._wrapped_encoders.clear()
         self._vision_calls.clear()
         self._resampled.clear()
+        self._tower_tokens.clear()
+        if self.tower is not None:
+            self.tower.unwrap()
         self._pass = None
         self._session = None
 
@@ -258,6 +269,8 @@ class PruningEngine:
                 rows, keys = self._tower_rows, self._tower_keys
                 self._tower_rows, self._tower_queries, self._tower_keys = None, {}, {}
             start = time.perf_counter()
+            if self.tower is not None:
+                self._place_tower_rows(call, output)
             per_image = getattr(output, "pooler_output", None)
             for tensor, change in zip(per_image if changes else (), changes or ()):
                 if change is not None:
@@ -280,6 +293,43 @@ class PruningEngine:
             return output
 
         return observed
+
+    def _place_tower_rows(self, call: dict[str, Any], output: Any) -> None:
+        """A reducing tower's features go on as placeholder-sized stand-ins, each row on the token its representative
+        stands for (zeros elsewhere), so images still map onto their placeholders; the pre-LLM stage then keeps
+        exactly those tokens. Also notes the rows each tower block ran on, for the FLOPs report."""
+        record = self.tower.last
+        sources = self.adapter.image_sources(call, output)
+        if record.origin is None or sources is None:
+            raise RuntimeError("the vision tower's reduction left no record of where its rows came from")
+        per_image, per_view = sources
+        placed, read = [], 0
+        for features, source in zip(output.pooler_output, per_image):
+            source = source.to(features.device)
+            view, read = int(source[0]) // per_view, features.shape[0]
+            # the VLM read the last rows of the tower's output (LLaVA drops [CLS] in front)
+            rows = record.origin[view, -read:].to(features.device) + view * per_view
+            tokens = torch.searchsorted(source, rows).clamp(max=source.numel() - 1)
+            if not bool((source[tokens] == rows).all()):
+                raise RuntimeError("the vision tower's rows do not map onto the image's tokens")
+            full = features.new_zeros(source.numel(), features.shape[-1])
+            full[tokens] = features
+            self._tower_tokens[id(full)] = (weakref.ref(full), tokens.sort().values)
+            placed.append(full)
+        output.pooler_output = placed
+        for entry in self._tower_inputs[-1:]:  # this call's (the tower's pre-hook added it)
+            entry["block_rows"] = [*record.seq_lens, record.origin.shape[1]]
+            entry["projected_rows"] = read
+
+    def _take_tower_tokens(self, chunks: list[VisualChunk]) -> dict[int, Tensor]:
+        """By chunk, the tokens a reducing tower's rows stand on (chunks it did not encode are absent)."""
+        taken = {}
+        for index, chunk in enumerate(chunks):
+            entry = self._tower_tokens.pop(id(chunk.features), None)
+            if entry is not None and entry[0]() is chunk.features:
+                taken[index] = entry[1]
+        self._tower_tokens.clear()
+        return taken
 
     def _on_tower_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # generate() encodes before prefill: keep what the tower saw for the next prefill's record
@@ -411,6 +461,7 @@ class PruningEngine:
             self._tower_inputs = []
             return None  # text-only batch
         replaced = self._take_resampled(chunks)
+        tower_tokens = self._take_tower_tokens(chunks)
         batch, length = reference.shape[:2]
         device = reference.device
         cache = self._prefill_cache(inputs)
@@ -455,6 +506,7 @@ class PruningEngine:
         )
         current.budgets = {item.index: self._item_budgets(item, current.vision.get(item.index)) for item in items}
         current.replacements = {chunk_items[i][0]: value for i, value in replaced.items()}
+        current.tower_tokens = {chunk_items[i][0]: value for i, value in tower_tokens.items()}
         if self.wants_text:
             current.instruction_ids, current.instruction_embeddings = self._instruction(input_ids, embeds, layout)
         if current.pending and current.pending[0][1].layer is None:
@@ -765,6 +817,7 @@ class PruningEngine:
             cls_features=signals.view_cls if stage.encoder_features and signals is not None else None,
             replacement=current.replacements.get(item.index, (None, None))[0],
             replacement_grid=current.replacements.get(item.index, (None, None))[1],
+            tower_tokens=current.tower_tokens.get(item.index),
             groups=groups,
             group_budgets=group_budgets,
         )

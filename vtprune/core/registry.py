@@ -97,6 +97,8 @@ class Stage:
     * ``modalities``: the kinds of items the stage budgets ("image", "video"; None: all); others keep every token.
     * ``resample``: images are re-encoded on the grid the method's ``target_grid(rows, cols, budget)`` returns
       (``ItemView.replacement`` holds the new features); before the LLM only.
+    * ``tower``: the vision tower reduced each image's rows itself (a ViT method wrapped inside the VLM); each of
+      its rows reaches the LLM on the token its representative stands for (``ItemView.tower_tokens``).
     """
 
     layer: int | None
@@ -109,12 +111,13 @@ class Stage:
     encoder_features: bool = False
     text_embeddings: bool = False
     resample: bool = False
+    tower: bool = False
     modalities: tuple[str, ...] | None = None
 
     @property
     def needs_vision_call(self) -> bool:
         """True when the vision encoder call must be observed (tower signals, per-view budgets, re-encoding)."""
-        return bool(self.vision_layers) or self.encoder_features or self.per_crop or self.resample
+        return bool(self.vision_layers) or self.encoder_features or self.per_crop or self.resample or self.tower
 
 
 @dataclass
@@ -263,7 +266,7 @@ def method_class(name: str) -> type[Method]:
     except KeyError:
         from vtprune.core.vit import _VIT_REGISTRY
 
-        hint = f" ({name!r} is for timm / open_clip vision transformers)" if name in _VIT_REGISTRY else ""
+        hint = f" ({name!r} is for vision transformers: pass it to vtprune.wrap)" if name in _VIT_REGISTRY else ""
         hint = f" ({TRAINED_MODELS[name]})" if name in TRAINED_MODELS else hint
         raise ValueError(f"unknown method {name!r}{hint}; registered methods: {', '.join(sorted(_REGISTRY))}") from None
 

@@ -61,18 +61,23 @@ class VisionShape:
     projector_hidden: int = 0
     projector_out: int = 0
 
-    def tower_flops(self, sequences: list[int], windows: list[int] | None = None) -> float:
-        """The tower on sequences of these lengths (one per view / image; tokens per sequence incl. [CLS])."""
-        tokens = sum(sequences)
-        patches = tokens - (len(sequences) if self.kind == "clip" else 0)
-        embed = 2 * patches * 3 * self.temporal_patch * self.patch**2 * self.hidden
+    def tower_flops(
+        self, sequences: list[int], windows: list[int] | None = None, block_rows: list[list[int]] | None = None
+    ) -> float:
+        """The tower on sequences of these lengths (one per view / image; tokens per sequence incl. [CLS]).
+        ``block_rows`` (layers + 1 lists) where a ViT method reduced rows inside the tower: the lengths entering
+        each block, then leaving the last; block l's attention runs on ``block_rows[l]`` and, as the reduction sits
+        between attention and MLP, its MLP on ``block_rows[l + 1]``."""
+        patches = sum(sequences) - (len(sequences) if self.kind == "clip" else 0)
+        total = 2 * patches * 3 * self.temporal_patch * self.patch**2 * self.hidden  # patch embedding
         mlp_matrices = 3 if self.kind == "qwen2_5_vl" else 2
-        per_layer_linear = 2 * tokens * self.hidden * self.hidden * 4 + mlp_matrices * 2 * tokens * self.hidden * self.intermediate
-        total = embed + self.layers * per_layer_linear
+        rows = block_rows or [sequences] * (self.layers + 1)
         for layer in range(self.layers):
+            attended, mlp_tokens = rows[layer], sum(rows[layer + 1])
+            total += 2 * sum(attended) * self.hidden * self.hidden * 4
+            total += mlp_matrices * 2 * mlp_tokens * self.hidden * self.intermediate
             windowed = self.kind == "qwen2_5_vl" and layer not in self.full_attention_layers and windows is not None
-            lengths = windows if windowed else sequences
-            total += sum(4 * s * s * self.hidden for s in lengths)
+            total += sum(4 * s * s * self.hidden for s in (windows if windowed else attended))
         return float(total)
 
     def projector_flops(self, tokens: int) -> float:
@@ -203,13 +208,18 @@ def qwen_windows(grids: list[tuple[int, int, int]], vision: VisionShape) -> list
 
 def vision_flops(shape: ModelShape, images: list[dict[str, Any]]) -> tuple[float, float]:
     """(tower FLOPs, projector / merger FLOPs) for the encoder inputs ``images``: for CLIP towers
-    ``{"views": v}`` per image, for Qwen ``{"grid": (t, h, w)}`` in patches."""
+    ``{"views": v}`` per image (with ``block_rows``, the rows entering each block and leaving the last, and
+    ``projected_rows`` per view where a ViT method reduced the tower), for Qwen ``{"grid": (t, h, w)}`` in patches."""
     vision = shape.vision
     if vision.kind == "clip":
         per_view = (vision.image_size // vision.patch) ** 2
-        views = sum(image["views"] for image in images)
-        tower = vision.tower_flops([per_view + 1] * views)
-        return tower, vision.projector_flops(views * per_view)
+        tower = projector = 0.0
+        for image in images:
+            views, rows = image["views"], image.get("block_rows")
+            block_rows = [[r] * views for r in rows] if rows else None
+            tower += vision.tower_flops([per_view + 1] * views, block_rows=block_rows)
+            projector += vision.projector_flops(views * image.get("projected_rows", per_view))
+        return tower, projector
     grids = [tuple(image["grid"]) for image in images]
     sequences = [t * h * w for t, h, w in grids]
     windows = qwen_windows(grids, vision) if vision.kind == "qwen2_5_vl" else None
