@@ -88,7 +88,7 @@ def list_methods_command() -> None:
     for name in vtprune.list_vit_methods():
         config = make_vit_method(name)
         defaults = ", ".join(f"{k}={v}" for k, v in config.options().items())
-        table.add_row(name, (type(config).__doc__ or "").split(";")[0] + " [ViT: timm / open_clip]",
+        table.add_row(name, (type(config).__doc__ or "").split(";")[0] + " [ViT: timm / open_clip / CLIP, and LLaVA-1.5's tower]",
                       config.paper, defaults)  # fmt: skip
     from vtprune.methods import dtop
 
