@@ -12,7 +12,15 @@ from vtprune.core.budget import BUDGET_CONVENTIONS, Keep, validate_keep
 from vtprune.core.engine import PruningEngine
 from vtprune.core.handle import WRAPPED_ATTRIBUTE, Pruning
 from vtprune.core.registry import ATTENTION_QUERIES, Method, ModelInfo, Stage, make_method
-from vtprune.core.vit import _VIT_REGISTRY, TowerReduction, ViTMethod, ViTPruning, list_vit_methods, wrap_vit
+from vtprune.core.vit import (
+    _VIT_REGISTRY,
+    TowerReduction,
+    ViTMethod,
+    ViTPruning,
+    check_method_name,
+    list_vit_methods,
+    wrap_vit,
+)
 
 
 def wrap(
@@ -164,7 +172,7 @@ def report(
     from vtprune.eval.report import build_report
 
     for name in methods:
-        make_method(name)  # unknown names fail before anything runs
+        check_method_name(name)  # unknown names fail before anything runs
     for value in keep:
         validate_keep(value)
     return build_report(model, inputs, list(methods), list(keep), **kwargs)

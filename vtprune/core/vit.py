@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from vtprune.core.budget import Keep, tokens_to_keep
 from vtprune.core.context import PruneContext
-from vtprune.core.registry import Method, ModelInfo, Stage
+from vtprune.core.registry import Method, ModelInfo, Stage, make_method
 
 WRAPPED_VIT = "_vtprune_vit_handle"
 
@@ -124,6 +124,14 @@ def make_vit_method(method: str | ViTMethod, **options: Any) -> ViTMethod:
     if unknown:
         raise ValueError(f"{method}: unknown option {', '.join(unknown)}; options: {', '.join(allowed) or 'none'}")
     return cls(**options)
+
+
+def check_method_name(name: str, **options: Any) -> None:
+    """Raise the clear error for an unknown method or option, LLM-side or ViT-side (tools that take names)."""
+    if name in list_vit_methods():
+        make_vit_method(name, **options)
+    else:
+        make_method(name, **options)
 
 
 class ViTAdapter:

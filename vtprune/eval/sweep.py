@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vtprune.core.budget import BUDGET_CONVENTIONS, validate_keep
-from vtprune.core.registry import make_method
-from vtprune.core.vit import list_vit_methods, make_vit_method
+from vtprune.core.vit import check_method_name
 
 RESULTS_FILE = "results.jsonl"
 DENSE = "dense"
@@ -71,10 +70,7 @@ def validate(spec: SweepSpec) -> None:
     for name in spec.methods:
         if name == DENSE:
             raise ValueError("dense is always evaluated once; leave it out of methods")
-        if name in list_vit_methods():  # reduces the model's vision tower (LLaVA-1.5)
-            make_vit_method(name, **spec.options)
-        else:
-            make_method(name, **spec.options)
+        check_method_name(name, **spec.options)
     for keep in spec.keeps:
         validate_keep(keep)
     if spec.budget not in BUDGET_CONVENTIONS:
