@@ -229,10 +229,13 @@ def test_training_smoke_run_saves_a_loadable_segmenter(tmp_path):
     from vtprune.embedded.segmenter import load_segmenter
     from vtprune.embedded.train_dtop import EVAL_THRESHOLDS, train
 
-    record = train(2, tmp_path, batch_size=4, threads=None, eval_images=4, log_every=0)
+    record = train(2, tmp_path, batch_size=4, threads=None, eval_images=4, log_every=0, embed_dim=32, num_heads=2)
     assert [row["thresh"] for row in record["held_out"]["rows"]] == list(EVAL_THRESHOLDS)
     model = load_segmenter(tmp_path)
     assert model.stages == [1, 3, 5] and json.loads((tmp_path / "training.json").read_text())["steps"] == 2
+    assert model.backbone.embed_dim == 32  # the backbone override is saved and loaded back
+    with pytest.raises(ValueError, match="backbone: unknown \\['width'\\]"):
+        train(1, None, width=64)
 
 
 def test_cli_prints_the_threshold_table_and_writes_rows(tmp_path):

@@ -1,6 +1,6 @@
 """Train the embedded DToP segmenter on digit scenes (seeded; about 20 minutes on 2 CPU threads).
 
-    python -m vtprune.embedded.train_dtop [--steps 1200] [--out vtprune/embedded/digits-dtop]
+    python -m vtprune.embedded.train_dtop [--steps 1200] [--embed-dim 128] [--out vtprune/embedded/digits-dtop]
 
 Every stage head is trained on every token (the dense forward), with SegViT's per-query losses: class
 cross-entropy (query q's target is class q if present, else "no object", weighted 0.1), and for present classes
@@ -55,13 +55,18 @@ def stage_loss(class_logits: Tensor, mask_logits: Tensor, shares: Tensor) -> Ten
 
 
 def train(steps: int, out: Path | None, *, seed: int = 0, batch_size: int = 32, lr: float = 2e-3,
-          threads: int | None = 2, eval_images: int = 300, log_every: int = 50) -> dict:  # fmt: skip
-    """Train, evaluate on held-out scenes at :data:`EVAL_THRESHOLDS`, save to ``out``; returns training.json."""
-    recipe = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "backbone": BACKBONE,
+          threads: int | None = 2, eval_images: int = 300, log_every: int = 50, **backbone: int) -> dict:  # fmt: skip
+    """Train, evaluate on held-out scenes at :data:`EVAL_THRESHOLDS`, save to ``out``; returns training.json.
+    ``backbone`` overrides entries of :data:`BACKBONE` (``embed_dim``, ``depth``, ``num_heads``)."""
+    unknown = set(backbone) - set(BACKBONE)
+    if unknown:
+        raise ValueError(f"backbone: unknown {sorted(unknown)}; allowed: {sorted(BACKBONE)}")
+    backbone = {**BACKBONE, **backbone}
+    recipe = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "backbone": backbone,
               "scenes": asdict(SceneSpec())}  # fmt: skip
     if threads:
         torch.set_num_threads(threads)
-    model = build_segmenter(seed)
+    model = build_segmenter(seed, backbone)
     patch = model.backbone.patch_embed.patch_size[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     warmup = max(1, steps // 12)
@@ -98,7 +103,7 @@ def train(steps: int, out: Path | None, *, seed: int = 0, batch_size: int = 32, 
     record = {**recipe, "seconds": seconds, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "held_out": {"split": "test", "seed": seed + 1000, "images": eval_images, "rows": rows}}  # fmt: skip
     if out is not None:
-        save_segmenter(model, Path(out), BACKBONE, record)
+        save_segmenter(model, Path(out), backbone, record)
     return record
 
 
@@ -111,9 +116,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-images", type=int, default=300)
     parser.add_argument("--out", type=Path, default=SEGMENTER_DIR)
+    for name in ("embed_dim", "depth", "num_heads"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=BACKBONE[name])
     args = parser.parse_args()
     train(args.steps, args.out, seed=args.seed, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
-          eval_images=args.eval_images)  # fmt: skip
+          eval_images=args.eval_images, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads)  # fmt: skip
 
 
 if __name__ == "__main__":
