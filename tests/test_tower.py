@@ -115,3 +115,21 @@ def test_unsupported_models_and_options_say_so(llava):
             vtprune.wrap(llava, "evit", keep=8)
     with vtprune.wrap(llava, "evit", keep=8) as pruning:  # the tower's own wrap went with the last unwrap
         assert pruning.method.name == "evit"
+
+
+def test_full_strategy_keeps_cls_as_a_structural_token():
+    """With vision_feature_select_strategy="full" LLaVA projects [CLS] too: it stays, and keep counts patches."""
+    model = tiny_model("llava")
+    model.config.vision_feature_select_strategy = "full"
+    ids = make_batch(model, [[5, Image(), 7]])
+    first = int((ids["input_ids"][0] == IMAGE_TOKEN).nonzero()[0])
+    prompt = torch.cat([ids["input_ids"][0, :first], torch.tensor([IMAGE_TOKEN]), ids["input_ids"][0, first:]])[None]
+    batch = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "pixel_values": ids["pixel_values"]}
+    with torch.no_grad():
+        dense = model(**batch).logits
+        with vtprune.wrap(model, "tome", keep=1.0):
+            torch.testing.assert_close(model(**batch).logits, dense, atol=1e-5, rtol=1e-5)
+        with vtprune.wrap(model, "evit", keep=16) as pruning:
+            model(**batch)
+            kept = pruning.kept[0][0]
+    assert kept.numel() == 1 + 16 and int(kept[0]) == 0  # [CLS] (token 0) + 16 patch rows
