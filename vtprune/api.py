@@ -13,7 +13,6 @@ from vtprune.core.engine import PruningEngine
 from vtprune.core.handle import WRAPPED_ATTRIBUTE, Pruning
 from vtprune.core.registry import ATTENTION_QUERIES, Method, ModelInfo, Stage, make_method
 from vtprune.core.vit import (
-    _VIT_REGISTRY,
     TowerReduction,
     ViTMethod,
     ViTPruning,
@@ -89,10 +88,7 @@ def wrap(
 
 
 def _is_vit_method(method: str | Method | ViTMethod) -> bool:
-    if isinstance(method, ViTMethod):
-        return True
-    list_vit_methods()  # registers the built-in ones
-    return isinstance(method, str) and method in _VIT_REGISTRY
+    return isinstance(method, ViTMethod) or (isinstance(method, str) and method in list_vit_methods())
 
 
 def _wrap_tower(adapter: Adapter, method: str | ViTMethod, keep: Keep, options: dict[str, Any]) -> ViTPruning:

@@ -321,16 +321,6 @@ class PruningEngine:
             entry["block_rows"] = [*record.seq_lens, record.origin.shape[1]]
             entry["projected_rows"] = read
 
-    def _take_tower_tokens(self, chunks: list[VisualChunk]) -> dict[int, Tensor]:
-        """By chunk, the tokens a reducing tower's rows stand on (chunks it did not encode are absent)."""
-        taken = {}
-        for index, chunk in enumerate(chunks):
-            entry = self._tower_tokens.pop(id(chunk.features), None)
-            if entry is not None and entry[0]() is chunk.features:
-                taken[index] = entry[1]
-        self._tower_tokens.clear()
-        return taken
-
     def _on_tower_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # generate() encodes before prefill: keep what the tower saw for the next prefill's record
         self._tower_inputs.extend(self.adapter.tower_inputs(args, kwargs))
@@ -461,7 +451,7 @@ class PruningEngine:
             self._tower_inputs = []
             return None  # text-only batch
         replaced = self._take_resampled(chunks)
-        tower_tokens = self._take_tower_tokens(chunks)
+        tower_tokens = _claim(self._tower_tokens, chunks)
         batch, length = reference.shape[:2]
         device = reference.device
         cache = self._prefill_cache(inputs)
@@ -540,14 +530,11 @@ class PruningEngine:
         """Chunks whose image was re-encoded smaller: set their new features aside, by chunk, and give the chunk
         placeholder-sized stand-ins so its tokens still map onto the prompt's placeholders."""
         replaced = {}
-        for index, chunk in enumerate(chunks):
-            entry = self._resampled.pop(id(chunk.features), None)
-            if entry is None or entry[0]() is not chunk.features:
-                continue
-            replaced[index] = (chunk.features, entry[1])
+        for index, grid in _claim(self._resampled, chunks).items():
+            chunk = chunks[index]
+            replaced[index] = (chunk.features, grid)
             count = sum(spec.count for spec in chunk.items)
             chunk.features = chunk.features.new_zeros(count, chunk.features.shape[-1])
-        self._resampled.clear()
         return replaced
 
     def _item_vision(self, chunks: list[VisualChunk], chunk_items: list[list[int]]) -> dict[int, ImageSignals]:
@@ -973,6 +960,18 @@ def _assign_items(
     for item, (sample, col) in zip(items, first_slot):
         item.visual_offset = int(visual_rank[sample, col])
     return items, chunk_items, item_of_slot, token_of_slot, features
+
+
+def _claim(store: dict[int, tuple[weakref.ref, Any]], chunks: list[VisualChunk]) -> dict[int, Any]:
+    """By chunk index, what the encoder call noted under the chunk's feature tensor (``store`` is keyed by the
+    tensor's id, and the weak reference tells a reused id apart); empties ``store``, as entries are for one prefill."""
+    claimed = {}
+    for index, chunk in enumerate(chunks):
+        entry = store.pop(id(chunk.features), None)
+        if entry is not None and entry[0]() is chunk.features:
+            claimed[index] = entry[1]
+    store.clear()
+    return claimed
 
 
 def _features_by_chunk(

@@ -197,7 +197,6 @@ class ViTPruning:
         self.plan = method.schedule(self.info, self.final)
         self.last = ViTRecord([])
         self._sizes: Tensor | None = None
-        self._origin: Tensor | None = None
         self._blocks = adapter.blocks()
         for index, block in enumerate(self._blocks):
             block.forward = types.MethodType(_block_forward(self, index), block)
@@ -228,8 +227,7 @@ def _block_forward(handle: ViTPruning, index: int) -> Any:
             raise ValueError("vtprune's ViT pruning runs unmasked self-attention only (got an attention mask)")
         if index == 0:
             handle._sizes = x.new_ones(x.shape[:2], dtype=torch.float32)
-            handle._origin = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-            handle.last = ViTRecord([], handle._origin)
+            handle.last = ViTRecord([], torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1))
         sizes = handle._sizes
         handle.last.seq_lens.append(x.shape[1])
         norm1, scale1, norm2, mlp, scale2 = adapter.pieces(block)
@@ -240,12 +238,11 @@ def _block_forward(handle: ViTPruning, index: int) -> Any:
         x = x + _drop(block, 1)(scale1(adapter.attention_out(block, heads_out.transpose(1, 2).flatten(2))))
         target = handle.plan.get(index)
         if target is not None and target < x.shape[1] - prefix:
-            ctx = ReduceContext(index, x, k, q, sizes, handle._origin, prefix, target, proportional)
+            ctx = ReduceContext(index, x, k, q, sizes, handle.last.origin, prefix, target, proportional)
             x, sizes, origin = method.reduce(ctx)
             if origin.shape != x.shape[:2]:
                 raise RuntimeError(f"{method.name}: reduce returned {x.shape[1]} rows but {origin.shape[1]} origins")
-            handle._sizes, handle._origin = sizes, origin
-            handle.last.origin = origin
+            handle._sizes, handle.last.origin = sizes, origin
         return x + _drop(block, 2)(scale2(mlp(norm2(x))))
 
     return forward
