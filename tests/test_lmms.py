@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from vtprune.cli import app
-from vtprune.data.digit_grids import generate, labels_of, normalise_answer, render, source_pool
+from vtprune.data.digit_grids import PLACE_WORDS, generate, labels_of, normalise_answer, render, source_pool
 from vtprune.eval import tasks as local_tasks
 from vtprune.eval.sweep import SweepSpec, append_result, read_results
 from vtprune.eval.sweep_report import pareto_front
@@ -63,7 +63,7 @@ def test_digit_grids_are_deterministic_split_and_answerable():
         labels = labels_of(doc["cells"])
         words = doc["question"].split()
         if doc["type"] == "cell":
-            r, c = int(words[5]) - 1, int(words[7]) - 1
+            r, c = PLACE_WORDS.index(words[5]), PLACE_WORDS.index(words[7])
             assert str(labels[r * doc["cols"] + c]) == doc["answer"]
         elif doc["type"] == "count":
             assert str(labels.count(int(words[2][:-1]))) == doc["answer"]

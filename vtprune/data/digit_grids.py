@@ -5,7 +5,7 @@ A document names its digits by their index in ``load_digits()``, so it is a few 
 rebuilt exactly by :func:`render`. Source digits are split once (seeded) into train and test pools, so no test
 image is ever seen in training. Question types, each with a one-word answer:
 
-* ``cell``:   "what digit is in row 2 column 3 ?"  -> "7"
+* ``cell``:   "what digit is in row two column three ?" -> "7"  (places in words, digits in numerals)
 * ``count``:  "how many 7s are there ?"            -> "2"
 * ``exists``: "is there a 4 ?"                      -> "yes" / "no"
 * ``left``:   "which digit is left of the 9 ?"      -> "3"   (the 9 appears once; its left cell holds a digit)
@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 
 QUESTION_TYPES = ("cell", "count", "exists", "left")
+# Rows and columns are named in words so a place never reads as a digit: "row 2" would share its token with the
+# digit 2 that the other questions look up in the image.
+PLACE_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight")
 SPLITS = ("train", "test")
 SPLIT_SEED = 0
 TEST_SHARE = 0.25
@@ -30,7 +33,7 @@ TEST_SHARE = 0.25
 class GridSpec:
     """Grid geometry: ``rows x cols`` cells of ``cell`` pixels, ``min_digits..max_digits`` of them filled."""
 
-    rows: int = 4
+    rows: int = 4  # at most len(PLACE_WORDS)
     cols: int = 4
     cell: int = 16
     min_digits: int = 6
@@ -105,7 +108,7 @@ def ask(kind: str, rng: random.Random, cells: list[int], spec: GridSpec = GridSp
     if kind == "cell":
         position = rng.choice([i for i, d in enumerate(labels) if d >= 0])
         r, c = divmod(position, spec.cols)
-        return f"what digit is in row {r + 1} column {c + 1} ?", str(labels[position])
+        return f"what digit is in row {PLACE_WORDS[r]} column {PLACE_WORDS[c]} ?", str(labels[position])
     if kind == "count":
         digit = rng.choice(present) if rng.random() < 0.8 else rng.randrange(10)
         return f"how many {digit}s are there ?", str(labels.count(digit))
