@@ -11,7 +11,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import vtprune
-from vtprune.data.digit_grids import generate, normalise_answer, render
+from vtprune.data.digit_grids import _digits, generate, normalise_answer, render
 from vtprune.embedded import model_dir
 from vtprune.embedded.train import (
     IMAGE_TOKENS,
@@ -20,6 +20,7 @@ from vtprune.embedded.train import (
     build_model,
     build_processor,
     dialogue_batch,
+    patch_targets,
     prompt_text,
     train,
 )
@@ -86,10 +87,34 @@ def test_dialogue_batch_first_turn_is_the_evaluation_prompt():
     assert (batch["labels"] != -100).sum() > (single["labels"] != -100).sum()  # later turns are supervised too
 
 
+def test_patch_targets_on_a_hand_made_grid():
+    _, digits = _digits()
+    scan = {d: int((digits == d).nonzero()[0][0]) for d in (3, 5)}
+    cells = [-1] * 16
+    cells[0], cells[1], cells[3], cells[5] = scan[3], scan[5], scan[3], scan[3]  # row one: 3 5 _ 3, row two: _ 3
+    targets = patch_targets([{"cells": cells}])
+    per_cell = {name: targets[name][0].reshape(4, 2, 4, 2)[:, 0, :, 0].flatten().tolist()
+                for name in ("cell", "count", "left", "row", "col")}  # fmt: skip
+    assert per_cell["cell"][:8] == [3, 5, 10, 3, 10, 3, 10, 10] and set(per_cell["cell"][8:]) == {10}
+    assert per_cell["count"][:8] == [3, 1, 0, 3, 0, 3, 0, 0]  # three 3s; empty cells count nothing
+    assert per_cell["left"][:8] == [10, 3, 5, 10, 10, 10, 3, 10]  # the edge and empty cells have no digit left
+    assert per_cell["row"][:8] == [0] * 4 + [1] * 4 and per_cell["col"][:8] == [0, 1, 2, 3] * 2
+    assert targets["presence"][0].nonzero().flatten().tolist() == [3, 5]
+    # the 2 x 2 patches of a cell share its targets
+    assert torch.equal(targets["count"][0].reshape(8, 8)[:2, :2], torch.full((2, 2), 3))
+
+
+def test_tokenizer_names_the_counted_digit_with_the_digit_token():
+    tokenizer = build_processor().tokenizer
+    assert tokenizer.tokenize("how many 7s are there ?")[2:4] == ["7", "s"]
+    assert tokenizer.tokenize("what digit is in row two column three ?")[5:8] == ["two", "column", "three"]
+    assert tokenizer.unk_token_id not in tokenizer("which digit is left of the 10 ?")["input_ids"]
+
+
 def test_training_smoke_run_saves_a_loadable_checkpoint(tmp_path):
     with torch.enable_grad():  # the suite runs without autograd (conftest); training needs it
         _, _, scores = train(2, tmp_path / "ckpt", batch_size=2, turns=2, eval_docs=8, log_every=0,
-                             symbolic_steps=1)  # fmt: skip
+                             symbolic_steps=1, tower_steps=2)  # fmt: skip
     assert set(scores) >= {"cell", "count", "exists", "left", "mean over types"}
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
     processor = AutoProcessor.from_pretrained(tmp_path / "ckpt")

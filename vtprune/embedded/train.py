@@ -4,13 +4,18 @@ questions about grids of real handwritten digits (:mod:`vtprune.data.digit_grids
     python -m vtprune.embedded.train [--steps 2000] [--out vtprune/embedded/digits-llava] [--seed 0]
 
 Each image comes with a dialogue of 12 questions (the first exactly as evaluation asks it), so one image pass
-supervises many answers. Auxiliary losses (their heads are dropped after training): every patch token of the tower
-layer LLaVA feeds to the projector predicts the digit of its cell (or "empty"); the [CLS] token of that layer
-predicts which digits appear anywhere in the image, which gives [CLS] the job it has in CLIP (its attention has to
-find the digits, so [CLS]-attention pruners have a real signal); each projected token, read through the tied LM
-head, says its cell's digit word, and a linear head reads its grid row and column off it. For the first
-``symbolic_steps`` the LLM reads the grid as words (each image token replaced by its cell's digit word plus the row
-and column directions of that head) while the tower trains on its own; then the LLM reads the tower.
+supervises many answers. The recipe splits the work so that every step is one the models learn quickly:
+
+1. The tower alone (``tower_steps``, a tenth of an LLM step each) learns, on the layer LLaVA feeds to the
+   projector, per patch: its cell's digit, how often that digit occurs in the image and the digit to its left;
+   and on [CLS] which digits appear anywhere (CLIP's [CLS] job, so [CLS]-attention pruners have a real signal).
+   Counting and looking left are thus done in the tower, where they take a couple of thousand cheap steps.
+2. For the first ``symbolic_steps`` the LLM reads the grid as words: each image token is replaced by its cell's
+   digit word plus directions for its row, column, count and left neighbour. Every question is then one lookup
+   (by digit or by place) followed by reading a feature off the token found. Meanwhile the projector learns to
+   land on exactly those embeddings (read-out heads whose weights are the directions, and a regression).
+3. Then the LLM reads the projected tokens, all trained end to end with the auxiliary losses kept on.
+
 The run is seeded (data, initialisation, order; results also depend on the thread count, recorded); it writes
 safetensors weights, config, tokenizer, processor and ``training.json`` (recipe, time, held-out accuracy), so
 ``from_pretrained(path)`` + ``AutoProcessor.from_pretrained(path)`` work offline like any checkpoint.
@@ -29,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vtprune.data.digit_grids import QUESTION_TYPES, GridSpec, ask, generate, labels_of, render
+from vtprune.data.digit_grids import PLACE_WORDS, QUESTION_TYPES, GridSpec, ask, generate, labels_of, render
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "digits-llava"
@@ -52,10 +57,11 @@ CHAT_TEMPLATE = (
 def vocabulary() -> list[str]:
     """Every word the task's prompts and answers use (split as the tokenizer's pre-tokenizer splits them)."""
     words = ["USER", ":", "ASSISTANT", "?", ".", "yes", "no", "none"]
-    words += "what digit is in row column how many are there a which left of the".split()
+    words += "what digit is in row column how many are there a which left of the".split() + list(PLACE_WORDS)
     words += "Answer question using single word or phrase".split()
     words += ["read", "grid"]  # the reading task used in training
-    words += [str(d) for d in range(17)] + [f"{d}s" for d in range(10)]
+    # "7s" is read as "7" "s", so the count question names its digit with the same token as the image's digit word
+    words += [str(d) for d in range(17)] + ["s"]
     return SPECIALS + list(dict.fromkeys(words))
 
 
@@ -66,7 +72,9 @@ def build_processor() -> Any:
 
     words = vocabulary()
     word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=False)]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=word_level, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
@@ -79,16 +87,18 @@ def build_processor() -> Any:
     )  # fmt: skip
 
 
-def build_model(vocab_size: int, seed: int = 0, text_layers: int = 3) -> nn.Module:
+def build_model(
+    vocab_size: int, seed: int = 0, text_layers: int = 3, vision_layers: int = 5, text_heads: int = 4
+) -> nn.Module:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        hidden_size=128, intermediate_size=512, num_hidden_layers=vision_layers, num_attention_heads=4,
         image_size=IMAGE_SIZE, patch_size=PATCH,
     )  # fmt: skip
     text = LlamaConfig(
-        hidden_size=192, intermediate_size=512, num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=4,
+        hidden_size=192, intermediate_size=512, num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_heads,
         vocab_size=vocab_size, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=True, initializer_range=INIT_STD,
     )  # fmt: skip
@@ -102,15 +112,34 @@ def build_model(vocab_size: int, seed: int = 0, text_layers: int = 3) -> nn.Modu
     return model
 
 
-class AuxiliaryHeads(nn.Module):
-    """Training-only heads: on the tower layer LLaVA reads, per-patch cell digit (11 classes) and [CLS] digit
-    presence (10); on the projected tokens the LLM reads, each patch's grid row and column (4 + 4)."""
+FEATURES = {"row": GRID.rows, "col": GRID.cols, "count": 11, "left": 11}  # one class per image token each
+DIGITS = 10
+# Extra dialogue turns lean a little on the lookup by place, the slowest to learn; counting and existence need
+# their share too (at a tenth of the turns they were not learnt in 900 steps).
+TYPE_WEIGHTS = {"cell": 1.5, "count": 1.25, "exists": 1.25, "left": 1.0}
 
-    def __init__(self, width: int, text_width: int, spec: GridSpec = GridSpec()) -> None:
+
+class AuxiliaryHeads(nn.Module):
+    """Training-only heads. On the tower layer LLaVA reads: per patch, its cell's digit (11 classes, 10 = empty),
+    how often that digit occurs in the image (``count``, 0 for empty) and the digit of the cell to its left
+    (``left``, 10 = none); on [CLS] and every patch, which digits appear anywhere (``presence``, multi-label). On
+    the projected tokens the LLM reads: the same features plus the patch's grid row and column, one linear read-out
+    each, whose weight rows are also the directions the symbolic warm-up adds to digit words."""
+
+    def __init__(self, width: int, text_width: int) -> None:
         super().__init__()
         self.cell = nn.Linear(width, 11)
-        self.presence = nn.Linear(width, 10)
-        self.place = nn.Linear(text_width, spec.rows + spec.cols)
+        self.presence = nn.Linear(width, DIGITS)
+        self.tower = nn.ModuleDict({name: nn.Linear(width, 11) for name in ("count", "left")})
+        heads = {name: nn.Linear(text_width, n, bias=False) for name, n in FEATURES.items()}
+        self.said = nn.ModuleDict({**heads, "presence": nn.Linear(text_width, DIGITS, bias=False)})
+        for head in self.said.values():  # as long as a word embedding, so the symbolic tokens hear every feature
+            nn.init.normal_(head.weight, std=INIT_STD)
+
+    def directions(self, targets: dict[str, Tensor]) -> Tensor:
+        """Per patch, the sum of its features' directions (``[batch, patches, text_width]``)."""
+        per_patch = sum(self.said[name].weight[targets[name]] for name in FEATURES)
+        return per_patch + (targets["presence"] @ self.said["presence"].weight)[:, None]
 
 
 def prompt_text(processor: Any, question: str) -> str:
@@ -136,19 +165,23 @@ def batch_for(processor: Any, docs: list[dict[str, Any]], with_answers: bool = T
 
 
 def dialogue_batch(
-    processor: Any, docs: list[dict[str, Any]], turns: int, rng: random.Random, read_share: float
+    processor: Any, docs: list[dict[str, Any]], turns: int, rng: random.Random, read_share: float,
+    type_weights: dict[str, float] | None = None,
 ) -> dict[str, Tensor]:
     """Several question turns per image (the document's own first, as evaluation asks it; then others about the
-    same grid, or the reading task), so one image pass supervises many answers. Built token by token so the
+    same grid, drawn by ``type_weights`` (default: uniform), or the reading task), so one image pass supervises
+    many answers. Built token by token so the
     labels cover exactly the answers and their end-of-turn tokens."""
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids("<image>")
+    kinds = list(QUESTION_TYPES)
+    weights = [(type_weights or {}).get(kind, 1.0) for kind in kinds]
     seqs, labels = [], []
     for doc in docs:
         pairs = [(doc["question"], doc["answer"])]
         reading = turns > 1 and rng.random() < read_share
         while len(pairs) < turns - reading:
-            asked = ask(rng.choice(QUESTION_TYPES), rng, doc["cells"])
+            asked = ask(rng.choices(kinds, weights)[0], rng, doc["cells"])
             if asked is not None:
                 pairs.append(asked)
         if reading:  # last: its answer spells out the grid, which later questions could otherwise copy from
@@ -192,23 +225,27 @@ def patch_cells(spec: GridSpec = GridSpec()) -> Tensor:
     return (index[:, None] * spec.cols + index[None, :]).reshape(-1)
 
 
-def cell_targets(docs: list[dict[str, Any]], spec: GridSpec = GridSpec()) -> tuple[Tensor, Tensor]:
-    """Per patch (raster order) the digit of its cell or 10 for empty, and per image the multi-hot digit presence."""
+def patch_targets(docs: list[dict[str, Any]], spec: GridSpec = GridSpec()) -> dict[str, Tensor]:
+    """Per patch (raster order, ``[batch, patches]``): ``cell`` its cell's digit or 10 for empty, ``count`` how
+    often that digit occurs in the image (0 for empty), ``left`` the digit left of its cell (10: none or edge),
+    ``row`` and ``col`` its grid place; per image (``[batch, 10]``): ``presence``, the multi-hot digits present."""
     cell_of_patch = patch_cells(spec)
-    cells, presence = [], []
+    per_cell: dict[str, list[Tensor]] = {"cell": [], "count": [], "left": []}
+    presence = []
     for doc in docs:
         labels = labels_of(doc["cells"])
-        cells.append(torch.tensor([d if d >= 0 else 10 for d in labels])[cell_of_patch])
+        per_cell["cell"].append(torch.tensor([d if d >= 0 else 10 for d in labels]))
+        per_cell["count"].append(torch.tensor([min(labels.count(d), 10) if d >= 0 else 0 for d in labels]))
+        left = [labels[i - 1] if i % spec.cols and labels[i - 1] >= 0 else 10 for i in range(len(labels))]
+        per_cell["left"].append(torch.tensor(left))
         present = torch.zeros(10)
         present[[d for d in labels if d >= 0]] = 1.0
         presence.append(present)
-    return torch.stack(cells), torch.stack(presence)
-
-
-def place_targets(spec: GridSpec = GridSpec()) -> tuple[Tensor, Tensor]:
-    """Grid row and column of every patch (raster order)."""
-    cell_of_patch = patch_cells(spec)
-    return cell_of_patch // spec.cols, cell_of_patch % spec.cols
+    targets = {name: torch.stack(values)[:, cell_of_patch] for name, values in per_cell.items()}
+    targets["row"] = (cell_of_patch // spec.cols).expand(len(docs), -1)
+    targets["col"] = (cell_of_patch % spec.cols).expand(len(docs), -1)
+    targets["presence"] = torch.stack(presence)
+    return targets
 
 
 def answer_accuracy(model: nn.Module, processor: Any, docs: list[dict[str, Any]], batch: int = 100) -> dict[str, float]:
@@ -237,22 +274,68 @@ def answer_accuracy(model: nn.Module, processor: Any, docs: list[dict[str, Any]]
     return scores
 
 
+def tower_losses(heads: AuxiliaryHeads, features: Tensor, targets: dict[str, Tensor]) -> Tensor:
+    """Auxiliary losses on the tower layer LLaVA reads (``features``: [CLS] then patches): each patch its cell's
+    digit, that digit's count and its left neighbour, every token the digits present (the tower counts, looks left
+    and takes stock, so the LLM only looks up)."""
+    patches = features[:, 1:]
+    loss = nn.functional.cross_entropy(heads.cell(patches).flatten(0, 1), targets["cell"].flatten())
+    for name, head in heads.tower.items():
+        loss = loss + nn.functional.cross_entropy(head(patches).flatten(0, 1), targets[name].flatten())
+    presence = targets["presence"][:, None].expand(-1, features.shape[1], -1)
+    return loss + nn.functional.binary_cross_entropy_with_logits(heads.presence(features), presence)
+
+
+def pretrain_tower(
+    model: nn.Module, heads: AuxiliaryHeads, captured: dict[str, Tensor], steps: int, batch_size: int, seed: int,
+    lr: float, log_every: int,
+) -> None:
+    """The tower alone on :func:`tower_losses` (a tenth of an LLM step each): counting and looking left take it
+    thousands of steps, which the whole model could not afford."""
+    if steps <= 0:
+        return
+    tower = model.model.vision_tower
+    parameters = list(tower.parameters()) + list(heads.cell.parameters()) + list(heads.presence.parameters()) + \
+        list(heads.tower.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, min(200, steps // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    image_processor = build_processor().image_processor
+    began = time.time()
+    for step in range(steps):
+        docs = generate("train", batch_size, seed=-(seed * 1_000_003 + step + 1))
+        pixels = image_processor([render(d) for d in docs], return_tensors="pt")["pixel_values"]
+        tower(pixels)
+        loss = tower_losses(heads, captured["features"], patch_targets(docs))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        if log_every and (step + 1) % (4 * log_every) == 0:
+            print(f"tower step {step + 1}/{steps}  loss {loss.item():.3f}  {time.time() - began:.0f}s", flush=True)
+
+
 def train(
     steps: int, out: Path | None, *, seed: int = 0, batch_size: int = 24, lr: float = 2e-3, log_every: int = 50,
     eval_docs: int = 400, eval_every: int = 4, turns: int = 12, read_share: float = 0.0, threads: int | None = None,
-    text_layers: int = 3, symbolic_steps: int = 1000,
+    text_layers: int = 3, vision_layers: int = 5, symbolic_steps: int = 1000, tower_steps: int = 0,
 ) -> tuple[nn.Module, Any, dict[str, float]]:
-    """Train for ``steps`` steps (the first ``symbolic_steps`` with the grid given to the LLM as words); save to
-    ``out`` (if given); returns (model, processor, held-out accuracy per question type)."""
+    """Train the tower alone on its auxiliary targets for ``tower_steps`` steps, then the whole model for ``steps``
+    steps (the first ``symbolic_steps`` with the grid given to the LLM as words); save to ``out`` (if given);
+    returns (model, processor, held-out accuracy per question type)."""
     recipe = {k: v for k, v in locals().items() if k not in ("out", "threads", "log_every", "eval_every")}
     if threads:
         torch.set_num_threads(threads)
     rng = random.Random(seed)
     processor = build_processor()
-    model = build_model(len(processor.tokenizer), seed, text_layers)
+    model = build_model(len(processor.tokenizer), seed, text_layers, vision_layers)
     heads = AuxiliaryHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
-    rows, cols = place_targets()
-    parameters = list(model.parameters()) + list(heads.parameters())
+    # clipped apart: the projector's early regression error would otherwise scale the LLM's steps down to nothing
+    language = list(model.model.language_model.parameters()) + list(heads.said.parameters())
+    taken = {id(p) for p in language}
+    vision = [p for p in list(model.parameters()) + list(heads.parameters()) if id(p) not in taken]
+    parameters = language + vision
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, min(300, steps // 10))
 
@@ -275,45 +358,49 @@ def train(
     hook = layer.register_forward_hook(lambda _m, _i, out: captured.__setitem__("features", out[0] if isinstance(out, tuple) else out))
     model.train()
     began, chunk = time.time(), 0
+    pretrain_tower(model, heads, captured, tower_steps, batch_size, seed, lr, log_every)
     for step in range(steps):
         docs = generate("train", batch_size, seed=seed * 1_000_003 + step)
-        inputs = dialogue_batch(processor, docs, turns, rng, read_share)
-        cells, presence = cell_targets(docs)
+        inputs = dialogue_batch(processor, docs, turns, rng, read_share, TYPE_WEIGHTS)
+        targets = patch_targets(docs)
         if step < symbolic_steps:
-            # warm-up: the LLM reads the grid as words (each image token -> its cell's digit word) while the tower
-            # learns the cells on its own; afterwards the word alignment lets the LLM read the tower's tokens
+            # warm-up: the LLM reads the grid as words (each image token -> its cell's digit word plus the
+            # directions of its features) while the tower and projector learn to produce exactly those embeddings;
+            # afterwards the LLM reads the projected tokens in the same terms
             symbolic = inputs["input_ids"].clone()
             is_image = symbolic == image_id
-            symbolic[is_image] = digit_words[cells].flatten()
+            symbolic[is_image] = digit_words[targets["cell"]].flatten()
             embeds = model.get_input_embeddings()(symbolic)
-            # each word also says where it is, along the directions the place head reads off image tokens later
-            where = heads.place.weight[rows] + heads.place.weight[GRID.rows + cols]  # [64, width]
-            embeds = embeds.masked_scatter(is_image[..., None], embeds[is_image] + where.repeat(len(docs), 1))
+            embeds = embeds.masked_scatter(is_image[..., None], embeds[is_image] + heads.directions(targets).flatten(0, 1))
             output = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], labels=inputs["labels"])
             model.model.get_image_features(pixel_values=inputs["pixel_values"])
         else:
             output = model(**inputs)
-        features = captured["features"]
-        cell_loss = nn.functional.cross_entropy(heads.cell(features[:, 1:]).flatten(0, 1), cells.flatten())
-        presence_loss = nn.functional.binary_cross_entropy_with_logits(heads.presence(features[:, 0]), presence)
-        # projected patches read through the (tied) LM head as their cell's digit word: aligns image and text
-        said = model.lm_head(captured["projected"]).flatten(0, 1)
-        word_loss = nn.functional.cross_entropy(said, digit_words[cells.flatten()])
-        # ... and say where they are: "row 2 column 3" questions match these directions, not RoPE offsets
-        place = heads.place(captured["projected"])
-        place_loss = nn.functional.cross_entropy(place[..., : GRID.rows].flatten(0, 1), rows.repeat(len(docs))) + \
-            nn.functional.cross_entropy(place[..., GRID.rows :].flatten(0, 1), cols.repeat(len(docs)))
-        loss = output.loss + 0.5 * (cell_loss + presence_loss + word_loss + place_loss)
+        projected = captured["projected"]
+        tower_loss = tower_losses(heads, captured["features"], targets)
+        # projected patches read through the (tied) LM head as their cell's digit word, and along each feature's
+        # read-out as that feature: the terms the LLM learnt them in
+        said_loss = nn.functional.cross_entropy(model.lm_head(projected).flatten(0, 1), digit_words[targets["cell"]].flatten())
+        for name in FEATURES:
+            said = heads.said[name](projected).flatten(0, 1)
+            said_loss = said_loss + nn.functional.cross_entropy(said, targets[name].flatten())
+        presence = targets["presence"][:, None].expand(-1, projected.shape[1], -1)
+        said_loss = said_loss + nn.functional.binary_cross_entropy_with_logits(heads.said["presence"](projected), presence)
+        # ... and land on the symbolic embedding itself (a fixed target here: only the projector side moves)
+        with torch.no_grad():
+            symbolic_image = model.get_input_embeddings()(digit_words[targets["cell"]]) + heads.directions(targets)
+        align_loss = (projected - symbolic_image).pow(2).mean() / symbolic_image.pow(2).mean()
+        loss = output.loss + 0.5 * (tower_loss + said_loss) + align_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        torch.nn.utils.clip_grad_norm_(language, 1.0)
+        torch.nn.utils.clip_grad_norm_(vision, 1.0)
         optimizer.step()
         scheduler.step()
         if log_every and (step + 1) % log_every == 0:
             chunk += 1
-            print(f"step {step + 1}/{steps}  answer {output.loss.item():.3f}  cell {cell_loss.item():.3f}  "
-                  f"presence {presence_loss.item():.3f}  word {word_loss.item():.3f}  place {place_loss.item():.3f}  "
-                  f"{time.time() - began:.0f}s",
+            print(f"step {step + 1}/{steps}  answer {output.loss.item():.3f}  tower {tower_loss.item():.3f}  "
+                  f"said {said_loss.item():.3f}  align {align_loss.item():.3f}  {time.time() - began:.0f}s",
                   flush=True)  # fmt: skip
             if chunk % eval_every == 0:
                 print("  held-out", json.dumps(answer_accuracy(model, processor, held_out[:200])), flush=True)
@@ -335,18 +422,21 @@ def train(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--symbolic-steps", type=int, default=1000)
+    parser.add_argument("--tower-steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1900)
+    parser.add_argument("--symbolic-steps", type=int, default=1250)
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--turns", type=int, default=12)
     parser.add_argument("--text-layers", type=int, default=3)
+    parser.add_argument("--vision-layers", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     _, _, accuracy = train(args.steps, args.out, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                           turns=args.turns, text_layers=args.text_layers, symbolic_steps=args.symbolic_steps,
+                           turns=args.turns, text_layers=args.text_layers, vision_layers=args.vision_layers,
+                           symbolic_steps=args.symbolic_steps, tower_steps=args.tower_steps,
                            threads=args.threads)  # fmt: skip
     print("held-out accuracy", json.dumps(accuracy))
 
