@@ -63,7 +63,8 @@ def demo(
 
     names = _split(methods)
     if names is None:
-        names, skipped = applicable_methods()
+        budgets = [int(k) for k in _split(keep) or [] if k.isdigit()]  # malformed ones are the sweep's to reject
+        names, skipped = applicable_methods(min(budgets, default=4))
         for name, reason in skipped.items():
             Console().print(f"[dim]{name}: skipped ({reason})[/dim]")
     sweep(model="embedded", methods=",".join(names), keep=keep, tasks="vtprune_digits", limit=limit, out=out,

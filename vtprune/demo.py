@@ -7,11 +7,12 @@ import vtprune
 from vtprune.eval.inputs import load_model
 
 
-def applicable_methods(keep: int = 8) -> tuple[list[str], dict[str, str]]:
-    """(registered methods the embedded model takes, {method: why not} for the others)."""
+def applicable_methods(keep: int = 4) -> tuple[list[str], dict[str, str]]:
+    """(registered methods the embedded model takes at ``keep`` tokens per image, LLM-side and tower-side,
+    {method: why not} for the others)."""
     model, _ = load_model("embedded")
     usable, skipped = [], {}
-    for name in vtprune.list_methods():
+    for name in [*vtprune.list_methods(), *vtprune.list_vit_methods()]:
         try:
             vtprune.wrap(model, name, keep=keep).unwrap()
             usable.append(name)
