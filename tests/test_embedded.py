@@ -11,7 +11,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import vtprune
-from vtprune.data.digit_grids import _digits, generate, normalise_answer, render
+from vtprune.data.digit_grids import QUESTION_TYPES, _digits, generate, normalise_answer, render
 from vtprune.embedded import model_dir
 from vtprune.embedded.train import (
     IMAGE_TOKENS,
@@ -20,6 +20,7 @@ from vtprune.embedded.train import (
     build_model,
     build_processor,
     dialogue_batch,
+    drop_image_tokens,
     patch_targets,
     prompt_text,
     train,
@@ -45,15 +46,15 @@ def test_shipped_checkpoint_is_a_llava_with_cls_and_64_visual_tokens(shipped):
     assert model.config.vision_feature_select_strategy == "default"  # [CLS] exists in the tower and is dropped
     assert processor.num_additional_image_tokens == 1
     record = json.loads((model_dir() / "training.json").read_text())
-    assert record["steps"] > record["symbolic_steps"] > 0 and record["held_out_accuracy"]["mean over types"] > 0.45
+    assert record["steps"] > record["symbolic_steps"] > 0 and record["held_out_accuracy"]["mean over types"] >= 0.85
 
 
 def test_shipped_model_answers_held_out_questions(shipped, held_out):
     model, processor = shipped
     scores = answer_accuracy(model, processor, held_out)
-    # chance is ~0.28 (cell 1/10, left 1/10, exists 1/2, count's most common answer ~0.4); the shipped model is
-    # below the 0.85 goal of its issue, and this guards what it does reach
-    assert scores["mean over types"] >= 0.45 and scores["cell"] >= 0.4 and scores["left"] >= 0.4, scores
+    # chance is ~0.28 (cell 1/10, left 1/10, exists 1/2, count's most common answer ~0.4); the issue's bar is 0.85
+    # on the 400 documents training.json reports, and these 200 must stay near it
+    assert scores["mean over types"] >= 0.82 and min(scores[kind] for kind in QUESTION_TYPES) >= 0.5, scores
     # generate() through the processor's chat template says the same words
     docs = held_out[:8]
     processor.tokenizer.padding_side = "left"
@@ -72,7 +73,7 @@ def test_pruning_the_shipped_model_costs_accuracy(shipped, held_out):
     dense = answer_accuracy(model, processor, held_out)["mean over types"]
     with vtprune.wrap(model, "random", keep=8, seed=0):
         pruned = answer_accuracy(model, processor, held_out)["mean over types"]
-    assert dense - pruned >= 0.08, (dense, pruned)
+    assert dense - pruned >= 0.15, (dense, pruned)  # the issue's bar for random at 1/8 of the visual tokens
 
 
 def test_dialogue_batch_first_turn_is_the_evaluation_prompt():
@@ -109,6 +110,31 @@ def test_tokenizer_names_the_counted_digit_with_the_digit_token():
     assert tokenizer.tokenize("how many 7s are there ?")[2:4] == ["7", "s"]
     assert tokenizer.tokenize("what digit is in row two column three ?")[5:8] == ["two", "column", "three"]
     assert tokenizer.unk_token_id not in tokenizer("which digit is left of the 10 ?")["input_ids"]
+
+
+def test_dropping_image_tokens_keeps_text_labels_and_positions():
+    processor = build_processor()
+    model = build_model(len(processor.tokenizer)).eval()
+    docs = generate("train", 3, seed=5)
+    inputs = dialogue_batch(processor, docs, turns=2, rng=random.Random(0), read_share=0.0)
+    is_image = inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")
+    features = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    features = torch.cat(list(getattr(features, "pooler_output", features)))
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).masked_scatter(is_image[..., None], features)
+    # nothing dropped: exactly LLaVA's own forward
+    untouched = drop_image_tokens(embeds, inputs, is_image, random.Random(0), share=0.0)
+    torch.testing.assert_close(model(**untouched).logits, model(**inputs).logits, atol=1e-5, rtol=1e-4)
+    dropped = drop_image_tokens(embeds, inputs, is_image, random.Random(0), share=1.0)
+    for row in range(len(docs)):
+        real = dropped["attention_mask"][row].bool()
+        text = int((inputs["attention_mask"][row].bool() & ~is_image[row]).sum())
+        assert 4 <= int(real.sum()) - text <= IMAGE_TOKENS - 1  # some, never all, image tokens stay
+        positions = dropped["position_ids"][row, real]
+        assert bool((positions[1:] > positions[:-1]).all())  # original numbering, gaps where tokens left
+        original = inputs["labels"][row][inputs["labels"][row] != -100]
+        assert torch.equal(dropped["labels"][row][dropped["labels"][row] != -100], original)
+        last = int(inputs["attention_mask"][row].sum()) - 1
+        assert int(positions[-1]) == last  # the text after the image keeps its positions
 
 
 def test_training_smoke_run_saves_a_loadable_checkpoint(tmp_path):
