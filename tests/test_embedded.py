@@ -11,7 +11,13 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import vtprune
-from vtprune.data.digit_grids import QUESTION_TYPES, _digits, generate, normalise_answer, render
+from vtprune.data.digit_grids import (
+    QUESTION_TYPES,
+    _digits,
+    generate,
+    normalise_answer,
+    render,
+)
 from vtprune.embedded import model_dir
 from vtprune.embedded.train import (
     IMAGE_TOKENS,

@@ -34,7 +34,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vtprune.data.digit_grids import PLACE_WORDS, QUESTION_TYPES, GridSpec, ask, generate, labels_of, render
+from vtprune.data.digit_grids import (
+    PLACE_WORDS,
+    QUESTION_TYPES,
+    GridSpec,
+    ask,
+    generate,
+    labels_of,
+    render,
+)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "digits-llava"
@@ -90,7 +98,12 @@ def build_processor() -> Any:
 def build_model(
     vocab_size: int, seed: int = 0, text_layers: int = 3, vision_layers: int = 5, text_heads: int = 4
 ) -> nn.Module:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
