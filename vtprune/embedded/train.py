@@ -304,10 +304,10 @@ def drop_image_tokens(
 ) -> dict[str, Tensor]:
     """Model inputs where, in a ``share`` of the sequences, a random 4..63 of the image tokens stay and the others
     are removed (with their mask and labels). Positions keep the full prompt's numbering, as vtprune's pruning
-    does. Off in the shipped recipe: the shipped LLM tells "yes" from "no" partly by how much attention the image
-    as a whole draws, which pruning upsets (see the README). A run with ``share=0.5`` learnt the ``cell`` lookup
-    worse in the same steps (held-out 0.76 at step 1,400, cell 0.26; stopped there, its pruned curve unmeasured),
-    so it stays an option."""
+    does for methods with ``positions="keep"``. Off in the shipped recipe: a run with ``share=0.5`` learnt the
+    ``cell`` lookup worse in the same steps (held-out 0.76 at step 1,400, cell 0.26), and fine-tuning the shipped
+    model with it does not fix its ``exists`` answers under pruning, whose cause is the renumbered positions most
+    methods use (see the README)."""
     batch, length = is_image.shape
     kept = []
     for row in range(batch):
