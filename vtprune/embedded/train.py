@@ -8,10 +8,12 @@ supervises many answers. The recipe splits the work so that every step is one th
 
 1. The tower alone (``tower_steps``, a tenth of an LLM step each) learns, on the layer LLaVA feeds to the
    projector, per patch: its cell's digit, how often that digit occurs in the image and the digit to its left;
-   and on [CLS] which digits appear anywhere (CLIP's [CLS] job, so [CLS]-attention pruners have a real signal).
+   and on [CLS] and every patch which digits appear anywhere (CLIP's [CLS] job, so [CLS]-attention pruners have
+   a real signal).
    Counting and looking left are thus done in the tower, where they take a couple of thousand cheap steps.
 2. For the first ``symbolic_steps`` the LLM reads the grid as words: each image token is replaced by its cell's
-   digit word plus directions for its row, column, count and left neighbour. Every question is then one lookup
+   digit word plus directions for its row, column, count, left neighbour and the digits present. Every question
+   is then one lookup
    (by digit or by place) followed by reading a feature off the token found. Meanwhile the projector learns to
    land on exactly those embeddings (read-out heads whose weights are the directions, and a regression).
 3. Then the LLM reads the projected tokens, all trained end to end with the auxiliary losses kept on.
@@ -95,9 +97,7 @@ def build_processor() -> Any:
     )  # fmt: skip
 
 
-def build_model(
-    vocab_size: int, seed: int = 0, text_layers: int = 3, vision_layers: int = 5, text_heads: int = 4
-) -> nn.Module:
+def build_model(vocab_size: int, seed: int = 0, text_layers: int = 3, vision_layers: int = 5) -> nn.Module:
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -111,7 +111,7 @@ def build_model(
         image_size=IMAGE_SIZE, patch_size=PATCH,
     )  # fmt: skip
     text = LlamaConfig(
-        hidden_size=192, intermediate_size=512, num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_heads,
+        hidden_size=192, intermediate_size=512, num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=4,
         vocab_size=vocab_size, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=True, initializer_range=INIT_STD,
     )  # fmt: skip
@@ -183,8 +183,7 @@ def dialogue_batch(
 ) -> dict[str, Tensor]:
     """Several question turns per image (the document's own first, as evaluation asks it; then others about the
     same grid, drawn by ``type_weights`` (default: uniform), or the reading task), so one image pass supervises
-    many answers. Built token by token so the
-    labels cover exactly the answers and their end-of-turn tokens."""
+    many answers. Built token by token so the labels cover exactly the answers and their end-of-turn tokens."""
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     kinds = list(QUESTION_TYPES)
@@ -287,6 +286,11 @@ def answer_accuracy(model: nn.Module, processor: Any, docs: list[dict[str, Any]]
     return scores
 
 
+def presence_loss(logits: Tensor, targets: dict[str, Tensor]) -> Tensor:
+    """Every token (``logits``: [batch, tokens, 10]) predicts the image's multi-hot digit presence."""
+    return nn.functional.binary_cross_entropy_with_logits(logits, targets["presence"][:, None].expand_as(logits))
+
+
 def tower_losses(heads: AuxiliaryHeads, features: Tensor, targets: dict[str, Tensor]) -> Tensor:
     """Auxiliary losses on the tower layer LLaVA reads (``features``: [CLS] then patches): each patch its cell's
     digit, that digit's count and its left neighbour, every token the digits present (the tower counts, looks left
@@ -295,8 +299,7 @@ def tower_losses(heads: AuxiliaryHeads, features: Tensor, targets: dict[str, Ten
     loss = nn.functional.cross_entropy(heads.cell(patches).flatten(0, 1), targets["cell"].flatten())
     for name, head in heads.tower.items():
         loss = loss + nn.functional.cross_entropy(head(patches).flatten(0, 1), targets[name].flatten())
-    presence = targets["presence"][:, None].expand(-1, features.shape[1], -1)
-    return loss + nn.functional.binary_cross_entropy_with_logits(heads.presence(features), presence)
+    return loss + presence_loss(heads.presence(features), targets)
 
 
 def drop_image_tokens(
@@ -330,8 +333,8 @@ def drop_image_tokens(
 
 
 def pretrain_tower(
-    model: nn.Module, heads: AuxiliaryHeads, captured: dict[str, Tensor], steps: int, batch_size: int, seed: int,
-    lr: float, log_every: int,
+    model: nn.Module, heads: AuxiliaryHeads, captured: dict[str, Tensor], image_processor: Any, steps: int,
+    batch_size: int, seed: int, lr: float, log_every: int,
 ) -> None:
     """The tower alone on :func:`tower_losses` (a tenth of an LLM step each): counting and looking left take it
     thousands of steps, which the whole model could not afford."""
@@ -343,7 +346,6 @@ def pretrain_tower(
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, min(200, steps // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    image_processor = build_processor().image_processor
     began = time.time()
     for step in range(steps):
         docs = generate("train", batch_size, seed=-(seed * 1_000_003 + step + 1))
@@ -401,25 +403,20 @@ def train(
     hook = layer.register_forward_hook(lambda _m, _i, out: captured.__setitem__("features", out[0] if isinstance(out, tuple) else out))
     model.train()
     began, chunk = time.time(), 0
-    pretrain_tower(model, heads, captured, tower_steps, batch_size, seed, lr, log_every)
+    pretrain_tower(model, heads, captured, processor.image_processor, tower_steps, batch_size, seed, lr, log_every)
     for step in range(steps):
         docs = generate("train", batch_size, seed=seed * 1_000_003 + step)
         inputs = dialogue_batch(processor, docs, turns, rng, read_share, TYPE_WEIGHTS)
         targets = patch_targets(docs)
         model.model.get_image_features(pixel_values=inputs["pixel_values"])  # the tower and projector, hooked
         is_image = inputs["input_ids"] == image_id
-        if step < symbolic_steps:
-            # warm-up: the LLM reads the grid as words (each image token -> its cell's digit word plus the
-            # directions of its features) while the tower and projector learn to produce exactly those embeddings;
-            # afterwards the LLM reads the projected tokens in the same terms
-            symbolic = inputs["input_ids"].clone()
-            symbolic[is_image] = digit_words[targets["cell"]].flatten()
-            embeds = model.get_input_embeddings()(symbolic)
-            image_rows = embeds[is_image] + heads.directions(targets).flatten(0, 1)
-        else:
-            embeds = model.get_input_embeddings()(inputs["input_ids"])
-            image_rows = captured["projected"].flatten(0, 1).to(embeds.dtype)
-        embeds = embeds.masked_scatter(is_image[..., None], image_rows)
+        # each image token as words: its cell's digit word plus the directions of its features
+        symbolic_image = model.get_input_embeddings()(digit_words[targets["cell"]]) + heads.directions(targets)
+        # warm-up: the LLM reads the grid as those words while the tower and projector learn to produce exactly
+        # them; afterwards the LLM reads the projected tokens in the same terms
+        image_rows = symbolic_image if step < symbolic_steps else captured["projected"]
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        embeds = embeds.masked_scatter(is_image[..., None], image_rows.flatten(0, 1).to(embeds.dtype))
         output = model(**drop_image_tokens(embeds, inputs, is_image, rng, drop_share))
         projected = captured["projected"]
         tower_loss = tower_losses(heads, captured["features"], targets)
@@ -429,12 +426,10 @@ def train(
         for name in FEATURES:
             said = heads.said[name](projected).flatten(0, 1)
             said_loss = said_loss + nn.functional.cross_entropy(said, targets[name].flatten())
-        presence = targets["presence"][:, None].expand(-1, projected.shape[1], -1)
-        said_loss = said_loss + nn.functional.binary_cross_entropy_with_logits(heads.said["presence"](projected), presence)
+        said_loss = said_loss + presence_loss(heads.said["presence"](projected), targets)
         # ... and land on the symbolic embedding itself (a fixed target here: only the projector side moves)
-        with torch.no_grad():
-            symbolic_image = model.get_input_embeddings()(digit_words[targets["cell"]]) + heads.directions(targets)
-        align_loss = (projected - symbolic_image).pow(2).mean() / symbolic_image.pow(2).mean()
+        target = symbolic_image.detach()
+        align_loss = (projected - target).pow(2).mean() / target.pow(2).mean()
         loss = output.loss + 0.5 * (tower_loss + said_loss) + align_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
