@@ -8,6 +8,7 @@ from torch import nn
 
 import vtprune
 from tests.helpers import make_batch, samples_for, tiny_model
+from vtprune.core.compat import output_cache
 
 
 def _hooks(model: nn.Module) -> int:
@@ -100,7 +101,7 @@ def test_decoding_with_a_mismatched_mask_is_refused(model):
         out = model(**batch, use_cache=True)
         next_token = out.logits[:, -1:].argmax(-1)
         with pytest.raises(ValueError, match=r"attention_mask covers .* tokens but the pruned cache has seen"):
-            model(input_ids=next_token, attention_mask=batch["attention_mask"], past_key_values=out.past_key_values)
+            model(input_ids=next_token, attention_mask=batch["attention_mask"], past_key_values=output_cache(out))
 
 
 def test_static_cache_is_refused(model):
@@ -135,7 +136,7 @@ def test_manual_decode_loop_without_generate(model):
         expected = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0, suppress_tokens=[127])
         positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         out = model(**batch, position_ids=positions, use_cache=True)
-        tokens, mask, cache = [], batch["attention_mask"], out.past_key_values
+        tokens, mask, cache = [], batch["attention_mask"], output_cache(out)
         next_position = positions[:, -1:]
         for _ in range(3):
             logits = out.logits[:, -1].clone()

@@ -12,8 +12,15 @@ from torch.utils.flop_counter import FlopCounterMode
 import vtprune
 from tests.helpers import FAMILIES, Image, make_batch, tiny_model
 from vtprune.core.budget import stage_budgets
+from vtprune.core.compat import output_cache
 from vtprune.eval.configs import REFERENCE_CONFIGS, meta_model
-from vtprune.eval.flops import model_shape, paper_layer_flops, prefill_flops, schedule_flops, schedule_tokens
+from vtprune.eval.flops import (
+    model_shape,
+    paper_layer_flops,
+    prefill_flops,
+    schedule_flops,
+    schedule_tokens,
+)
 
 
 def _counted(fn) -> int:
@@ -47,7 +54,7 @@ def test_decode_flops_match_flop_counter_mode(family):
         token = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
         extra = {"mm_token_type_ids": torch.cat([batch["mm_token_type_ids"], torch.zeros_like(token).int()], 1)} if "mm_token_type_ids" in batch else {}
-        measured = _counted(lambda: model(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, **extra))
+        measured = _counted(lambda: model(input_ids=token, attention_mask=mask, past_key_values=output_cache(out), **extra))
     assert report.decode_per_token == measured
 
 

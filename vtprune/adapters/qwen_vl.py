@@ -15,10 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
 from transformers.vision_utils import get_vision_window_index
 
 from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk, _to_unit_range
+from vtprune.core.compat import cache_parameter
 from vtprune.core.layout import GridPart
 
 
@@ -174,14 +174,15 @@ class QwenVLAdapter(Adapter):
         embeds = inputs.get("inputs_embeds")
         if embeds is None:
             embeds = torch.empty(batch, length, 0, device=self._device(inputs))
+        compute = self.vlm.compute_3d_position_ids
         positions = self.call_with_supported(
-            self.vlm.compute_3d_position_ids,
+            compute,
             input_ids=inputs.get("input_ids"),
             inputs_embeds=embeds,
             image_grid_thw=inputs.get("image_grid_thw"),
             video_grid_thw=inputs.get("video_grid_thw"),
             attention_mask=inputs.get("attention_mask"),
-            past_key_values=None,
+            **{cache_parameter(compute): None},  # the full prompt, as if nothing were cached
             second_per_grid_ts=inputs.get("second_per_grid_ts"),
             mm_token_type_ids=inputs.get("mm_token_type_ids"),
         )
@@ -214,7 +215,9 @@ def _unpatchify(rows: Tensor, height: int, width: int, merge: int, patch: int, f
 def _patchify(image: Tensor, merge: int, patch: int, frames: int) -> Tensor:
     """The processor's layout of an image ``[C, H, W]``: ``[H/p * W/p, C * frames * p * p]`` (the Qwen2-VL image
     processor's ``patchify``, which duplicates a still image over the temporal patch)."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import (
+        Qwen2VLImageProcessor,
+    )
 
     patches, _, _ = Qwen2VLImageProcessor.patchify(None, image[None], patch, merge, frames)
     return patches[0]

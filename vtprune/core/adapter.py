@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vtprune.core.compat import cache_parameter, get_cache, set_cache
 from vtprune.core.layout import GridPart
 
 
@@ -57,6 +58,8 @@ class Adapter:
         # can be wrapped too.
         self.vlm: nn.Module = model.model if hasattr(model, "lm_head") else model
         self._forward_signature = inspect.signature(self.vlm.forward)
+        # `past_key_values` up to transformers 5.23, `cache` from 5.24
+        self.cache_parameter = cache_parameter(self._forward_signature)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -203,8 +206,11 @@ class Adapter:
         return fn(**{k: v for k, v in kwargs.items() if k in params})
 
     def bind_forward(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The multimodal base model's forward arguments as one flat dict."""
-        return self.bind_call(self._forward_signature, args, kwargs)
+        """The multimodal base model's forward arguments as one flat dict, the cache under the name this
+        transformers release uses whichever name the caller passed it under."""
+        inputs = self.bind_call(self._forward_signature, args, kwargs)
+        cache = get_cache(inputs)
+        return set_cache(inputs, cache, self.cache_parameter) if cache is not None else inputs
 
     @staticmethod
     def bind_call(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

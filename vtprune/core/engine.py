@@ -29,16 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from vtprune.core.adapter import Adapter, VisualChunk
 from vtprune.core.attention import gather_rows
 from vtprune.core.budget import Keep, stage_budgets
+from vtprune.core.compat import build_mask, get_cache, set_cache
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.layout import Layout, VisualItem, padding_side_of
 from vtprune.core.record import ForwardRecord, StageRecord
 from vtprune.core.registry import Merged, Method, ModelInfo, Stage, top_budget
-from vtprune.core.vit import ViTPruning
 from vtprune.core.signals import (
     ImageSignals,
     align_image_signals,
@@ -47,12 +46,9 @@ from vtprune.core.signals import (
     rotated_queries,
     vit_cls_rows,
 )
+from vtprune.core.vit import ViTPruning
 from vtprune.kernels import gather_tokens
 
-_MASK_BUILDERS = {
-    "full_attention": create_causal_mask,
-    "sliding_attention": create_sliding_window_causal_mask,
-}
 # Per-token inputs of the multimodal forward that must follow the tokens when a pre-LLM stage shortens the prompt.
 _PER_TOKEN_INPUTS = ("mm_token_type_ids", "token_type_ids")
 # Images whose tower signals may wait for their prefill (generate() encodes images before prefilling).
@@ -362,7 +358,7 @@ class PruningEngine:
         self._pass = None
         self._output_index = None
         inputs = self.adapter.bind_forward(args, kwargs)
-        cache = inputs.get("past_key_values")
+        cache = get_cache(inputs)
         if cache is not None and cache.get_seq_length() > 0:
             session = self._session
             if session is not None and session.cache() is cache:
@@ -522,7 +518,7 @@ class PruningEngine:
         for key in self.adapter.raw_visual_inputs:
             inputs[key] = None
         inputs["position_ids"] = current.layout.positions
-        inputs["past_key_values"] = cache
+        set_cache(inputs, cache, self.adapter.cache_parameter)
         self._pass = current
         return (), inputs
 
@@ -587,7 +583,7 @@ class PruningEngine:
         return (ids if input_ids is not None else None), vectors
 
     def _prefill_cache(self, inputs: dict[str, Any]) -> Cache | None:
-        cache = inputs.get("past_key_values")
+        cache = get_cache(inputs)
         use_cache = inputs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.adapter.text_config, "use_cache", True)
@@ -874,7 +870,7 @@ class PruningEngine:
         self._pass = _Pass(
             prefill=False,
             layout=base,
-            cache=inputs.get("past_key_values"),
+            cache=get_cache(inputs),
             session=session,
             new_columns=new_columns,
             positions=positions,
@@ -901,12 +897,7 @@ class PruningEngine:
         config = self.adapter.text_config
         masks = {}
         for layer_type in set(getattr(config, "layer_types", None) or ["full_attention"]):
-            builder = _MASK_BUILDERS.get(layer_type)
-            if builder is None:
-                raise NotImplementedError(f"vtprune cannot rebuild masks for {layer_type!r} decoder layers")
-            masks[layer_type] = builder(
-                config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=cache, layer_idx=layer
-            )
+            masks[layer_type] = build_mask(layer_type, config, hidden, mask, cache, layer)
         _, layer_positions = self.adapter.split_positions(positions)
         return _LayerInputs(masks, self.adapter.rotary(hidden, positions), layer_positions)
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vtprune.core.compat import output_cache
+
 
 @dataclass
 class Timing:
@@ -163,7 +165,7 @@ def measure(
         with module_timer(vision_tower, watch, vision_run), module_timer(language_model, watch, llm_run):
             with watch.time(prefill_run):
                 output = model(**inputs, use_cache=True)
-        cache_bytes = kv_cache_bytes(output.past_key_values)
+        cache_bytes = kv_cache_bytes(output_cache(output))
         first: list[float] = []
         with watch.time(first):
             model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, **options)
