@@ -9,9 +9,16 @@ from torch import nn
 from vtprune.adapters import find_adapter, find_vit_adapter
 from vtprune.core.adapter import Adapter
 from vtprune.core.budget import BUDGET_CONVENTIONS, Keep, validate_keep
+from vtprune.core.compat import check_transformers_version
 from vtprune.core.engine import PruningEngine
 from vtprune.core.handle import WRAPPED_ATTRIBUTE, Pruning
-from vtprune.core.registry import ATTENTION_QUERIES, Method, ModelInfo, Stage, make_method
+from vtprune.core.registry import (
+    ATTENTION_QUERIES,
+    Method,
+    ModelInfo,
+    Stage,
+    make_method,
+)
 from vtprune.core.vit import (
     TowerReduction,
     ViTMethod,
@@ -51,6 +58,7 @@ def wrap(
     ``unwrap()``; it is also a context manager.
     """
     keep = validate_keep(keep)
+    check_transformers_version()  # warns once outside the tested range; never refuses
     vit = find_vit_adapter(model)
     if vit is not None:
         if budget != "final" or tokenizer is not None:
