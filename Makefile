@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The newest releases pyproject.toml allows (what `pip install vtprune` gives a user today), torch still pinned.
+VENV_LATEST := .venv-latest
+PY_LATEST := $(VENV_LATEST)/bin/python
+STAMP_LATEST := $(VENV_LATEST)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test test-latest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,5 +23,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+$(STAMP_LATEST): pyproject.toml
+	$(PYTHON) -m venv $(VENV_LATEST)
+	$(PY_LATEST) -m pip install --quiet --upgrade pip
+	# No constraints file: pip resolves the newest transformers, lmms-eval, timm, ... in pyproject's ranges.
+	$(PY_LATEST) -m pip install --quiet --upgrade torch==2.14.1 torchvision==0.29.1 -e '.[dev]'
+	touch $(STAMP_LATEST)
+
+test-latest: $(STAMP_LATEST)
+	$(PY_LATEST) -c "import transformers; print('transformers', transformers.__version__)"
+	$(PY_LATEST) -m pytest -q
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache
