@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--text-hidden", type=int, default=1024)
     parser.add_argument("--text-layers", type=int, default=8)
-    parser.add_argument("--methods", default=",".join(vtprune.list_methods()))
+    parser.add_argument("--methods", default=",".join(vtprune.list_methods("llm")))
     parser.add_argument("--keep", type=float, default=64)
     args = parser.parse_args()
 

@@ -41,7 +41,7 @@ def main() -> None:
 
     model = llava_shaped_model(text_layers=args.text_layers)
     batch = llava_shaped_batch(model)
-    names = args.methods.split(",") if args.methods else vtprune.list_methods()
+    names = args.methods.split(",") if args.methods else vtprune.list_methods("llm")
     methods = []
     for name in names:
         try:

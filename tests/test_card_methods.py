@@ -17,7 +17,8 @@ from vtprune.core.budget import stage_budgets
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.registry import ModelInfo, Stage
-from vtprune.methods.entropyprune import find_collapse_layer, token_matrix_entropy
+from vtprune.eval.collapse import find_collapse_layer
+from vtprune.methods.entropyprune import token_matrix_entropy
 from vtprune.methods.mmtok import coverage_matrix, greedy_coverage, keywords
 from vtprune.methods.transprune import transition_variation
 

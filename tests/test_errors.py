@@ -36,7 +36,7 @@ def model():
         ({"method": "fastv", "keep": 4, "layer": 4}, ValueError, r"fastv: layer=4 is outside the model: .* 4 decoder"),
         ({"method": "random", "keep": 4, "layer": -1}, ValueError, r"random: layer=-1 .* must lie in \[0, 3\]"),
         ({"method": "uniform", "keep": 4, "layer": 2.0}, TypeError, r"uniform: layer must be an int"),
-        ({"method": "fastv", "keep": 4, "depth": 2}, TypeError, r"fastv: unknown option\(s\) depth; allowed: layer, positions"),
+        ({"method": "fastv", "keep": 4, "depth": 2}, ValueError, r"fastv: unknown option\(s\) depth; allowed: layer, positions"),
         ({"method": "fastv", "keep": 4, "positions": "shift"}, ValueError, r"positions must be one of \('keep', 'renumber'\)"),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import vtprune
@@ -164,8 +165,14 @@ def test_method_configs_round_trip_through_json():
         data = json.loads(config.to_json())
         assert data["method"] == config.name
         assert vtprune.Method.from_dict(data) == config
-    expected = [
+    llm = [
         "divprune", "downsample", "entropyprune", "fastervlm", "fastv", "mmtok", "pdrop", "pool", "random", "sparsevlm", "transprune", "uniform",
         "visionzip", "vtc_cls",
     ]  # fmt: skip
-    assert vtprune.list_methods() == expected
+    assert vtprune.list_methods("llm") == llm
+    assert vtprune.list_methods("vit") == ["evit", "tome"]
+    assert vtprune.list_methods("trained") == ["dtop"]
+    assert vtprune.list_methods() == sorted([*llm, "evit", "tome", "dtop"])  # one registry, every kind
+    assert vtprune.method_kind("tome") == "vit" and vtprune.method_kind("nope") is None
+    with pytest.raises(ValueError, match=r"kind must be one of \['llm', 'trained', 'vit'\], got 'vlm'"):
+        vtprune.list_methods("vlm")

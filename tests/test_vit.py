@@ -196,13 +196,13 @@ def test_schedules():
 
 def test_bad_inputs_name_the_parameter(images):
     model = _timm()
-    with pytest.raises(ValueError, match="unknown ViT method 'fastv'; methods for vision transformers: evit, tome"):
+    with pytest.raises(ValueError, match=r"unknown ViT method 'fastv' \('fastv' prunes a VLM's visual tokens: wrap a VLM with it\); methods for vision transformers: evit, tome"):
         vtprune.wrap(model, "fastv", keep=8)
     with pytest.raises(ValueError, match="keep"):
         vtprune.wrap(model, "tome", keep=0)
     with pytest.raises(ValueError, match=r"evit: blocks must lie in \[0, 3\]"):
         vtprune.wrap(model, "evit", keep=8, blocks=(1, 7))
-    with pytest.raises(ValueError, match="tome: unknown option layer; options: r, start, proportional"):
+    with pytest.raises(ValueError, match=r"tome: unknown option\(s\) layer; allowed: proportional, r, start"):
         vtprune.wrap(model, "tome", keep=8, layer=2)
     handle = vtprune.wrap(model, "tome", keep=8)
     with pytest.raises(ValueError, match="already wrapped"):

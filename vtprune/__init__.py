@@ -9,7 +9,7 @@
 from vtprune.api import adapter_for, report, unwrap, wrap
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.handle import Pruning
-from vtprune.core.vit import ViTMethod, ViTPruning, list_vit_methods, register_vit_method
+from vtprune.core.vit import ViTMethod, ViTPruning
 from vtprune.core.registry import (
     Merged,
     Method,
@@ -18,6 +18,7 @@ from vtprune.core.registry import (
     Stage,
     list_methods,
     method_class,
+    method_kind,
     register_method,
 )
 from vtprune.methods import (
@@ -47,8 +48,7 @@ __all__ = [
     "adapter_for",
     "report",
     "list_methods",
-    "list_vit_methods",
-    "register_vit_method",
+    "method_kind",
     "ViTMethod",
     "ViTPruning",
     "EViT",

@@ -14,19 +14,15 @@ from vtprune.core.engine import PruningEngine
 from vtprune.core.handle import WRAPPED_ATTRIBUTE, Pruning
 from vtprune.core.registry import (
     ATTENTION_QUERIES,
+    WRAPPABLE,
     Method,
     ModelInfo,
     Stage,
     make_method,
+    method_kind,
 )
-from vtprune.core.vit import (
-    TowerReduction,
-    ViTMethod,
-    ViTPruning,
-    check_method_name,
-    list_vit_methods,
-    wrap_vit,
-)
+from vtprune.core.tower import TowerReduction
+from vtprune.core.vit import ViTMethod, ViTPruning, wrap_vit
 
 
 def wrap(
@@ -96,7 +92,7 @@ def wrap(
 
 
 def _is_vit_method(method: str | Method | ViTMethod) -> bool:
-    return isinstance(method, ViTMethod) or (isinstance(method, str) and method in list_vit_methods())
+    return isinstance(method, ViTMethod) or (isinstance(method, str) and method_kind(method) == "vit")
 
 
 def _wrap_tower(adapter: Adapter, method: str | ViTMethod, keep: Keep, options: dict[str, Any]) -> ViTPruning:
@@ -176,7 +172,7 @@ def report(
     from vtprune.eval.report import build_report
 
     for name in methods:
-        check_method_name(name)  # unknown names fail before anything runs
+        make_method(name, kind=WRAPPABLE)  # unknown names fail before anything runs
     for value in keep:
         validate_keep(value)
     return build_report(model, inputs, list(methods), list(keep), **kwargs)

@@ -75,27 +75,24 @@ def demo(
 @app.command("methods")
 def list_methods_command() -> None:
     """List the registered pruning methods."""
+    import dataclasses
+
     import vtprune
+    from vtprune.core.registry import METHOD_KINDS
 
     table = Table(title="vtprune methods")
     for column in ("name", "summary", "paper", "defaults"):
         table.add_column(column)
-    for name in vtprune.list_methods():
-        config = vtprune.method_class(name)()
-        defaults = ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if k != "method")
-        table.add_row(name, config.summary, config.paper, defaults)
-    from vtprune.core.vit import make_vit_method
-
-    for name in vtprune.list_vit_methods():
-        config = make_vit_method(name)
-        defaults = ", ".join(f"{k}={v}" for k, v in config.options().items())
-        table.add_row(name, (type(config).__doc__ or "").split(";")[0] + " [ViT: timm / open_clip / CLIP, and LLaVA-1.5's tower]",
-                      config.paper, defaults)  # fmt: skip
-    from vtprune.methods import dtop
-
-    table.add_row("dtop", "Trained early exit of confident tokens in a ViT segmenter [DToPSegmenter; vtprune dtop]",
-                  dtop.PAPER, f"thresh=1.0 (dense; the authors run {dtop.AUTHORS_THRESH} on ViT-B, 0.95 on ViT-L), "
-                  f"keep_per_class={dtop.AUTHORS_KEEP_PER_CLASS}")  # fmt: skip
+    for kind in METHOD_KINDS:  # LLM-side, then ViT-side, then trained
+        for name in vtprune.list_methods(kind):
+            cls = vtprune.method_class(name, kind)
+            if kind == "trained":
+                table.add_row(name, cls.summary, cls.paper, cls.defaults)
+                continue
+            config = cls()
+            defaults = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
+            where = " [ViT: timm / open_clip / CLIP, and LLaVA-1.5's tower]" if kind == "vit" else ""
+            table.add_row(name, config.summary + where, config.paper, defaults)
     Console().print(table)
 
 

@@ -12,7 +12,7 @@ def applicable_methods(keep: int = 4) -> tuple[list[str], dict[str, str]]:
     {method: why not} for the others)."""
     model, _ = load_model("embedded")
     usable, skipped = [], {}
-    for name in [*vtprune.list_methods(), *vtprune.list_vit_methods()]:
+    for name in vtprune.list_methods(kind=("llm", "vit")):
         try:
             vtprune.wrap(model, name, keep=keep).unwrap()
             usable.append(name)

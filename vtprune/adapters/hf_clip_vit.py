@@ -4,7 +4,7 @@ attention from ``q_proj`` / ``k_proj`` / ``v_proj`` with SDPA (CLIP's scale is t
 
 Inside LLaVA only the blocks up to the layer LLaVA reads (``vision_feature_layer``, usually the penultimate) feed
 the LLM, so ``feature_blocks`` limits the reduction schedule to them; later blocks run on what is left.
-``vtprune.wrap(llava, "tome", keep=64)`` does this (see ``vtprune.core.vit.TowerReduction``).
+``vtprune.wrap(llava, "tome", keep=64)`` does this (see ``vtprune.core.tower.TowerReduction``).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class ModelInfo:
     def require_cls_token(self, method: str) -> None:
         """Raise a clear error on families whose vision tower has no [CLS] token."""
         if not self.has_cls_token:
-            usable = [n for n in list_methods() if not method_class(n).needs_cls_token]
+            usable = [n for n in list_methods("llm") if not method_class(n).needs_cls_token]
             raise ValueError(
                 f"{method} ranks tokens by the vision tower's [CLS] attention, but {self.family_name} towers have no "
                 f"[CLS] token; methods that apply to {self.family_name}: {', '.join(usable)}"
@@ -141,7 +141,7 @@ class Merged:
     combined: Tensor | None = None
 
 
-_REGISTRY: dict[str, type[Method]] = {}
+_REGISTRY: dict[str, type] = {}
 
 
 @dataclass
@@ -153,6 +153,7 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = "llm"
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     # True for methods that rank by the vision tower's [CLS] attention (unusable on Qwen's towers).
@@ -237,71 +238,105 @@ def top_budget(items: list[ItemView], scores: list[Tensor]) -> list[Tensor]:
     return selections
 
 
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator adding a method config to the registry under ``cls.name``."""
-    if not cls.name:
+# What a registered name is: LLM-side methods wrap a VLM, ViT methods reduce a vision transformer's rows (alone or
+# as LLaVA-1.5's tower), trained methods are models of their own that vtprune ships and lists but cannot wrap.
+METHOD_KINDS = {
+    "llm": "methods that prune a VLM's visual tokens",
+    "vit": "methods for vision transformers",
+    "trained": "trained models",
+}
+WRAPPABLE = ("llm", "vit")
+
+
+def register_method(cls: type) -> type:
+    """Class decorator adding a method to the one registry under ``cls.name``, with its ``cls.kind`` (see
+    :data:`METHOD_KINDS`; :class:`Method` subclasses are ``"llm"``). Method modules register themselves when
+    ``vtprune.methods`` is imported; the core never imports them."""
+    if not getattr(cls, "name", ""):
         raise ValueError(f"{cls.__name__} must set a non-empty class variable `name`")
+    kind = getattr(cls, "kind", None)
+    if kind not in METHOD_KINDS:
+        raise ValueError(f"{cls.__name__}: kind must be one of {sorted(METHOD_KINDS)}, got {kind!r}")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"a method named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-# methods that are trained models rather than wraps: named here so that wrapping with them explains where they are
-TRAINED_MODELS = {
-    "dtop": "DToP needs trained stage heads: it is vtprune.methods.dtop.DToPSegmenter, not a wrap",
-}
+def _kinds(kind: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    kinds = tuple(METHOD_KINDS) if kind is None else (kind,) if isinstance(kind, str) else tuple(kind)
+    unknown = [k for k in kinds if k not in METHOD_KINDS]
+    if unknown:
+        raise ValueError(f"kind must be one of {sorted(METHOD_KINDS)}, got {unknown[0]!r}")
+    return kinds
 
 
-def list_methods() -> list[str]:
-    """Names of all registered methods."""
-    _load_builtin_methods()
-    return sorted(_REGISTRY)
+def list_methods(kind: str | tuple[str, ...] | None = None) -> list[str]:
+    """Names of the registered methods, all of them or those of ``kind`` (``"llm"``, ``"vit"``, ``"trained"``)."""
+    kinds = _kinds(kind)
+    return sorted(name for name, cls in _REGISTRY.items() if cls.kind in kinds)
 
 
-def method_class(name: str) -> type[Method]:
-    _load_builtin_methods()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        from vtprune.core.vit import _VIT_REGISTRY
-
-        hint = f" ({name!r} is for vision transformers: pass it to vtprune.wrap)" if name in _VIT_REGISTRY else ""
-        hint = f" ({TRAINED_MODELS[name]})" if name in TRAINED_MODELS else hint
-        raise ValueError(f"unknown method {name!r}{hint}; registered methods: {', '.join(sorted(_REGISTRY))}") from None
+def method_kind(name: str) -> str | None:
+    """The kind of a registered name, None for an unknown one."""
+    cls = _REGISTRY.get(name)
+    return None if cls is None else cls.kind
 
 
-def make_method(method: str | Method, **options: Any) -> Method:
-    """A method config from a registered name or a config object, with ``options`` filling its fields."""
-    if isinstance(method, Method):
-        cls = type(method)
-        base = method
-    elif isinstance(method, str):
-        cls = method_class(method)
-        base = None
+def method_class(name: str, kind: str | tuple[str, ...] = "llm") -> type:
+    """The registered class of ``name`` among the methods of ``kind``; a ValueError that lists them otherwise (and
+    says where a name of another kind belongs)."""
+    kinds = _kinds(kind)
+    cls = _REGISTRY.get(name)
+    if cls is not None and cls.kind in kinds:
+        return cls
+    hint = ""
+    if cls is not None:  # a name of another kind: say where it belongs
+        hint = {
+            "llm": f" ({name!r} prunes a VLM's visual tokens: wrap a VLM with it)",
+            "vit": f" ({name!r} is for vision transformers: pass it to vtprune.wrap)",
+            "trained": f" ({getattr(cls, 'usage', '')})",
+        }[cls.kind]
+    what = "ViT method" if kinds == ("vit",) else "method"
+    noun = METHOD_KINDS["vit"] if kinds == ("vit",) else "registered methods"
+    raise ValueError(f"unknown {what} {name!r}{hint}; {noun}: {', '.join(list_methods(kinds))}")
+
+
+def make_method(method: str | Any, kind: str | tuple[str, ...] = "llm", **options: Any) -> Any:
+    """A method config from a registered name or a config object (of ``kind``), ``options`` filling its fields."""
+    if isinstance(method, str):
+        cls, base = method_class(method, kind), None
+    elif dataclasses.is_dataclass(method) and getattr(method, "kind", None) in _kinds(kind):
+        cls, base = type(method), method
     else:
         raise TypeError(
-            f"method must be a registered name ({', '.join(list_methods())}) or a method config such as "
+            f"method must be a registered name ({', '.join(list_methods(kind))}) or a method config such as "
             f"vtprune.FastV(), got {type(method).__name__}"
         )
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise TypeError(f"{cls.name}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    check_options(cls, options)
     return dataclasses.replace(base, **options) if base is not None else cls(**options)
 
 
-def _load_builtin_methods() -> None:
-    import vtprune.methods  # noqa: F401  (registers the built-in methods)
+def check_options(cls: type, options: dict[str, Any]) -> None:
+    """The one check of a method's options: every name must be a field of its config dataclass."""
+    allowed = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{cls.name}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(allowed) or 'none'}"
+        )
 
 
 __all__ = [
     "Method",
     "ModelInfo",
     "Stage",
+    "METHOD_KINDS",
     "register_method",
     "list_methods",
+    "method_kind",
     "method_class",
     "make_method",
+    "check_options",
     "validate_keep",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import types
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vtprune.core.budget import Keep, tokens_to_keep
-from vtprune.core.context import PruneContext
-from vtprune.core.registry import Method, ModelInfo, Stage, make_method
+from vtprune.core.registry import make_method
 
 WRAPPED_VIT = "_vtprune_vit_handle"
 
@@ -77,6 +76,8 @@ class ViTMethod:
     """Base of a ViT token-reduction method: a config dataclass with ``schedule`` and ``reduce``."""
 
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = "vit"
+    summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
 
     def schedule(self, info: ViTInfo, keep: int) -> dict[int, int]:
@@ -89,49 +90,6 @@ class ViTMethod:
 
     def options(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
-
-
-_VIT_REGISTRY: dict[str, type[ViTMethod]] = {}
-
-
-def register_vit_method(cls: type[ViTMethod]) -> type[ViTMethod]:
-    """Class decorator: make a ViT method available to ``vtprune.wrap`` by its ``name``."""
-    _VIT_REGISTRY[cls.name] = cls
-    return cls
-
-
-def list_vit_methods() -> list[str]:
-    """Names of the registered ViT-side methods."""
-    import vtprune.methods  # noqa: F401  (registers them)
-
-    return sorted(_VIT_REGISTRY)
-
-
-def make_vit_method(method: str | ViTMethod, **options: Any) -> ViTMethod:
-    if isinstance(method, ViTMethod):
-        if options:
-            raise ValueError("pass options either in the method config or as keyword arguments, not both")
-        return method
-    names = list_vit_methods()
-    if method not in _VIT_REGISTRY:
-        from vtprune.core.registry import TRAINED_MODELS
-
-        hint = f" ({TRAINED_MODELS[method]})" if method in TRAINED_MODELS else ""
-        raise ValueError(f"unknown ViT method {method!r}{hint}; methods for vision transformers: {', '.join(names)}")
-    cls = _VIT_REGISTRY[method]
-    allowed = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"{method}: unknown option {', '.join(unknown)}; options: {', '.join(allowed) or 'none'}")
-    return cls(**options)
-
-
-def check_method_name(name: str, **options: Any) -> None:
-    """Raise the clear error for an unknown method or option, LLM-side or ViT-side (tools that take names)."""
-    if name in list_vit_methods():
-        make_vit_method(name, **options)
-    else:
-        make_method(name, **options)
 
 
 class ViTAdapter:
@@ -286,47 +244,5 @@ def wrap_vit(model: nn.Module, adapter: ViTAdapter, method: str | ViTMethod, kee
         raise ValueError(f"this model is already wrapped by vtprune ({existing.method.name}, keep={existing.keep}); "
                          "call .unwrap() on that handle before wrapping it again")  # fmt: skip
     adapter.check()
-    config = make_vit_method(method, **options)
+    config = make_method(method, kind="vit", **options)
     return ViTPruning(model, adapter, config, keep)
-
-
-@dataclass
-class TowerReduction(Method):
-    """The LLM side of a ViT method wrapped inside a VLM (``vtprune.wrap(llava, "tome", keep=64)``).
-
-    The tower reduces its own rows (the method runs between its blocks, as on a bare ViT); before the LLM each image
-    keeps exactly the tokens those rows stand on (a kept row's own patch, a merged row's destination, EViT's fused
-    row its first member), carrying the rows' projected features. Positions follow ``positions`` as for any
-    pre-LLM method. Not registered: ``vtprune.wrap`` builds it when a ViT method meets a VLM.
-    """
-
-    vit: ViTMethod | None = None
-    summary: ClassVar[str] = "a ViT method reducing the VLM's vision tower"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.vit is None:
-            raise ValueError("TowerReduction needs the ViT method that reduces the tower (vit=...)")
-        self.name = self.vit.name  # reports name the tower's method  # type: ignore[misc]
-        self.paper = self.vit.paper  # type: ignore[misc]
-
-    def count_known_early(self) -> bool:
-        return True
-
-    def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
-        return [Stage(layer=None, tower=True, modalities=("image",))]
-
-    def select(self, ctx: PruneContext) -> list[Tensor]:
-        chosen = []
-        for view in ctx.items:
-            if view.tower_tokens is None:
-                raise ValueError(
-                    f"{self.name} reduces the vision tower, but this image was encoded outside the wrapped model "
-                    "(precomputed mm_encoder_outputs); pass pixel_values instead"
-                )
-            indices = torch.searchsorted(view.tokens, view.tower_tokens.to(view.tokens.device))
-            chosen.append(indices[view.selectable[indices]])  # [CLS] ("full" strategy) stays as a structural token
-        return chosen
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.vit.name, **self.vit.options(), "positions": self.positions, "tower": True}

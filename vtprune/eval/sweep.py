@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vtprune.core.budget import BUDGET_CONVENTIONS, validate_keep
-from vtprune.core.vit import check_method_name
+from vtprune.core.registry import WRAPPABLE, make_method
 
 RESULTS_FILE = "results.jsonl"
 DENSE = "dense"
@@ -70,7 +70,7 @@ def validate(spec: SweepSpec) -> None:
     for name in spec.methods:
         if name == DENSE:
             raise ValueError("dense is always evaluated once; leave it out of methods")
-        check_method_name(name, **spec.options)
+        make_method(name, kind=WRAPPABLE, **spec.options)
     for keep in spec.keeps:
         validate_keep(keep)
     if spec.budget not in BUDGET_CONVENTIONS:

@@ -1,7 +1,8 @@
-"""Pruning methods: one module per method, each registering its config class."""
+"""Pruning methods: one module per method, each registering its class in the core registry when imported."""
 
 from vtprune.methods.divprune import DivPrune
 from vtprune.methods.downsample import Downsample
+from vtprune.methods.dtop import DToPSegmenter
 from vtprune.methods.entropyprune import EntropyPrune
 from vtprune.methods.evit import EViT
 from vtprune.methods.fastervlm import FasterVLM
@@ -20,6 +21,7 @@ from vtprune.methods.vtc_cls import VTCCLS
 __all__ = [
     "DivPrune",
     "Downsample",
+    "DToPSegmenter",
     "EViT",
     "EntropyPrune",
     "FastV",

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vtprune.core.registry import register_method
 from vtprune.kernels import gather_tokens
 
 PAPER = "Tang et al., ICCV 2023 (arXiv 2308.01045)"
@@ -114,12 +115,24 @@ class DToPOutput:
         return F.interpolate(self.scores, size=size, mode="bilinear", align_corners=False).argmax(1)
 
 
+@register_method
 class DToPSegmenter(nn.Module):
     """A timm ``VisionTransformer`` with a :class:`ClassQueryHead` after each stage, run with DToP's early exit.
 
     ``stages``: 0-based indices of the blocks that end a stage (the last must be the last block); default: thirds
     of the depth, as the authors' ViT-L configs (8 / 16 / 24 of 24).
     """
+
+    # listed with the methods (kind "trained"); it is a model with trained heads, not something vtprune.wrap applies
+    name = "dtop"
+    kind = "trained"
+    summary = "trained early exit of confident tokens in a ViT segmenter [DToPSegmenter; vtprune dtop]"
+    paper = PAPER
+    usage = "DToP needs trained stage heads: it is vtprune.methods.dtop.DToPSegmenter, not a wrap"
+    defaults = (
+        f"thresh=1.0 (dense; the authors run {AUTHORS_THRESH} on ViT-B, 0.95 on ViT-L), "
+        f"keep_per_class={AUTHORS_KEEP_PER_CLASS}"
+    )
 
     def __init__(
         self, backbone: nn.Module, classes: int, stages: Sequence[int] | None = None, *, head_layers: int = 1,

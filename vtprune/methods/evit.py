@@ -19,19 +19,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtprune.core.vit import ReduceContext, Reduced, ViTInfo, ViTMethod, register_vit_method
+from vtprune.core.registry import register_method
+from vtprune.core.vit import ReduceContext, Reduced, ViTInfo, ViTMethod
 from vtprune.kernels import gather_tokens, merge_tokens
 
 AUTHORS_BLOCKS = (3, 6, 9)  # 0-based, of 12 (DeiT-S)
 REFERENCE_DEPTH = 12
 
 
-@register_vit_method
+@register_method
 @dataclass
 class EViT(ViTMethod):
     """[CLS]-attention top-k with a fused token, at ``blocks`` (0-based; default 3/6/9 of 12, scaled)."""
 
     name = "evit"
+    summary = "[CLS]-attention top-k at a few blocks, the rest fused into one token"
     paper = "Liang et al., ICLR 2022"
     blocks: tuple[int, ...] | None = None
     fuse: bool = True

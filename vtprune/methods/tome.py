@@ -20,16 +20,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtprune.core.vit import ReduceContext, Reduced, ViTInfo, ViTMethod, even_schedule, register_vit_method
+from vtprune.core.registry import register_method
+from vtprune.core.vit import ReduceContext, Reduced, ViTInfo, ViTMethod, even_schedule
 from vtprune.kernels import merge_tokens
 
 
-@register_vit_method
+@register_method
 @dataclass
 class ToMe(ViTMethod):
     """Bipartite soft matching in every block from ``start`` on; ``r`` tokens per block overrides ``keep``."""
 
     name = "tome"
+    summary = "bipartite soft matching: merge the most similar patch rows, block after block"
     paper = "Bolya et al., ICLR 2023"
     r: int | None = None
     start: int = 0
