@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    unpad_image,
+)
 
-from vtprune.testing import FAMILIES, IMAGE_TOKEN, VIDEO_TOKEN, Image, Video, collate, make_batch, tiny_model
+from vtprune.api import adapter_for, model_info
+from vtprune.core.registry import make_method
+from vtprune.testing import (
+    FAMILIES,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    Image,
+    Video,
+    collate,
+    make_batch,
+    tiny_model,
+)
 
 __all__ = [
+    "CONFIGS",
+    "IDS",
+    "inapplicable",
     "FAMILIES",
     "Image",
     "Video",
@@ -26,6 +45,51 @@ __all__ = [
     "view_count",
     "is_qwen",
 ]
+
+
+# (method, options): every LLM-side method at each pruning point it supports, and both position conventions. Every
+# cross-cutting test iterates this one list; test_methods checks it covers every registered LLM-side method.
+CONFIGS = [
+    ("random", {}),
+    ("random", {"layer": 2}),
+    ("uniform", {}),
+    ("uniform", {"layer": 1}),
+    ("fastv", {}),
+    ("random", {"positions": "keep"}),
+    ("fastv", {"layer": 1, "positions": "renumber"}),
+    ("vtc_cls", {}),
+    ("fastervlm", {}),
+    ("entropyprune", {}),
+    ("transprune", {}),
+    ("transprune", {"ttv_only": True}),
+    ("mmtok", {}),
+    ("pool", {}),
+    ("pool", {"where": "before"}),
+    ("pool", {"layer": 2}),
+    ("divprune", {}),
+    ("pdrop", {}),
+    ("fastv", {"query": "all"}),
+    ("visionzip", {}),
+    ("sparsevlm", {}),
+    ("sparsevlm", {"recycle": False}),
+    ("downsample", {}),
+]
+IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in CONFIGS]
+
+
+@functools.cache
+def _info(family: str):
+    return model_info(adapter_for(tiny_model(family)))
+
+
+def inapplicable(family: str, method: str, options: dict) -> str | None:
+    """Why ``method`` refuses ``family`` (its own clear ValueError from ``stages()``: no [CLS] token, no
+    dynamic-resolution tower, no per-token projector, ...), or None when it applies."""
+    try:
+        make_method(method, **options).stages(_info(family), 4)
+    except ValueError as error:
+        return str(error).split(";")[0]
+    return None
 
 
 def samples_for(family: str) -> list[list]:
@@ -85,7 +149,9 @@ def view_count(model, image: Image) -> int:
     """Views (base + crops) the vision tower sees for one image: several on LLaVA-NeXT, one elsewhere."""
     if not type(model).__name__.startswith("LlavaNext"):
         return 1
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    from transformers.models.llava_next.modeling_llava_next import (
+        image_size_to_num_patches,
+    )
 
     config = model.config
     return image_size_to_num_patches(list(image.size), config.image_grid_pinpoints, config.vision_config.image_size)

@@ -10,53 +10,29 @@ from torch.testing import assert_close
 
 import vtprune
 from tests.helpers import (
+    CONFIGS,
     FAMILIES,
+    IDS,
     Image,
     Video,
     collate,
+    inapplicable,
     is_qwen,
     make_batch,
     newline_tokens,
     pooled,
-    view_count,
     rows_of,
     samples_for,
     singles_for,
     tiny_model,
+    view_count,
     visual_counts,
     visual_mask,
     with_positions,
 )
 
-# (method, options): every method at each pruning point it supports, and both position conventions.
-CONFIGS = [
-    ("random", {}),
-    ("random", {"layer": 2}),
-    ("uniform", {}),
-    ("uniform", {"layer": 1}),
-    ("fastv", {}),
-    ("random", {"positions": "keep"}),
-    ("fastv", {"layer": 1, "positions": "renumber"}),
-    ("vtc_cls", {}),
-    ("fastervlm", {}),
-    ("entropyprune", {}),
-    ("transprune", {}),
-    ("transprune", {"ttv_only": True}),
-    ("mmtok", {}),
-    ("pool", {}),
-    ("pool", {"where": "before"}),
-    ("pool", {"layer": 2}),
-    ("divprune", {}),
-    ("pdrop", {}),
-    ("fastv", {"query": "all"}),
-    ("visionzip", {}),
-    ("sparsevlm", {}),
-    ("sparsevlm", {"recycle": False}),
-    ("downsample", {}),
-]
 # Random models may emit any id; keep placeholder/special ids out of generated text.
 NO_SPECIAL = {"suppress_tokens": list(range(120, 128)), "pad_token_id": 0}
-IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in CONFIGS]
 
 
 @pytest.fixture(params=FAMILIES)
@@ -66,18 +42,15 @@ def family(request):
 
 @pytest.fixture(autouse=True)
 def _skip_inapplicable(request):
-    """[CLS]-attention methods do not apply to Qwen's towers (their clear error is tested in test_errors)."""
+    """Skip (method, family) pairs the method itself refuses with its clear error (tested in test_errors)."""
     params = getattr(request.node, "callspec", None)
     if params is None:
         return
     method, family = params.params.get("method"), params.params.get("family")
-    if method in ("vtc_cls", "fastervlm", "visionzip") and family and family.startswith("qwen"):
-        pytest.skip(f"{method} needs a [CLS] token, which {family} has not")
-    if method == "downsample" and family and not family.startswith("qwen"):
-        pytest.skip("downsampling needs a dynamic-resolution tower (Qwen); CLIP resizes to 336 px")
-    options = params.params.get("options") or {}
-    if method == "pool" and options.get("where") == "before" and family and family.startswith("qwen"):
-        pytest.skip("pooling before the projector needs a per-token projector, which Qwen's merger is not")
+    if method and family:
+        reason = inapplicable(family, method, params.params.get("options") or {})
+        if reason:
+            pytest.skip(reason)
 
 
 def _hook_count(model) -> int:

@@ -80,7 +80,7 @@ def test_failed_forward_leaves_no_state_behind(model):
     with vtprune.wrap(model, "fastv", keep=4) as pruning:
         with pytest.raises(ValueError, match=r"placeholder tokens but the vision encoder produced"):
             model(**_drop_one_placeholder(batch))
-        assert pruning._engine._pass is None
+        assert pruning._engine.current is None
         model(**batch)
         assert pruning.seq_lens[-1] < batch["input_ids"].shape[1]
 

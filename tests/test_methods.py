@@ -8,11 +8,22 @@ import pytest
 import torch
 
 import vtprune
-from tests.helpers import Image, make_batch, newline_tokens, samples_for, tiny_model, visual_mask, with_positions
-from vtprune.core.context import ItemView, PruneContext
+from tests.helpers import (
+    CONFIGS,
+    FAMILIES,
+    Image,
+    inapplicable,
+    make_batch,
+    newline_tokens,
+    samples_for,
+    tiny_model,
+    visual_mask,
+    with_positions,
+)
+from vtprune.core.budget import split_budget
+from vtprune.core.context import ItemView, PruneContext, Signals
 from vtprune.core.layout import GridPart, Layout, VisualItem
 from vtprune.core.registry import ModelInfo, Stage
-from vtprune.core.budget import split_budget
 from vtprune.methods.uniform import evenly_spaced, lattice
 
 INFO = ModelInfo(family="llava", num_layers=4, has_cls_token=True, mrope=False)
@@ -39,7 +50,7 @@ def _context(item_tokens: list[int], budgets: list[int], stage: Stage, attention
     )
     ctx = PruneContext(stage=stage, model=INFO, layout=layout, items=views)
     if attention is not None:
-        ctx._signals["attention"] = lambda: attention[None]
+        ctx.signals = Signals(attention=lambda: attention[None])
     return ctx
 
 
@@ -176,3 +187,24 @@ def test_method_configs_round_trip_through_json():
     assert vtprune.method_kind("tome") == "vit" and vtprune.method_kind("nope") is None
     with pytest.raises(ValueError, match=r"kind must be one of \['llm', 'trained', 'vit'\], got 'vlm'"):
         vtprune.list_methods("vlm")
+
+
+def test_shared_configs_cover_every_llm_method():
+    assert {method for method, _ in CONFIGS} == set(vtprune.list_methods("llm"))
+
+
+def test_methods_refuse_exactly_the_families_they_cannot_serve():
+    """The cross-cutting tests skip what a method refuses; this pins down what that is."""
+    refused = {
+        (method, family)
+        for method, options in CONFIGS
+        for family in FAMILIES
+        if inapplicable(family, method, options)
+    }
+    qwen = ("qwen2_vl", "qwen2_5_vl")
+    expected = {(m, f) for m, _ in CONFIGS for f in qwen if vtprune.method_class(m).needs_cls_token}
+    expected |= {("downsample", f) for f in ("llava", "llava_next")}  # CLIP resizes every image to one size
+    expected |= {("pool", f) for f in qwen}  # where="before" needs a per-token projector; Qwen's merger is 2x2
+    assert refused == expected
+    assert "no [CLS] token" in inapplicable("qwen2_vl", "vtc_cls", {})
+    assert inapplicable("qwen2_vl", "pool", {}) is None  # only where="before" is refused

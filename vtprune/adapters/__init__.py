@@ -7,8 +7,8 @@ from torch import nn
 from vtprune.adapters.hf_clip_vit import HFClipViTAdapter
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.llava_next import LlavaNextAdapter
-from vtprune.adapters.qwen_vl import QwenVLAdapter
 from vtprune.adapters.open_clip_vit import OpenClipViTAdapter
+from vtprune.adapters.qwen_vl import QwenVLAdapter
 from vtprune.adapters.timm_vit import TimmViTAdapter
 from vtprune.core.adapter import Adapter
 from vtprune.core.vit import ViTAdapter
@@ -32,6 +32,16 @@ def supported_model_classes() -> list[str]:
     return [name for adapter in ADAPTERS for name in adapter.model_class_names] + vits
 
 
+def adapter_class_for_config(config: object) -> type[Adapter]:
+    """The adapter class of a model config's family (by ``model_type``), or a TypeError naming the supported ones."""
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    supported = ", ".join(t for adapter in ADAPTERS for t in adapter.model_types)
+    raise TypeError(f"no FLOPs model for {model_type!r}; supported: {supported}")
+
+
 def find_adapter(model: object) -> Adapter:
     """The adapter for ``model``, or a TypeError listing the supported model classes."""
     if isinstance(model, nn.Module):
@@ -43,4 +53,4 @@ def find_adapter(model: object) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "VIT_ADAPTERS", "Adapter", "find_adapter", "find_vit_adapter", "supported_model_classes"]
+__all__ = ["ADAPTERS", "VIT_ADAPTERS", "Adapter", "adapter_class_for_config", "find_adapter", "find_vit_adapter", "supported_model_classes"]

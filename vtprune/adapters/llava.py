@@ -7,19 +7,42 @@ as a structural token.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk
 from vtprune.core.layout import GridPart
+from vtprune.core.shape import VisionShape
 
 
 class LlavaAdapter(Adapter):
     family = "llava"
     display_name = "LLaVA-1.5"
     model_class_names = ("LlavaForConditionalGeneration", "LlavaModel")
+    model_types = ("llava",)
+    # images per encoder call view: LLaVA-1.5 encodes one square view per image, LLaVA-NeXT a size-dependent number
+    views_per_image: ClassVar[int] = 1
+
+    @classmethod
+    def vision_shape(cls, config: Any) -> VisionShape:
+        vision, text = config.vision_config, config.get_text_config()
+        selected = config.vision_feature_layer
+        feature_layers = len(selected) if isinstance(selected, (list, tuple)) else 1
+        return VisionShape(
+            encoder_input="views",
+            layers=vision.num_hidden_layers,
+            hidden=vision.hidden_size,
+            intermediate=vision.intermediate_size,
+            patch=vision.patch_size,
+            image_size=vision.image_size,
+            projector_in=vision.hidden_size * feature_layers,
+            projector_hidden=text.hidden_size,
+            projector_out=text.hidden_size,
+            cls_token=True,
+            fixed_views=cls.views_per_image,
+        )
 
     def _image_features(self, inputs: dict[str, Any]) -> list[Tensor] | None:
         precomputed = (inputs.get("mm_encoder_outputs") or {}).get("image")

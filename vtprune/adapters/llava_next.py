@@ -25,6 +25,8 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     display_name = "LLaVA-NeXT"
     model_class_names = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+    model_types = ("llava_next",)
+    views_per_image = 0  # base view + a grid of crops that depends on the image size
 
     def image_item(self, features: Tensor, inputs: dict[str, Any]) -> ItemSpec:
         num_tokens = features.shape[0]

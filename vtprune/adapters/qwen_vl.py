@@ -20,6 +20,7 @@ from transformers.vision_utils import get_vision_window_index
 from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk, _to_unit_range
 from vtprune.core.compat import cache_parameter
 from vtprune.core.layout import GridPart
+from vtprune.core.shape import VisionShape
 
 
 class QwenVLAdapter(Adapter):
@@ -31,11 +32,37 @@ class QwenVLAdapter(Adapter):
         "Qwen2_5_VLForConditionalGeneration",
         "Qwen2_5_VLModel",
     )
+    model_types = ("qwen2_vl", "qwen2_5_vl")
     raw_visual_inputs = ("pixel_values", "pixel_values_videos")
     encoder_methods = ("get_image_features", "get_video_features")
     mrope = True
     has_cls_token = False
     cls_position = None
+
+    @classmethod
+    def vision_shape(cls, config: Any) -> VisionShape:
+        vision = config.vision_config
+        if config.model_type == "qwen2_vl":  # GELU MLP of mlp_ratio x embed_dim, full attention everywhere
+            hidden, intermediate, out = vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio), vision.hidden_size
+            windowed: dict[str, Any] = {}
+        else:  # Qwen2.5-VL: gated MLP, windowed attention outside fullatt_block_indexes
+            hidden, intermediate, out = vision.hidden_size, vision.intermediate_size, vision.out_hidden_size
+            windowed = {"window": vision.window_size, "full_attention_layers": tuple(vision.fullatt_block_indexes),
+                        "gated_mlp": True}  # fmt: skip
+        merged = hidden * vision.spatial_merge_size**2
+        return VisionShape(
+            encoder_input="grid",
+            layers=vision.depth,
+            hidden=hidden,
+            intermediate=intermediate,
+            patch=vision.patch_size,
+            temporal_patch=vision.temporal_patch_size,
+            merge=vision.spatial_merge_size,
+            projector_in=merged,
+            projector_hidden=merged,
+            projector_out=out,
+            **windowed,
+        )
 
     def visual_token_ids(self) -> dict[str, int]:
         config = self.vlm.config

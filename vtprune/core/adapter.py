@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vtprune.core.compat import cache_parameter, get_cache, set_cache
+from vtprune.core.compat import build_mask, cache_parameter, get_cache, set_cache
 from vtprune.core.layout import GridPart
+from vtprune.core.shape import VisionShape
 
 
 @dataclass
@@ -23,6 +24,20 @@ class ItemSpec:
     count: int
     grids: tuple[GridPart, ...] = ()
     structural: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DecoderParts:
+    """The pieces of one decoder layer the engine hooks or reruns: recomputing attention rows needs the attention
+    module (its ``head_dim``, ``scaling``, grouped KV heads), its query and key projections (also hook points) and the
+    norm before them; observing methods see the attention and MLP sub-layers. ``layer_type`` picks its mask."""
+
+    attention: nn.Module
+    query: nn.Module
+    key: nn.Module
+    input_norm: nn.Module
+    mlp: nn.Module
+    layer_type: str = "full_attention"
 
 
 @dataclass
@@ -65,6 +80,14 @@ class Adapter:
     def matches(cls, model: nn.Module) -> bool:
         return type(model).__name__ in cls.model_class_names
 
+    # config.model_type values of the family (FLOPs work from a config alone)
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def vision_shape(cls, config: Any) -> VisionShape:
+        """The vision tower and projector of a full model config, for FLOPs (no weights needed)."""
+        raise NotImplementedError(f"{cls.display_name or cls.family} has no FLOPs model")
+
     # -- module paths ------------------------------------------------------------------------------------------
     @property
     def language_model(self) -> nn.Module:
@@ -78,7 +101,34 @@ class Adapter:
     def text_config(self) -> Any:
         return self.language_model.config
 
-    def rotary(self, hidden_states: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def layer_types(self) -> list[str]:
+        """The attention type of every decoder layer (``"full_attention"``, ``"sliding_attention"``, ...)."""
+        declared = getattr(self.text_config, "layer_types", None)
+        return list(declared) if declared else ["full_attention"] * len(self.decoder_layers)
+
+    def decoder_parts(self, layer: int) -> DecoderParts:
+        """Decoder layer ``layer``'s pieces (Llama-style module names; families that differ override this)."""
+        block = self.decoder_layers[layer]
+        attention = block.self_attn
+        return DecoderParts(
+            attention=attention,
+            query=attention.q_proj,
+            key=attention.k_proj,
+            input_norm=block.input_layernorm,
+            mlp=block.mlp,
+            layer_type=self.layer_types()[layer],
+        )
+
+    def attention_masks(self, hidden_states: Tensor, attention_mask: Tensor, cache: Any, layer: int) -> dict[str, Any]:
+        """For a 2-D padding mask over ``cache``'s tokens plus ``hidden_states``' rows: the mask each attention type
+        of the decoder needs, built as transformers builds it (``layer`` picks the cache layer to size it)."""
+        return {
+            layer_type: build_mask(layer_type, self.text_config, hidden_states, attention_mask, cache, layer)
+            for layer_type in sorted(set(self.layer_types()))
+        }
+
+    def rotary(self, hidden_states: Tensor, positions: Tensor, layer_type: str = "full_attention") -> tuple[Tensor, Tensor]:
+        """(cos, sin) for ``positions``; one table serves every layer type in the supported families."""
         rotary_positions, _ = self.split_positions(positions)
         return self.language_model.rotary_emb(hidden_states, rotary_positions)
 

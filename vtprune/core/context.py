@@ -63,6 +63,16 @@ class ItemView:
 
 
 @dataclass
+class Signals:
+    """Where a context's model signals come from: the engine fills in what the stage asked for (attention rows
+    recomputed from a layer's Q/K, query states after RoPE); a test passes hand-made callables."""
+
+    attention: Callable[[], Tensor] | None = None
+    attention_of: Callable[[Tensor, Tensor], Tensor] | None = None
+    query_states: Callable[[], Tensor] | None = None
+
+
+@dataclass
 class PruneContext:
     """Everything a method may read at one stage.
 
@@ -85,15 +95,15 @@ class PruneContext:
     instruction_embeddings: list[Tensor] | None = None
     embed: Callable[[Tensor], Tensor] | None = None
     tokenizer: Any = None
-    _signals: dict[str, Callable[[], Tensor]] = field(default_factory=dict, repr=False)
-    _attention_of: Callable[[Tensor, Tensor], Tensor] | None = field(default=None, repr=False)
+    signals: Signals = field(default_factory=Signals, repr=False)
     _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def _signal(self, name: str, field_name: str) -> Tensor:
-        if name not in self._signals:
+        source = getattr(self.signals, name)
+        if source is None:
             raise RuntimeError(f"this stage did not request {name}: set Stage.{field_name} in the method's stages()")
-        if name not in self._cache:
-            self._cache[name] = self._signals[name]()
+        if name not in self._cache:  # computed once per stage, however many times a method asks
+            self._cache[name] = source()
         return self._cache[name]
 
     def attention(self) -> Tensor:
@@ -102,9 +112,9 @@ class PruneContext:
     def attention_of(self, rows: Tensor, real: Tensor) -> Tensor:
         """Like :meth:`attention`, for query rows the method chooses: slots ``rows [B, R]``, ``real [B, R]`` marking
         which of them count (e.g. SparseVLM's text raters)."""
-        if self._attention_of is None:
+        if self.signals.attention_of is None:
             raise RuntimeError("this stage did not request attention rows: set Stage.attention_from in stages()")
-        return self._attention_of(rows, real)
+        return self.signals.attention_of(rows, real)
 
     def query_states(self) -> Tensor:
         return self._signal("query_states", "states_from")

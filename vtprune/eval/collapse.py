@@ -52,7 +52,7 @@ def find_collapse_layer(model: nn.Module, inputs: dict, plot: str | Path | None 
     hooks = []
     try:
         for index, layer in enumerate(layers):
-            hooks.append(layer.self_attn.q_proj.register_forward_hook(keep_query(index)))
+            hooks.append(adapter.decoder_parts(index).query.register_forward_hook(keep_query(index)))
             hooks.append(layer.register_forward_pre_hook(keep_rotary(index), with_kwargs=True))
         model(**inputs, use_cache=False)
     finally:
@@ -66,7 +66,8 @@ def find_collapse_layer(model: nn.Module, inputs: dict, plot: str | Path | None 
         raise ValueError("find_collapse_layer needs inputs with at least one image")
     entropy = []
     for index in range(len(layers)):
-        queries = rotated_queries(layers[index].self_attn, captured[index]["q"], captured[index]["rotary"])
+        attention = adapter.decoder_parts(index).attention
+        queries = rotated_queries(attention, captured[index]["q"], captured[index]["rotary"])
         entropy.append(float(token_matrix_entropy(queries[visual]).mean()))
     drops = [0.0] + [entropy[i - 1] - entropy[i] for i in range(1, len(entropy))]
     collapse = max(range(1, len(entropy)), key=lambda i: drops[i]) if len(entropy) > 1 else 0

@@ -18,144 +18,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
-
-@dataclass(frozen=True)
-class LanguageShape:
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-
-    def layer_flops(self, queries: int, keys: int) -> float:
-        """One decoder layer for ``queries`` new tokens attending to ``keys`` tokens (cache + new)."""
-        d, hd = self.hidden, self.head_dim
-        projections = 2 * queries * d * (self.heads * hd) * 2 + 2 * queries * d * (self.kv_heads * hd) * 2  # q, o + k, v
-        attention = 2 * 2 * queries * keys * self.heads * hd  # Q K^T and A V
-        mlp = 3 * 2 * queries * d * self.intermediate  # gate, up, down
-        return float(projections + attention + mlp)
-
-    def lm_head_flops(self, rows: int) -> float:
-        return float(2 * rows * self.hidden * self.vocab)
-
-
-@dataclass(frozen=True)
-class VisionShape:
-    """``kind``: "clip" (ViT with [CLS], GELU MLP), "qwen2_vl" (GELU MLP) or "qwen2_5_vl" (gated MLP, windows)."""
-
-    kind: str
-    layers: int
-    hidden: int
-    intermediate: int
-    patch: int
-    image_size: int = 0
-    temporal_patch: int = 1
-    merge: int = 1
-    window: int = 0
-    full_attention_layers: tuple[int, ...] = ()
-    projector_in: int = 0
-    projector_hidden: int = 0
-    projector_out: int = 0
-
-    def tower_flops(
-        self, sequences: list[int], windows: list[int] | None = None, block_rows: list[list[int]] | None = None
-    ) -> float:
-        """The tower on sequences of these lengths (one per view / image; tokens per sequence incl. [CLS]).
-        ``block_rows`` (layers + 1 lists) where a ViT method reduced rows inside the tower: the lengths entering
-        each block, then leaving the last; block l's attention runs on ``block_rows[l]`` and, as the reduction sits
-        between attention and MLP, its MLP on ``block_rows[l + 1]``."""
-        patches = sum(sequences) - (len(sequences) if self.kind == "clip" else 0)
-        total = 2 * patches * 3 * self.temporal_patch * self.patch**2 * self.hidden  # patch embedding
-        mlp_matrices = 3 if self.kind == "qwen2_5_vl" else 2
-        rows = block_rows or [sequences] * (self.layers + 1)
-        for layer in range(self.layers):
-            attended, mlp_tokens = rows[layer], sum(rows[layer + 1])
-            total += 2 * sum(attended) * self.hidden * self.hidden * 4
-            total += mlp_matrices * 2 * mlp_tokens * self.hidden * self.intermediate
-            windowed = self.kind == "qwen2_5_vl" and layer not in self.full_attention_layers and windows is not None
-            total += sum(4 * s * s * self.hidden for s in (windows if windowed else attended))
-        return float(total)
-
-    def projector_flops(self, tokens: int) -> float:
-        """The projector (LLaVA: per image token) or the patch merger (Qwen: per merged token)."""
-        return float(2 * tokens * self.projector_in * self.projector_hidden + 2 * tokens * self.projector_hidden * self.projector_out)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    family: str
-    language: LanguageShape
-    vision: VisionShape
+from vtprune.core.shape import LanguageShape, ModelShape, language_shape
 
 
 def model_shape(model_or_config: Any) -> ModelShape:
-    """The shapes FLOPs depend on, from a model (any device, ``meta`` included) or its config."""
+    """The shapes FLOPs depend on, from a model (any device, ``meta`` included) or its config; the family's
+    adapter reads its vision side."""
+    from vtprune.adapters import adapter_class_for_config
+
     config = getattr(model_or_config, "config", model_or_config)
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    language = LanguageShape(
-        layers=text.num_hidden_layers,
-        hidden=text.hidden_size,
-        intermediate=text.intermediate_size,
-        heads=heads,
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        vocab=text.vocab_size,
-    )
-    vision_config = config.vision_config
-    model_type = config.model_type
-    if model_type in ("llava", "llava_next"):
-        selected = config.vision_feature_layer
-        feature_layers = len(selected) if isinstance(selected, (list, tuple)) else 1
-        vision = VisionShape(
-            kind="clip",
-            layers=vision_config.num_hidden_layers,
-            hidden=vision_config.hidden_size,
-            intermediate=vision_config.intermediate_size,
-            patch=vision_config.patch_size,
-            image_size=vision_config.image_size,
-            projector_in=vision_config.hidden_size * feature_layers,
-            projector_hidden=text.hidden_size,
-            projector_out=text.hidden_size,
-        )
-    elif model_type == "qwen2_vl":
-        merged = vision_config.embed_dim * vision_config.spatial_merge_size**2
-        vision = VisionShape(
-            kind="qwen2_vl",
-            layers=vision_config.depth,
-            hidden=vision_config.embed_dim,
-            intermediate=int(vision_config.embed_dim * vision_config.mlp_ratio),
-            patch=vision_config.patch_size,
-            temporal_patch=vision_config.temporal_patch_size,
-            merge=vision_config.spatial_merge_size,
-            projector_in=merged,
-            projector_hidden=merged,
-            projector_out=vision_config.hidden_size,
-        )
-    elif model_type == "qwen2_5_vl":
-        merged = vision_config.hidden_size * vision_config.spatial_merge_size**2
-        vision = VisionShape(
-            kind="qwen2_5_vl",
-            layers=vision_config.depth,
-            hidden=vision_config.hidden_size,
-            intermediate=vision_config.intermediate_size,
-            patch=vision_config.patch_size,
-            temporal_patch=vision_config.temporal_patch_size,
-            merge=vision_config.spatial_merge_size,
-            window=vision_config.window_size,
-            full_attention_layers=tuple(vision_config.fullatt_block_indexes),
-            projector_in=merged,
-            projector_hidden=merged,
-            projector_out=vision_config.out_hidden_size,
-        )
-    else:
-        raise TypeError(f"no FLOPs model for {model_type!r}; supported: llava, llava_next, qwen2_vl, qwen2_5_vl")
-    return ModelShape(model_type, language, vision)
+    adapter = adapter_class_for_config(config)
+    return ModelShape(config.model_type, language_shape(config.get_text_config()), adapter.vision_shape(config))
 
 
 @dataclass
@@ -197,21 +70,12 @@ def llm_flops(
     return layers, shape.lm_head_flops(sum(rows)), decode
 
 
-def qwen_windows(grids: list[tuple[int, int, int]], vision: VisionShape) -> list[int]:
-    """Attention window lengths of Qwen2.5-VL's windowed tower layers for these (t, h, w) patch grids."""
-    from transformers.vision_utils import get_vision_window_index
-
-    _, cumulative = get_vision_window_index(torch.tensor(grids), vision.merge, vision.window, vision.patch)
-    cumulative = torch.unique_consecutive(torch.as_tensor(cumulative))
-    return (cumulative[1:] - cumulative[:-1]).tolist()
-
-
 def vision_flops(shape: ModelShape, images: list[dict[str, Any]]) -> tuple[float, float]:
     """(tower FLOPs, projector / merger FLOPs) for the encoder inputs ``images``: for CLIP towers
     ``{"views": v}`` per image (with ``block_rows``, the rows entering each block and leaving the last, and
     ``projected_rows`` per view where a ViT method reduced the tower), for Qwen ``{"grid": (t, h, w)}`` in patches."""
     vision = shape.vision
-    if vision.kind == "clip":
+    if vision.encoder_input == "views":
         per_view = (vision.image_size // vision.patch) ** 2
         tower = projector = 0.0
         for image in images:
@@ -222,7 +86,7 @@ def vision_flops(shape: ModelShape, images: list[dict[str, Any]]) -> tuple[float
         return tower, projector
     grids = [tuple(image["grid"]) for image in images]
     sequences = [t * h * w for t, h, w in grids]
-    windows = qwen_windows(grids, vision) if vision.kind == "qwen2_5_vl" else None
+    windows = vision.window_lengths(grids) if vision.window else None
     merged = sum(sequences) // vision.merge**2
     return vision.tower_flops(sequences, windows), vision.projector_flops(merged)
 
@@ -298,9 +162,9 @@ def schedule_flops(
         raise ValueError(f"images must be >= 1 and text_tokens >= 0, got images={images}, text_tokens={text_tokens}")
     vision = shape.vision
     if encoder_inputs is None:
-        if shape.family == "llava":
-            encoder_inputs = [{"views": 1}] * images
-        elif vision.kind != "clip" and image_tokens is not None:
+        if vision.encoder_input == "views" and vision.fixed_views:
+            encoder_inputs = [{"views": vision.fixed_views}] * images
+        elif vision.encoder_input == "grid" and image_tokens is not None:
             side = int(round(image_tokens**0.5))
             if side * side != image_tokens:
                 raise ValueError(f"image_tokens={image_tokens} is not a square; pass encoder_inputs=[{{'grid': "
@@ -310,13 +174,13 @@ def schedule_flops(
             raise ValueError(f"{shape.family}: the image token count depends on the image size; pass image_tokens= "
                              "and encoder_inputs= (LLaVA-NeXT: [{'views': v}] per image)")  # fmt: skip
     if image_tokens is None:
-        if shape.family == "llava":
-            image_tokens = (vision.image_size // vision.patch) ** 2
-        elif vision.kind != "clip":
+        if vision.encoder_input == "views" and vision.fixed_views:
+            image_tokens = vision.fixed_views * (vision.image_size // vision.patch) ** 2
+        elif vision.encoder_input == "grid":
             t, h, w = encoder_inputs[0]["grid"]
             image_tokens = t * h * w // vision.merge**2
         else:
-            raise ValueError("llava_next: pass image_tokens= (the LLM tokens of one image, row separators included)")
+            raise ValueError(f"{shape.family}: pass image_tokens= (the LLM tokens of one image, row separators included)")
     kept = stage_budgets(keep, image_tokens, [(s.layer, s.scale) for s in stages], shape.language.layers, budget)
     schedule = [(stage.layer, count * images) for stage, count in zip(stages, kept)]
     tokens = schedule_tokens(shape.language.layers, text_tokens, image_tokens * images, schedule)

@@ -1,0 +1,115 @@
+"""What one forward in flight carries (prefill or decode step), what decoding after a pruned prefill needs, and
+the replacement inputs of the decoder layers after a pruning point."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+from transformers.cache_utils import Cache
+
+from vtprune.core.adapter import Adapter
+from vtprune.core.layout import Layout, VisualItem
+from vtprune.core.record import ForwardRecord
+from vtprune.core.registry import Merged, Stage
+from vtprune.core.signals import ImageSignals
+
+
+@dataclass
+class LayerInputs:
+    """Replacement keyword arguments for the decoder layers of one segment (the layers after a pruning point)."""
+
+    masks: dict[str, Any]
+    position_embeddings: tuple[Tensor, Tensor]
+    position_ids: Tensor | None
+
+
+def layer_inputs(
+    adapter: Adapter, hidden: Tensor, cache: Cache | None, mask: Tensor, positions: Tensor, layer: int
+) -> LayerInputs:
+    """Masks (one per attention type), rotary tables and position ids for ``hidden`` under a 2-D ``mask``."""
+    masks = adapter.attention_masks(hidden, mask, cache, layer)
+    _, layer_positions = adapter.split_positions(positions)
+    return LayerInputs(masks, adapter.rotary(hidden, positions), layer_positions)
+
+
+@dataclass
+class Session:
+    """What decoding after a pruned prefill needs: the cache it filled and its layouts per segment of layers."""
+
+    cache: weakref.ref
+    segments: list[Layout]
+    prompt_length: int
+    decoded: int = 0
+
+    def segment_of(self, layer: int) -> int:
+        return max(i for i, layout in enumerate(self.segments) if layout.first_layer <= layer)
+
+
+@dataclass
+class Prefill:
+    """State of a prefill in flight: the items, their features and budgets, the stages still to run, the record."""
+
+    layout: Layout
+    cache: Cache | None
+    record: ForwardRecord
+    items: list[VisualItem] = field(default_factory=list)
+    features: dict[int, Tensor] = field(default_factory=dict)
+    vision: dict[int, ImageSignals] = field(default_factory=dict)
+    budgets: dict[int, list[dict[int, int]]] = field(default_factory=dict)
+    instruction_ids: list[Tensor] | None = None
+    instruction_embeddings: list[Tensor] | None = None
+    state: dict = field(default_factory=dict)  # what the method's observe() wrote
+    pending: list[tuple[int, Stage]] = field(default_factory=list)
+    segments: list[Layout] = field(default_factory=list)
+    layer_inputs: LayerInputs | None = None
+    captured: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # features merging methods gave the kept tokens at the last stage: item -> (tokens ascending, features)
+    merges: dict[int, Merged] = field(default_factory=dict)
+    # images re-encoded at a lower resolution: item -> (features, (rows, cols)) (Stage.resample)
+    replacements: dict[int, tuple[Tensor, tuple[int, int]]] = field(default_factory=dict)
+    # images a reducing vision tower encoded: item -> the tokens its rows stand on (Stage.tower)
+    tower_tokens: dict[int, Tensor] = field(default_factory=dict)
+    prefill = True
+
+
+@dataclass
+class Decode:
+    """State of a decode step in flight after a pruned prefill."""
+
+    layout: Layout
+    cache: Cache | None
+    session: Session
+    new_columns: Tensor
+    positions: Tensor
+    query_length: int
+    segment_inputs: dict[int, LayerInputs] = field(default_factory=dict)
+    prefill = False
+
+
+def item_tokens(layout: Layout, item: VisualItem) -> Tensor:
+    """The item's tokens present in ``layout``, in slot (= ascending token) order."""
+    return layout.item_token[item.sample][layout.item[item.sample] == item.index]
+
+
+def shifted(positions: Tensor, shift: Tensor) -> Tensor:
+    """Positions of newly decoded tokens in a layout whose numbering lags the original by ``shift``."""
+    return positions - shift.to(positions.dtype)[:, None]
+
+
+def replace_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def replace_layer_inputs(
+    args: tuple, kwargs: dict, hidden: Tensor, inputs: LayerInputs, layer_type: str
+) -> tuple[tuple, dict]:
+    args, kwargs = replace_hidden(args, kwargs, hidden)
+    kwargs["attention_mask"] = inputs.masks[layer_type]
+    kwargs["position_embeddings"] = inputs.position_embeddings
+    kwargs["position_ids"] = inputs.position_ids
+    return args, kwargs

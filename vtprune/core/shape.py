@@ -1,0 +1,110 @@
+"""The shapes a VLM's FLOPs depend on: its language model (from any text config) and its vision tower and projector
+(described by the family's adapter). ``vtprune.eval.flops`` counts with them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LanguageShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    def layer_flops(self, queries: int, keys: int) -> float:
+        """One decoder layer for ``queries`` new tokens attending to ``keys`` tokens (cache + new)."""
+        d, hd = self.hidden, self.head_dim
+        projections = 2 * queries * d * (self.heads * hd) * 2 + 2 * queries * d * (self.kv_heads * hd) * 2  # q, o + k, v
+        attention = 2 * 2 * queries * keys * self.heads * hd  # Q K^T and A V
+        mlp = 3 * 2 * queries * d * self.intermediate  # gate, up, down
+        return float(projections + attention + mlp)
+
+    def lm_head_flops(self, rows: int) -> float:
+        return float(2 * rows * self.hidden * self.vocab)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """A vision tower and its projector, as its family's adapter describes them (``Adapter.vision_shape``).
+
+    ``encoder_input``: what one image's encoder input is, ``"views"`` (fixed-size square views of ``image_size``
+    pixels; ``fixed_views`` per image when the family always takes that many, 0 when it depends on the image) or
+    ``"grid"`` (a (t, h, w) patch grid); ``cls_token``: each view carries one; ``gated_mlp``: three MLP matrices;
+    ``window`` > 0: layers outside ``full_attention_layers`` attend within windows of that many pixels."""
+
+    encoder_input: str
+    layers: int
+    hidden: int
+    intermediate: int
+    patch: int
+    image_size: int = 0
+    temporal_patch: int = 1
+    merge: int = 1
+    window: int = 0
+    full_attention_layers: tuple[int, ...] = ()
+    projector_in: int = 0
+    projector_hidden: int = 0
+    projector_out: int = 0
+    cls_token: bool = False
+    gated_mlp: bool = False
+    fixed_views: int = 0
+
+    def tower_flops(
+        self, sequences: list[int], windows: list[int] | None = None, block_rows: list[list[int]] | None = None
+    ) -> float:
+        """The tower on sequences of these lengths (one per view / image; tokens per sequence incl. [CLS]).
+        ``block_rows`` (layers + 1 lists) where a ViT method reduced rows inside the tower: the lengths entering
+        each block, then leaving the last; block l's attention runs on ``block_rows[l]`` and, as the reduction sits
+        between attention and MLP, its MLP on ``block_rows[l + 1]``."""
+        patches = sum(sequences) - (len(sequences) if self.cls_token else 0)
+        total = 2 * patches * 3 * self.temporal_patch * self.patch**2 * self.hidden  # patch embedding
+        mlp_matrices = 3 if self.gated_mlp else 2
+        rows = block_rows or [sequences] * (self.layers + 1)
+        for layer in range(self.layers):
+            attended, mlp_tokens = rows[layer], sum(rows[layer + 1])
+            total += 2 * sum(attended) * self.hidden * self.hidden * 4
+            total += mlp_matrices * 2 * mlp_tokens * self.hidden * self.intermediate
+            windowed = self.window > 0 and layer not in self.full_attention_layers and windows is not None
+            total += sum(4 * s * s * self.hidden for s in (windows if windowed else attended))
+        return float(total)
+
+    def window_lengths(self, grids: list[tuple[int, int, int]]) -> list[int]:
+        """Attention window lengths of the windowed layers for these (t, h, w) patch grids (Qwen2.5-VL's rule)."""
+        from transformers.vision_utils import get_vision_window_index
+
+        _, cumulative = get_vision_window_index(torch.tensor(grids), self.merge, self.window, self.patch)
+        cumulative = torch.unique_consecutive(torch.as_tensor(cumulative))
+        return (cumulative[1:] - cumulative[:-1]).tolist()
+
+    def projector_flops(self, tokens: int) -> float:
+        """The projector (LLaVA: per image token) or the patch merger (Qwen: per merged token)."""
+        return float(2 * tokens * self.projector_in * self.projector_hidden + 2 * tokens * self.projector_hidden * self.projector_out)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    family: str
+    language: LanguageShape
+    vision: VisionShape
+
+
+def language_shape(text: Any) -> LanguageShape:
+    """A decoder-only LM's shape from its text config."""
+    heads = text.num_attention_heads
+    return LanguageShape(
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        vocab=text.vocab_size,
+    )
