@@ -9,7 +9,7 @@ from torch import nn
 from vtprune.adapters import find_adapter, find_vit_adapter
 from vtprune.core.adapter import Adapter
 from vtprune.core.budget import BUDGET_CONVENTIONS, Keep, validate_keep
-from vtprune.core.compat import check_transformers_version
+from vtprune.core.compat import MASK_BUILDERS, check_transformers_version
 from vtprune.core.engine import PruningEngine
 from vtprune.core.handle import WRAPPED_ATTRIBUTE, Pruning
 from vtprune.core.registry import (
@@ -128,6 +128,7 @@ def model_info(adapter: Adapter) -> ModelInfo:
         vision_layers=adapter.vision_depth(),
         vision_feature_layer=adapter.vision_feature_layer(),
         family_name=adapter.display_name,
+        layer_types=tuple(adapter.layer_types()),
     )
 
 
@@ -140,6 +141,7 @@ def checked_stages(config: Method, stages: list[Stage], info: ModelInfo) -> list
     for stage in stages:
         if stage.layer is not None:
             info.check_layer(config.name, "stage layer", stage.layer)
+            _check_layer_types(config.name, stage, info)
         for name in ("attention_from", "states_from"):
             source = getattr(stage, name)
             if source is not None and (stage.layer is None or not 0 <= source <= stage.layer):
@@ -158,6 +160,30 @@ def checked_stages(config: Method, stages: list[Stage], info: ModelInfo) -> list
         if not stage.scale > 0:
             raise ValueError(f"{config.name}: stage scale must be positive, got {stage.scale}")
     return stages
+
+
+def _check_layer_types(name: str, stage: Stage, info: ModelInfo) -> None:
+    """In-LLM pruning rebuilds the masks of every later layer and recomputes attention from Q/K: refuse, before
+    anything runs, layers whose inputs vtprune cannot rebuild (e.g. linear attention) or that have no attention."""
+    types = info.layer_types
+    if not types:
+        return
+    rebuildable = sorted(MASK_BUILDERS)
+    unsupported = sorted({t for t in types[stage.layer :] if t not in MASK_BUILDERS})
+    if unsupported:
+        raise ValueError(
+            f"{name}: decoder layers from {stage.layer} on include {', '.join(unsupported)} layers, whose inputs "
+            f"vtprune cannot rebuild after pruning (it can: {', '.join(rebuildable)}); prune before the LLM "
+            "(layer=None) instead"
+        )
+    for field_name in ("attention_from", "states_from"):
+        source = getattr(stage, field_name)
+        if source is not None and types[source] not in MASK_BUILDERS:
+            usable = [i for i, t in enumerate(types[: stage.layer + 1]) if t in MASK_BUILDERS]
+            raise ValueError(
+                f"{name}: {field_name}={source} is a {types[source]} layer without softmax attention; "
+                f"attention layers at or before {stage.layer}: {usable}"
+            )
 
 
 def report(

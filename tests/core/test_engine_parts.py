@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
+from torch.testing import assert_close
 
 import vtprune
 from tests.helpers import Image, make_batch, tiny_model
@@ -105,3 +107,83 @@ def test_observer_notes_each_image_of_a_generate_call_by_its_features():
         assert all(n is not None and n.signals is not None for n in notes)
         assert observer.lookup(features[0].clone()) is None  # another tensor with the same values is not the image
     assert observer.lookup(features[0]) is None  # unwrap forgets everything
+
+
+def test_in_llm_stages_refuse_layers_whose_inputs_cannot_be_rebuilt():
+    from vtprune.api import checked_stages
+
+    hybrid = ModelInfo(
+        family="hand-made", num_layers=6, has_cls_token=False, mrope=False,
+        layer_types=("linear_attention", "full_attention", "sliding_attention", "full_attention",
+                     "linear_attention", "full_attention"),
+    )  # fmt: skip
+    fastv = vtprune.FastV(layer=3)
+    with pytest.raises(ValueError, match=r"from 3 on include linear_attention layers.*prune before the LLM"):
+        checked_stages(fastv, [Stage(layer=3, attention_from=2)], hybrid)
+    attention_only = ModelInfo(
+        family="hand-made", num_layers=4, has_cls_token=False, mrope=False,
+        layer_types=("linear_attention", "full_attention", "sliding_attention", "full_attention"),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"attention_from=0 is a linear_attention layer.*before 2: \[1, 2\]"):
+        checked_stages(fastv, [Stage(layer=2, attention_from=0)], attention_only)
+    assert checked_stages(fastv, [Stage(layer=2, attention_from=1)], attention_only)
+    assert checked_stages(fastv, [Stage(layer=None)], hybrid)  # before the LLM: every layer sees fewer tokens
+
+
+def test_encoder_outputs_in_list_or_flat_tensor_layout():
+    from vtprune.core.adapter import Adapter
+
+    rows = [torch.randn(3, 4), torch.randn(5, 4)]
+
+    class FlatAdapter(Adapter):
+        encoder_output_layout = "tensor"
+
+        def __init__(self) -> None:  # no model needed for the layout
+            pass
+
+    class ListAdapter(FlatAdapter):
+        encoder_output_layout = "list"
+
+    flat = FlatAdapter().encoder_outputs({"image": rows})["image"].pooler_output
+    assert torch.equal(flat, torch.cat(rows))
+    listed = ListAdapter().encoder_outputs({"image": rows})["image"].pooler_output
+    assert all(torch.equal(a, b) for a, b in zip(listed, rows))
+    for layout in (listed, flat, torch.stack([rows[0], rows[0]])):
+        counts = [3, 5] if layout is not listed and layout.ndim == 2 else None
+        images = Adapter.per_image_features(layout, counts)
+        assert [tuple(i.shape) for i in images] in ([(3, 4), (5, 4)], [(3, 4), (3, 4)])
+    with pytest.raises(ValueError, match="needs the tokens of each image"):
+        Adapter.per_image_features(flat, [3, 4])
+
+
+def test_per_row_encoder_extras_follow_the_kept_rows(monkeypatch):
+    """Extra per-row encoder outputs (Qwen3-VL's deepstack features) reach the forward sliced like the features."""
+    import vtprune.adapters
+    from vtprune.adapters.llava import LlavaAdapter
+
+    class DeepstackLlava(LlavaAdapter):
+        def encode(self, inputs):
+            chunks = super().encode(inputs)
+            for chunk in chunks:  # two "deepstack layers" whose rows are recognisable multiples of the features
+                chunk.extras = {"deepstack_features": [chunk.features * 2, chunk.features * 3]}
+            return chunks
+
+    monkeypatch.setattr(vtprune.adapters, "ADAPTERS", (DeepstackLlava, *vtprune.adapters.ADAPTERS))
+    model = tiny_model("llava")
+    batch = make_batch(model, [[2, Image(), 3, Image(), 1], [4, Image(), 2]])
+    seen = {}
+    handle = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(kwargs["mm_encoder_outputs"]), with_kwargs=True
+    )
+    try:
+        with vtprune.wrap(model, "random", keep=5, seed=1):
+            model(**batch)
+    finally:
+        handle.remove()
+    output = seen["image"]
+    assert [rows.shape[0] for rows in output.pooler_output] == [5, 5, 5]
+    for layer, factor in enumerate((2, 3)):
+        per_image = output.deepstack_features[layer]
+        assert isinstance(per_image, tuple) and len(per_image) == 3
+        for rows, kept in zip(per_image, output.pooler_output):
+            assert_close(rows, kept * factor)

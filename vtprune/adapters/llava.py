@@ -47,7 +47,7 @@ class LlavaAdapter(Adapter):
     def _image_features(self, inputs: dict[str, Any]) -> list[Tensor] | None:
         precomputed = (inputs.get("mm_encoder_outputs") or {}).get("image")
         if precomputed is not None:
-            return list(precomputed.pooler_output)
+            return self.per_image_features(precomputed.pooler_output)
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None or pixel_values.numel() == 0:
             return None
@@ -59,7 +59,7 @@ class LlavaAdapter(Adapter):
             vision_feature_select_strategy=inputs.get("vision_feature_select_strategy"),
             return_dict=True,
         )
-        return list(output.pooler_output)
+        return self.per_image_features(output.pooler_output)
 
     def _patch_grid(self) -> int:
         vision = self.vlm.config.vision_config

@@ -72,13 +72,13 @@ class QwenVLAdapter(Adapter):
         precomputed = (inputs.get("mm_encoder_outputs") or {}).get(modality)
         grid_thw = inputs.get(f"{modality}_grid_thw")
         if precomputed is not None:
-            features = list(precomputed.pooler_output)
+            features = self.per_image_features(precomputed.pooler_output)
         else:
             pixels = inputs.get("pixel_values" if modality == "image" else "pixel_values_videos")
             if pixels is None or pixels.numel() == 0:
                 return []
             encode = self.vlm.get_image_features if modality == "image" else self.vlm.get_video_features
-            features = list(encode(pixels, grid_thw, return_dict=True).pooler_output)
+            features = self.per_image_features(encode(pixels, grid_thw, return_dict=True).pooler_output)
         if grid_thw is not None:
             merge = self.vlm.config.vision_config.spatial_merge_size
             grids = [(t, h // merge, w // merge) for t, h, w in grid_thw.tolist()]

@@ -38,6 +38,8 @@ class DecoderParts:
     input_norm: nn.Module
     mlp: nn.Module
     layer_type: str = "full_attention"
+    # q_proj emits [query | gate] per head (Qwen3.5's gated attention); only the query half enters the scores
+    gated_query: bool = False
 
 
 @dataclass
@@ -47,6 +49,9 @@ class VisualChunk:
     modality: str
     features: Tensor
     items: list[ItemSpec] = field(default_factory=list)
+    # other per-row outputs of the encoder that must follow the kept rows, by output field: one tensor per
+    # layer, each [rows, D] like ``features`` (Qwen3-VL's deepstack features)
+    extras: dict[str, list[Tensor]] = field(default_factory=dict)
 
 
 class Adapter:
@@ -220,9 +225,39 @@ class Adapter:
         """Run the vision encoder (+ projector) on ``inputs`` and return its outputs in placeholder order."""
         raise NotImplementedError
 
-    def encoder_outputs(self, features: dict[str, list[Tensor]]) -> dict[str, BaseModelOutputWithPooling]:
-        """The ``mm_encoder_outputs`` argument that hands (kept) features to the model's forward."""
-        return {modality: BaseModelOutputWithPooling(pooler_output=list(rows)) for modality, rows in features.items()}
+    # How the family's forward takes features in ``mm_encoder_outputs[modality].pooler_output``: "list" (one
+    # tensor per image or video: LLaVA, Qwen) or "tensor" (all rows in one [N, D] tensor).
+    encoder_output_layout: ClassVar[str] = "list"
+
+    def encoder_outputs(
+        self, features: dict[str, list[Tensor]], extras: dict[str, dict[str, list[list[Tensor]]]] | None = None
+    ) -> dict[str, BaseModelOutputWithPooling]:
+        """The ``mm_encoder_outputs`` argument that hands (kept) features to the model's forward. Kept images have
+        different token counts, so the "tensor" layout is flat ``[N, D]``, never ``[images, tokens, D]``.
+        ``extras[modality][field][layer]`` holds each chunk's kept rows of a per-row output field; the output
+        carries it as ``field = [tuple(rows of each chunk) for each layer]`` (Qwen3-VL's deepstack layout)."""
+        outputs = {}
+        for modality, rows in features.items():
+            pooled = torch.cat(list(rows)) if self.encoder_output_layout == "tensor" else list(rows)
+            outputs[modality] = BaseModelOutputWithPooling(pooler_output=pooled)
+            for name, per_layer in (extras or {}).get(modality, {}).items():
+                outputs[modality][name] = [tuple(chunks) for chunks in per_layer]
+        return outputs
+
+    @staticmethod
+    def per_image_features(pooler_output: Tensor | list[Tensor] | tuple[Tensor, ...], counts: list[int] | None = None) -> list[Tensor]:
+        """One ``[tokens, D]`` tensor per image from an encoder output in either layout: a list, a stacked
+        ``[images, tokens, D]`` tensor, or a flat ``[N, D]`` tensor split by ``counts`` (tokens per image)."""
+        if isinstance(pooler_output, (list, tuple)):
+            return list(pooler_output)
+        if pooler_output.ndim == 3:
+            return list(pooler_output.unbind(0))
+        if counts is None or sum(counts) != pooler_output.shape[0]:
+            raise ValueError(
+                f"a flat encoder output of {pooler_output.shape[0]} rows needs the tokens of each image to split it, "
+                f"got {counts}"
+            )
+        return list(pooler_output.split(counts))
 
     # -- positions ---------------------------------------------------------------------------------------------
     def prefill_positions(self, inputs: dict[str, Any], batch: int, length: int) -> Tensor:

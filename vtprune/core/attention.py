@@ -22,8 +22,21 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE on ``x [B, heads, T, d]`` with ``cos``/``sin`` of shape ``[B, T, d]`` (HF's rotate-half convention)."""
+    """RoPE on ``x [B, heads, T, d]`` with ``cos``/``sin`` of shape ``[B, T, r]`` (HF's rotate-half convention).
+    Partial rotary (``r < d``, e.g. GLM-4V's 0.5, Qwen3.5's 0.25): the first ``r`` dims rotate, the rest pass."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def split_query(query_states: Tensor, head_dim: int, gated: bool = False) -> Tensor:
+    """``[B, T, heads, head_dim]`` from a ``q_proj`` output; a gated projection (Qwen3.5's attention output gate)
+    holds ``[query | gate]`` per head, and only the query half enters the scores."""
+    batch, length, _ = query_states.shape
+    if gated:
+        return query_states.view(batch, length, -1, 2 * head_dim)[..., :head_dim]
+    return query_states.view(batch, length, -1, head_dim)
 
 
 def attention_rows(
@@ -33,21 +46,21 @@ def attention_rows(
     position_embeddings: tuple[Tensor, Tensor],
     query_slots: Tensor,
     key_valid: Tensor,
+    gated_query: bool = False,
 ) -> Tensor:
     """Attention probabilities of the query rows at ``query_slots`` of one decoder layer, ``[B, heads, R, L]`` (fp32).
 
     ``attn`` is the layer's attention module (for ``head_dim``, ``scaling`` and optional ``q_norm``/``k_norm``);
     ``query_rows`` its ``q_proj`` output for just those rows, ``[B, R, heads * head_dim]``, and ``key_states`` its
     ``k_proj`` output for every slot, ``[B, L, kv_heads * head_dim]``, both before RoPE; ``position_embeddings`` the
-    ``(cos, sin)`` the layer received. Keys are masked causally (a query sees slots up to its own) and where
+    ``(cos, sin)`` the layer received; ``gated_query``: ``q_proj`` also emits a gate per head (see
+    :func:`split_query`). Keys are masked causally (a query sees slots up to its own) and where
     ``key_valid`` is False (padding), exactly like the layer's own mask.
     """
     head_dim = attn.head_dim
     batch, length, _ = key_states.shape
     cos, sin = position_embeddings
-    rows = query_slots.shape[1]
-
-    q = query_rows.view(batch, rows, -1, head_dim)
+    q = split_query(query_rows, head_dim, gated_query)
     k = key_states.view(batch, length, -1, head_dim)
     if getattr(attn, "q_norm", None) is not None:
         q = attn.q_norm(q)

@@ -41,6 +41,8 @@ class ModelInfo:
     vision_layers: int = 0
     vision_feature_layer: int = 0
     family_name: str = ""
+    # attention type of every decoder layer ("full_attention", "sliding_attention", "linear_attention", ...)
+    layer_types: tuple[str, ...] = ()
 
     def scale_layers(
         self, layers: tuple[int, ...], reference_depth: int = 32, *, minimum: int = 1, maximum: int | None = None

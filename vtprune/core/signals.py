@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from vtprune.core.attention import apply_rotary, attention_rows
+from vtprune.core.attention import apply_rotary, attention_rows, split_query
 from vtprune.core.layout import Layout
 
 # Query rows are processed in chunks so that "all" never materialises an L x L map per head.
@@ -50,6 +50,7 @@ def mean_attention(
     position_embeddings: tuple[Tensor, Tensor],
     layout: Layout,
     query: str | tuple[Tensor, Tensor],
+    gated_query: bool = False,
 ) -> Tensor:
     """Head- and row-averaged attention of the query rows to every slot, ``[B, L]`` (fp32).
 
@@ -61,16 +62,17 @@ def mean_attention(
     for start in range(0, rows.shape[1], _QUERY_CHUNK):
         chunk = slice(start, start + _QUERY_CHUNK)
         slots = rows[:, chunk]
-        probs = attention_rows(attn, queries(slots), key_states, position_embeddings, slots, layout.valid)
+        probs = attention_rows(attn, queries(slots), key_states, position_embeddings, slots, layout.valid, gated_query)
         weights = row_valid[:, chunk].float()
         total += (probs.mean(1) * weights[..., None]).sum(1)
     return total / row_valid.sum(1).clamp(min=1)[:, None]
 
 
-def rotated_queries(attn: nn.Module, query_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+def rotated_queries(
+    attn: nn.Module, query_states: Tensor, position_embeddings: tuple[Tensor, Tensor], gated_query: bool = False
+) -> Tensor:
     """A layer's query states after its q-norm (if any) and RoPE, ``[B, L, heads, head_dim]``."""
-    batch, length, _ = query_states.shape
-    q = query_states.view(batch, length, -1, attn.head_dim)
+    q = split_query(query_states, attn.head_dim, gated_query)
     if getattr(attn, "q_norm", None) is not None:
         q = attn.q_norm(q)
     cos, sin = position_embeddings

@@ -119,7 +119,8 @@ class PrefillPlanner:
         if current.pending and current.pending[0][1].layer is None:
             inputs = self._pre_llm_stage(current, inputs)
         inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(
-            features_by_chunk(chunks, chunk_items, current.features)
+            features_by_chunk(chunks, chunk_items, current.features),
+            extras_by_chunk(chunks, chunk_items, current.items, current.layout),
         )
         for key in self.adapter.raw_visual_inputs:
             inputs[key] = None
@@ -301,6 +302,24 @@ def assign_items(
     for item, (sample, col) in zip(items, first_slot):
         item.visual_offset = int(visual_rank[sample, col])
     return items, chunk_items, item_of_slot, token_of_slot, features
+
+
+def extras_by_chunk(
+    chunks: list[VisualChunk], chunk_items: list[list[int]], items: list[VisualItem], layout: Layout
+) -> dict[str, dict[str, list[list[Tensor]]]]:
+    """Each chunk's per-row extra outputs at the rows its items kept: ``{modality: {field: [layer][chunk]}}``."""
+    by_modality: dict[str, dict[str, list[list[Tensor]]]] = {}
+    for chunk, item_ids in zip(chunks, chunk_items):
+        if not chunk.extras:
+            continue
+        kept = [spec.start + item_tokens(layout, items[i]) for spec, i in zip(chunk.items, item_ids)]
+        rows = torch.cat(kept) if kept else torch.empty(0, dtype=torch.long, device=chunk.features.device)
+        fields = by_modality.setdefault(chunk.modality, {})
+        for name, per_layer in chunk.extras.items():
+            layers = fields.setdefault(name, [[] for _ in per_layer])
+            for collected, values in zip(layers, per_layer):
+                collected.append(values[rows.to(values.device)])
+    return by_modality
 
 
 def features_by_chunk(

@@ -192,12 +192,14 @@ class StageRunner:
 
             def queries(slots: Tensor) -> Tensor:
                 return gather_rows(captured["q"], slots)
-        return mean_attention(parts.attention, queries, keys, position_embeddings, layout, query or stage.query)
+        return mean_attention(
+            parts.attention, queries, keys, position_embeddings, layout, query or stage.query, parts.gated_query
+        )
 
     def query_states(self, current: Prefill, stage: Stage) -> Tensor:
         captured = captured_at(current, stage.states_from, current.layout)
-        attention = self.adapter.decoder_parts(stage.states_from).attention
-        return rotated_queries(attention, captured["q"], captured["position_embeddings"])
+        parts = self.adapter.decoder_parts(stage.states_from)
+        return rotated_queries(parts.attention, captured["q"], captured["position_embeddings"], parts.gated_query)
 
 
 def captured_at(current: Prefill, layer: int, layout: Layout) -> dict[str, Any]:

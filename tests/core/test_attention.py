@@ -1,0 +1,45 @@
+"""Recomputed attention rows for the next families' attention variants, on hand-made tensors."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch.testing import assert_close
+
+from vtprune.core.attention import (
+    apply_rotary,
+    attention_rows,
+    rotate_half,
+    split_query,
+)
+
+
+def test_partial_rotary_rotates_the_first_dims_and_passes_the_rest():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8)  # [B, heads, T, head_dim]
+    cos, sin = torch.randn(2, 5, 4), torch.randn(2, 5, 4)  # rotary over half the head (GLM-4V's 0.5)
+    out = apply_rotary(x, cos, sin)
+    rotated = x[..., :4] * cos[:, None] + rotate_half(x[..., :4]) * sin[:, None]
+    assert_close(out[..., :4], rotated)
+    assert torch.equal(out[..., 4:], x[..., 4:])
+    full = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    assert_close(apply_rotary(x, *full), x * full[0][:, None] + rotate_half(x) * full[1][:, None])
+
+
+def test_gated_query_projection_scores_only_its_query_half():
+    torch.manual_seed(0)
+    batch, length, heads, head_dim = 2, 6, 2, 4
+    attn = SimpleNamespace(head_dim=head_dim, scaling=head_dim**-0.5)
+    query = torch.randn(batch, length, heads, head_dim)
+    gate = torch.randn(batch, length, heads, head_dim) * 100  # would dominate the scores if it leaked in
+    gated = torch.cat([query, gate], dim=-1).flatten(2)  # [query | gate] per head, as q_proj emits it
+    assert torch.equal(split_query(gated, head_dim, gated=True), query)
+    keys = torch.randn(batch, length, heads * head_dim)
+    rotary = torch.ones(batch, length, head_dim), torch.zeros(batch, length, head_dim)
+    slots = torch.tensor([[5, 3], [5, 4]])
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    plain = attention_rows(attn, query.flatten(2).gather(1, slots[..., None].expand(-1, -1, heads * head_dim)),
+                           keys, rotary, slots, valid)  # fmt: skip
+    rows = gated.gather(1, slots[..., None].expand(-1, -1, 2 * heads * head_dim))
+    assert_close(attention_rows(attn, rows, keys, rotary, slots, valid, gated_query=True), plain)
