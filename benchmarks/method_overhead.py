@@ -56,7 +56,12 @@ def main() -> None:
         table.add_column(column, justify="right")
     for name in args.methods.split(","):
         dense, overhead, parts = [], [], {}
-        with vtprune.wrap(model, name, keep=keep):
+        try:
+            pruning = vtprune.wrap(model, name, keep=keep)
+        except ValueError as error:  # a method that does not apply to this model says why (e.g. downsample)
+            console.print(f"[dim]{name}: skipped ({str(error).split(';')[0]})[/dim]")
+            continue
+        with pruning:
             timed(model, batch)  # warm-up of this method's path
         for _ in range(args.repeats):
             dense.append(timed(model, batch))
