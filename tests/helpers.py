@@ -48,7 +48,7 @@ __all__ = [
 
 
 # (method, options): every LLM-side method at each pruning point it supports, and both position conventions. Every
-# cross-cutting test iterates this one list; test_methods checks it covers every registered LLM-side method.
+# cross-cutting test iterates this one list; tests/core/test_registry.py checks it covers every LLM-side method.
 CONFIGS = [
     ("random", {}),
     ("random", {"layer": 2}),

@@ -23,9 +23,9 @@ def test_readme_method_example_registers_and_prunes():
             model(**batch)
         assert pruning.seq_lens[2] == batch["input_ids"].shape[1] - 64 + 5
     finally:
-        from vtprune.core import registry
+        from vtprune.core.registry import unregister_method
 
-        registry._REGISTRY.pop("my_norm", None)
+        unregister_method("my_norm")
 
 
 def test_readme_what_if_flops_example_runs():

@@ -1,4 +1,5 @@
-"""Recomputed attention rows for the next families' attention variants, on hand-made tensors."""
+"""Attention rows recomputed from a layer's Q/K (GQA, padding, causality, partial rotary, gated queries), on
+hand-made tensors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch.testing import assert_close
 from vtprune.core.attention import (
     apply_rotary,
     attention_rows,
+    gather_rows,
     rotate_half,
     split_query,
 )
@@ -43,3 +45,35 @@ def test_gated_query_projection_scores_only_its_query_half():
                            keys, rotary, slots, valid)  # fmt: skip
     rows = gated.gather(1, slots[..., None].expand(-1, -1, 2 * heads * head_dim))
     assert_close(attention_rows(attn, rows, keys, rotary, slots, valid, gated_query=True), plain)
+
+
+class _Attention(torch.nn.Module):
+    head_dim = 4
+    scaling = 0.5
+
+
+def test_attention_rows_match_a_full_softmax_with_gqa_and_padding():
+    torch.manual_seed(0)
+    batch, length, heads, kv_heads, dim = 2, 6, 4, 2, 4
+    q = torch.randn(batch, length, heads * dim)
+    k = torch.randn(batch, length, kv_heads * dim)
+    cos, sin = torch.randn(batch, length, dim), torch.randn(batch, length, dim)
+    valid = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    query_slots = torch.tensor([[5], [3]])
+    got = attention_rows(_Attention(), gather_rows(q, query_slots), k, (cos, sin), query_slots, valid)
+
+    def rope(x):  # x [B, heads, L, d]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos[:, None] + rotated * sin[:, None]
+
+    qh = rope(q.view(batch, length, heads, dim).transpose(1, 2))
+    kh = rope(k.view(batch, length, kv_heads, dim).transpose(1, 2)).repeat_interleave(2, dim=1)
+    scores = qh @ kh.transpose(-1, -2) * 0.5
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~(causal[None, None] & valid[:, None, None, :]), float("-inf"))
+    full = scores.softmax(-1)
+    expected = torch.stack([full[0, :, 5], full[1, :, 3]])[:, :, None]
+    assert_close(got, expected)
+    assert got[0, :, 0, 0].abs().max() == 0  # padding key
+    assert got[1, :, 0, 4:].abs().max() == 0  # causal

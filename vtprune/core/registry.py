@@ -265,6 +265,11 @@ def register_method(cls: type) -> type:
     return cls
 
 
+def unregister_method(name: str) -> None:
+    """Remove ``name`` from the registry (a method registered for a session or a test); unknown names are ignored."""
+    _REGISTRY.pop(name, None)
+
+
 def _kinds(kind: str | tuple[str, ...] | None) -> tuple[str, ...]:
     kinds = tuple(METHOD_KINDS) if kind is None else (kind,) if isinstance(kind, str) else tuple(kind)
     unknown = [k for k in kinds if k not in METHOD_KINDS]
@@ -335,6 +340,7 @@ __all__ = [
     "Stage",
     "METHOD_KINDS",
     "register_method",
+    "unregister_method",
     "list_methods",
     "method_kind",
     "method_class",

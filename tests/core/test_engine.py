@@ -340,18 +340,6 @@ def test_progressive_schedule_with_two_stages(family):
     assert_close(logits[:, -1], generated.logits[2], rtol=1e-4, atol=1e-4)
 
 
-def test_budget_applies_per_image_and_per_video_frame():
-    model = tiny_model("qwen2_vl")
-    batch = make_batch(model, [[3, Image((16, 24)), 2, Video(3, (16, 16)), 4]])
-    with vtprune.wrap(model, "uniform", keep=2) as pruning:
-        model(**batch)
-    items = pruning.last.items
-    assert [i["modality"] for i in items] == ["image", "video", "video", "video"]
-    assert [i["num_tokens"] for i in items] == [24, 16, 16, 16]  # 16x24 px -> 8x12 patches -> 4x6 merged
-    assert [k.numel() for k in pruning.last.stages[0].kept_per_item] == [2, 2, 2, 2]
-    assert pruning.kept[0][0].numel() == 8
-
-
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("method,options", [("fastv", {}), ("random", {})])
 def test_beam_search_scores_equal_recomputation(family, method, options):

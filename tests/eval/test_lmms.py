@@ -15,14 +15,21 @@ import torch
 from typer.testing import CliRunner
 
 from vtprune.cli import app
-from vtprune.data.digit_grids import PLACE_WORDS, generate, labels_of, normalise_answer, render, source_pool
+from vtprune.data.digit_grids import (
+    PLACE_WORDS,
+    generate,
+    labels_of,
+    normalise_answer,
+    render,
+    source_pool,
+)
 from vtprune.eval import tasks as local_tasks
 from vtprune.eval.sweep import SweepSpec, append_result, read_results
 from vtprune.eval.sweep_report import pareto_front
 from vtprune.testing import save_tiny_checkpoint
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _text(output: str) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "vtprune"
+PACKAGE = Path(__file__).resolve().parents[2] / "vtprune"
 # package -> the vtprune packages its modules must never import
 FORBIDDEN = {
     "core": ("vtprune.methods", "vtprune.adapters", "vtprune.api", "vtprune.eval", "vtprune.cli"),

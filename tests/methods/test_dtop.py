@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from vtprune.eval import segmentation
-from vtprune.eval.segmentation import confusion, evaluate_thresholds, iou_per_class, mean_iou
+from vtprune.eval.segmentation import (
+    confusion,
+    evaluate_thresholds,
+    iou_per_class,
+    mean_iou,
+)
 from vtprune.methods.dtop import DToPSegmenter, class_scores, early_exit
 
 timm = pytest.importorskip("timm")

@@ -1,0 +1,56 @@
+"""The method registry: configs round trip through JSON, kinds, and which families each method refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import vtprune
+from tests.helpers import CONFIGS, FAMILIES, inapplicable
+
+
+def test_method_configs_round_trip_through_json():
+    configs = (
+        vtprune.FastV(layer=3),
+        vtprune.Random(seed=7, layer=1),
+        vtprune.Uniform(positions="keep"),
+        vtprune.TransPrune(prune_layers=(3, 5), ratios=(0.5, 0.25)),
+        vtprune.MMTok(alpha=0.3),
+    )
+    for config in configs:
+        data = json.loads(config.to_json())
+        assert data["method"] == config.name
+        assert vtprune.Method.from_dict(data) == config
+    llm = [
+        "divprune", "downsample", "entropyprune", "fastervlm", "fastv", "mmtok", "pdrop", "pool", "random", "sparsevlm", "transprune", "uniform",
+        "visionzip", "vtc_cls",
+    ]  # fmt: skip
+    assert vtprune.list_methods("llm") == llm
+    assert vtprune.list_methods("vit") == ["evit", "tome"]
+    assert vtprune.list_methods("trained") == ["dtop"]
+    assert vtprune.list_methods() == sorted([*llm, "evit", "tome", "dtop"])  # one registry, every kind
+    assert vtprune.method_kind("tome") == "vit" and vtprune.method_kind("nope") is None
+    with pytest.raises(ValueError, match=r"kind must be one of \['llm', 'trained', 'vit'\], got 'vlm'"):
+        vtprune.list_methods("vlm")
+
+
+def test_shared_configs_cover_every_llm_method():
+    assert {method for method, _ in CONFIGS} == set(vtprune.list_methods("llm"))
+
+
+def test_methods_refuse_exactly_the_families_they_cannot_serve():
+    """The cross-cutting tests skip what a method refuses; this pins down what that is."""
+    refused = {
+        (method, family)
+        for method, options in CONFIGS
+        for family in FAMILIES
+        if inapplicable(family, method, options)
+    }
+    qwen = ("qwen2_vl", "qwen2_5_vl")
+    expected = {(m, f) for m, _ in CONFIGS for f in qwen if vtprune.method_class(m).needs_cls_token}
+    expected |= {("downsample", f) for f in ("llava", "llava_next")}  # CLIP resizes every image to one size
+    expected |= {("pool", f) for f in qwen}  # where="before" needs a per-token projector; Qwen's merger is 2x2
+    assert refused == expected
+    assert "no [CLS] token" in inapplicable("qwen2_vl", "vtc_cls", {})
+    assert inapplicable("qwen2_vl", "pool", {}) is None  # only where="before" is refused

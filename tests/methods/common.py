@@ -1,0 +1,61 @@
+"""Shared helpers of the per-method tests: model descriptions and hand-made pruning contexts."""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.core.context import ItemView, PruneContext, Signals
+from vtprune.core.layout import Layout, VisualItem
+from vtprune.core.registry import ModelInfo, Stage
+
+INFO = ModelInfo(family="llava", num_layers=4, has_cls_token=True, mrope=False)
+LLAVA = ModelInfo(family="llava", num_layers=32, has_cls_token=True, mrope=False, vision_layers=24, vision_feature_layer=22)
+QWEN = ModelInfo(family="qwen_vl", num_layers=28, has_cls_token=False, mrope=True, family_name="Qwen2-VL / Qwen2.5-VL")
+
+
+def _context(item_tokens: list[int], budgets: list[int], stage: Stage, attention: torch.Tensor | None = None, grids=()):
+    """A context with one sample whose items sit back to back from slot 0."""
+    items, views, start = [], [], 0
+    total = sum(item_tokens)
+    for index, (count, budget) in enumerate(zip(item_tokens, budgets)):
+        item = VisualItem(index, 0, "image", count, start, grids)
+        slots = torch.arange(start, start + count)
+        views.append(ItemView(item, index, torch.arange(count), slots, torch.ones(count, dtype=torch.bool), budget))
+        items.append(item)
+        start += count
+    layout = Layout(
+        token=torch.arange(total)[None],
+        valid=torch.ones(1, total, dtype=torch.bool),
+        item=torch.cat([torch.full((c,), i) for i, c in enumerate(item_tokens)])[None],
+        item_token=torch.cat([torch.arange(c) for c in item_tokens])[None],
+        positions=torch.arange(total)[None],
+        shift=torch.zeros(1, dtype=torch.long),
+        first_layer=0,
+    )
+    ctx = PruneContext(stage=stage, model=INFO, layout=layout, items=views)
+    if attention is not None:
+        ctx.signals = Signals(attention=lambda: attention[None])
+    return ctx
+
+
+def _single_item_context(n: int, budget: int, stage: Stage, **view_fields) -> PruneContext:
+    item = VisualItem(0, 0, "image", n, 0)
+    view = ItemView(item, 0, torch.arange(n), torch.arange(n), torch.ones(n, dtype=torch.bool), budget, **view_fields)
+    layout = Layout(
+        token=torch.arange(n)[None],
+        valid=torch.ones(1, n, dtype=torch.bool),
+        item=torch.zeros(1, n, dtype=torch.long),
+        item_token=torch.arange(n)[None],
+        positions=torch.arange(n)[None],
+        shift=torch.zeros(1, dtype=torch.long),
+        first_layer=0,
+    )
+    return PruneContext(stage=stage, model=LLAVA, layout=layout, items=[view])
+
+
+def _tower_cls_attention(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Head-averaged [CLS] rows of every tower layer from eager attention maps, [layers, views, T]."""
+    tower = model.model.vision_tower
+    tower.set_attn_implementation("eager")
+    attentions = tower(pixel_values, output_attentions=True).attentions
+    return torch.stack([a.mean(1)[:, 0] for a in attentions])
