@@ -38,6 +38,7 @@ from vtprune.core.engine.stages import StageRunner
 from vtprune.core.engine.state import (
     Decode,
     Prefill,
+    Schedule,
     Session,
     item_tokens,
     layer_inputs,
@@ -82,7 +83,8 @@ class PruningEngine:
         self.observed_layers = sorted(set(method.observed_layers(info)))
         self.runner = StageRunner(adapter, method, info, tokenizer)
         self.observer = VisionObserver(adapter, stages, self._target_grid, tower)
-        self.planner = PrefillPlanner(adapter, self.observer, self.runner, stages, keep, info, budget, self._timed)
+        schedule = Schedule(stages, keep, info, budget)
+        self.planner = PrefillPlanner(adapter, self.observer, self.runner, schedule, self._timed)
         self.last: ForwardRecord | None = None
         # the forward in flight (None between forwards)
         self.current: Prefill | Decode | None = None

@@ -13,14 +13,14 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache
 
 from vtprune.core.adapter import Adapter, VisualChunk
-from vtprune.core.budget import Keep, stage_budgets
+from vtprune.core.budget import stage_budgets
 from vtprune.core.compat import get_cache, set_cache
 from vtprune.core.engine.observer import Encoded, VisionObserver
 from vtprune.core.engine.stages import StageRunner
-from vtprune.core.engine.state import Prefill, item_tokens
+from vtprune.core.engine.state import Prefill, Schedule, item_tokens
 from vtprune.core.layout import Layout, VisualItem, padding_side_of
 from vtprune.core.record import ForwardRecord
-from vtprune.core.registry import Merged, ModelInfo, Stage
+from vtprune.core.registry import Merged
 from vtprune.core.signals import ImageSignals, query_slots
 from vtprune.kernels import gather_tokens
 
@@ -36,22 +36,16 @@ class PrefillPlanner:
         adapter: Adapter,
         observer: VisionObserver,
         runner: StageRunner,
-        stages: list[Stage],
-        keep: Keep,
-        info: ModelInfo,
-        budget: str,
+        schedule: Schedule,
         timed: Callable[[dict[str, float], str], AbstractContextManager[None]],
     ) -> None:
         self.adapter = adapter
         self.observer = observer
         self.runner = runner
-        self.stages = stages
-        self.keep = keep
-        self.info = info
-        self.budget = budget
+        self.schedule = schedule
         self.timed = timed
         self.renumber = runner.method.positions == "renumber" and not adapter.mrope
-        self.wants_text = any(s.text_embeddings for s in stages)
+        self.wants_text = any(s.text_embeddings for s in schedule.stages)
 
     def start(self, inputs: dict[str, Any]) -> tuple[Prefill, dict[str, Any]] | None:
         """The prefill state and the inputs to run on; None when there is nothing to prune (no image)."""
@@ -91,7 +85,7 @@ class PrefillPlanner:
             items=[{"sample": i.sample, "modality": i.modality, "num_tokens": i.num_tokens} for i in items],
             item_grids=[[(g.offset, g.height, g.width, g.row_stride) for g in i.grids] for i in items],
             input_length=length,
-            budget=self.budget,
+            budget=self.schedule.budget,
         )
         if self.observer.active:
             record.overhead["vision"] = self.observer.take_seconds()
@@ -104,7 +98,7 @@ class PrefillPlanner:
             features=features,
             # a re-encoded image's signals describe its smaller grid, not the placeholders: none for those
             vision=self._item_vision(chunks, chunk_items, [None if i in replaced else n for i, n in enumerate(notes)]),
-            pending=list(enumerate(self.stages)),
+            pending=list(enumerate(self.schedule.stages)),
             segments=[layout],
         )
         current.budgets = {item.index: self._item_budgets(item, current.vision.get(item.index)) for item in items}
@@ -168,18 +162,19 @@ class PrefillPlanner:
 
     def _item_budgets(self, item: VisualItem, signals: ImageSignals | None) -> list[dict[int, int]]:
         """Per stage, the budget of each group of the item's tokens: {-1: n} for the whole item, or one per view."""
-        specs = [(stage.layer, stage.scale) for stage in self.stages]
-        layers = self.info.num_layers
-        whole = stage_budgets(self.keep, item.num_selectable, specs, layers, self.budget)
+        stages, keep, budget = self.schedule.stages, self.schedule.keep, self.schedule.budget
+        specs = [(stage.layer, stage.scale) for stage in stages]
+        layers = self.schedule.info.num_layers
+        whole = stage_budgets(keep, item.num_selectable, specs, layers, budget)
         per_view: dict[int, list[int]] = {}
-        if signals is not None and any(stage.per_crop for stage in self.stages):
+        if signals is not None and any(stage.per_crop for stage in stages):
             views = signals.view[item.selectable_mask(signals.view.device)]
             for view, count in zip(*torch.unique(views, return_counts=True)):
                 if int(view) >= 0:
-                    per_view[int(view)] = stage_budgets(self.keep, int(count), specs, layers, self.budget)
+                    per_view[int(view)] = stage_budgets(keep, int(count), specs, layers, budget)
         return [
             {view: counts[i] for view, counts in per_view.items()} if stage.per_crop and per_view else {-1: whole[i]}
-            for i, stage in enumerate(self.stages)
+            for i, stage in enumerate(stages)
         ]
 
     def _instruction(

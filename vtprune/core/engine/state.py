@@ -11,10 +11,21 @@ from torch import Tensor
 from transformers.cache_utils import Cache
 
 from vtprune.core.adapter import Adapter
+from vtprune.core.budget import Keep
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.record import ForwardRecord
-from vtprune.core.registry import Merged, Stage
+from vtprune.core.registry import Merged, ModelInfo, Stage
 from vtprune.core.signals import ImageSignals
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What a wrap applies: the method's stages, the budget ``keep`` and what it counts, on the model ``info``."""
+
+    stages: list[Stage]
+    keep: Keep
+    info: ModelInfo
+    budget: str = "final"
 
 
 @dataclass
