@@ -2,8 +2,9 @@
 
 Each method runs wrapped with ``--keep`` (default 64 of 576, the budget papers report most). The engine times its
 own work per forward (``ForwardRecord.overhead``: tower [CLS] rows, observers, recomputed attention rows, scores,
-selection, bookkeeping); that is divided by the dense prefill time measured in the same run (dense and wrapped
-forwards alternate; medians over repeats). The difference of two end-to-end prefills is not used: on a shared CPU
+selection, bookkeeping); each repeat's overhead is divided by the dense prefill measured just before it (dense and
+wrapped forwards alternate), and the table gives the median with min-max over repeats, flagging a row whose ratio
+spread exceeds 20 % of its median. The difference of two end-to-end prefills is not used: on a shared CPU
 its noise exceeds the overhead.
 
     python benchmarks/method_overhead.py [--repeats 7] [--keep 64] [--text-hidden 1024] [--text-layers 8]
@@ -12,6 +13,7 @@ its noise exceeds the overhead.
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
 
@@ -21,6 +23,9 @@ from rich.table import Table
 
 import vtprune
 from vtprune.testing import llava_shaped_batch, llava_shaped_model
+
+# a row whose overhead ratio moves by more than this fraction of its median between repeats is flagged
+SPREAD_LIMIT = 0.2
 
 
 def timed(model, batch) -> float:
@@ -49,11 +54,17 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, CPU"
     )
     timed(model, batch)  # warm-up
+    console.print(
+        f"conditions: {platform.processor() or platform.machine()}, python {platform.python_version()}, one dense "
+        f"warm-up, then per method one warm-up and {args.repeats} repeats of (dense, wrapped) alternating"
+    )
     keep = int(args.keep) if args.keep >= 1 else args.keep
-    table = Table(title=f"vtprune overhead per prefill at keep = {keep} (median of {args.repeats} repeats)")
-    columns = ("method", "dense prefill ms", "overhead ms", "of which (ms)", "overhead / dense prefill")
+    table = Table(title=f"vtprune overhead per prefill at keep = {keep} ({args.repeats} repeats: median, min-max)")
+    columns = ("method", "dense prefill ms", "overhead ms", "of which (ms, medians)", "overhead / dense prefill",
+               "spread")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
+    flagged = []
     for name in args.methods.split(","):
         dense, overhead, parts = [], [], {}
         try:
@@ -70,16 +81,35 @@ def main() -> None:
                 overhead.append(sum(pruning.last.overhead.values()))
                 for key, seconds in pruning.last.overhead.items():
                     parts.setdefault(key, []).append(seconds)
-        base, spent = statistics.median(dense), statistics.median(overhead)
+        ratios = [spent / base for spent, base in zip(overhead, dense)]  # each repeat against its own dense run
+        ratio = statistics.median(ratios)
+        spread = (max(ratios) - min(ratios)) / ratio if ratio > 0 else 0.0
+        noisy = spread > SPREAD_LIMIT
+        if noisy:
+            flagged.append(name)
         split = ", ".join(f"{k} {statistics.median(v) * 1e3:.1f}" for k, v in sorted(parts.items()))
-        table.add_row(
+        row = (
             name,
-            f"{base * 1e3:.0f}",
-            f"{spent * 1e3:.1f}",
+            _ms(dense, 0),
+            _ms(overhead, 1),
             split,
-            f"{spent / base:.2%}",
+            f"{ratio:.2%} ({min(ratios):.2%}-{max(ratios):.2%})",
+            f"{spread:.0%}" + (" noisy" if noisy else ""),
         )
+        console.print("  ".join(f"{column}: {value}" for column, value in zip(columns, row)))  # as it goes
+        table.add_row(*row)
     console.print(table)
+    if flagged:
+        console.print(
+            f"[yellow]{', '.join(flagged)}: the overhead ratio varied by more than {SPREAD_LIMIT:.0%} of its median "
+            "between repeats; rerun on a quieter machine or with more --repeats before quoting it[/yellow]"
+        )
+
+
+def _ms(seconds: list[float], digits: int) -> str:
+    """Median (min-max) in milliseconds."""
+    low, mid, high = (value * 1e3 for value in (min(seconds), statistics.median(seconds), max(seconds)))
+    return f"{mid:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 
 if __name__ == "__main__":
