@@ -70,6 +70,7 @@ def _extend(batch: dict, ids: torch.Tensor) -> dict:
 
 @pytest.mark.parametrize("method,options", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("keep", [1.0, 10_000])
+@pytest.mark.filterwarnings("ignore:keep=10000 is at least")  # the point of this test: nothing is pruned
 def test_keep_all_equals_dense(family, method, options, keep):
     model = tiny_model(family)
     batch = make_batch(model, samples_for(family))

@@ -3,6 +3,7 @@ observer's notes."""
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -187,3 +188,20 @@ def test_per_row_encoder_extras_follow_the_kept_rows(monkeypatch):
         assert isinstance(per_image, tuple) and len(per_image) == 3
         for rows, kept in zip(per_image, output.pooler_output):
             assert_close(rows, kept * factor)
+
+
+def test_a_budget_above_an_image_warns_once_and_the_record_says_what_was_kept():
+    model = tiny_model("llava")
+    batch = make_batch(model, [[2, Image(), 3]])
+    tokens = int((batch["input_ids"] == vtprune.testing.IMAGE_TOKEN).sum())
+    with vtprune.wrap(model, "random", keep=500) as pruning:
+        with pytest.warns(UserWarning, match=rf"keep=500 is at least the {tokens} tokens of 1 of the 1 images"):
+            model(**batch)
+        assert pruning.last.stages[0].budgets == [tokens]  # what was kept, not what was asked
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(**batch)  # once per wrap
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with vtprune.wrap(model, "random", keep=4):
+            model(**batch)  # a budget that prunes says nothing

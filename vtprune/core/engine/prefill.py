@@ -4,6 +4,7 @@ each item its budgets, and, for a pre-LLM stage, hand the model a shorter prompt
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -46,6 +47,7 @@ class PrefillPlanner:
         self.timed = timed
         self.renumber = runner.method.positions == "renumber" and not adapter.mrope
         self.wants_text = any(s.text_embeddings for s in schedule.stages)
+        self._warned_whole = False
 
     def start(self, inputs: dict[str, Any]) -> tuple[Prefill, dict[str, Any]] | None:
         """The prefill state and the inputs to run on; None when there is nothing to prune (no image)."""
@@ -102,6 +104,7 @@ class PrefillPlanner:
             segments=[layout],
         )
         current.budgets = {item.index: self._item_budgets(item, current.vision.get(item.index)) for item in items}
+        self._warn_whole(items)
         current.replacements = {chunk_items[i][0]: value for i, value in replaced.items()}
         current.tower_tokens = {
             chunk_items[i][0]: note.tower_tokens
@@ -159,6 +162,20 @@ class PrefillPlanner:
                         "pass pixel_values instead"
                     )
         return vision
+
+    def _warn_whole(self, items: list[VisualItem]) -> None:
+        """Once per wrap: an int budget at or above an image's tokens prunes nothing there (pruning would look free)."""
+        keep = self.schedule.keep
+        whole = [item for item in items if isinstance(keep, int) and keep >= item.num_selectable]
+        if whole and not self._warned_whole:
+            self._warned_whole = True
+            sizes = sorted({item.num_selectable for item in whole})
+            warnings.warn(
+                f"keep={keep} is at least the {', '.join(map(str, sizes))} tokens of {len(whole)} of the "
+                f"{len(items)} images in this batch: those reach the LLM whole (the record's stage budgets say what "
+                "each image kept); pass a smaller keep, or a fraction such as keep=0.25",
+                stacklevel=2,
+            )
 
     def _item_budgets(self, item: VisualItem, signals: ImageSignals | None) -> list[dict[int, int]]:
         """Per stage, the budget of each group of the item's tokens: {-1: n} for the whole item, or one per view."""
