@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# A dropped connection mid-wheel (seen here on a 55 MB pyarrow) must not fail a fresh install: retry and resume.
+PIP_RETRIES := --retries 10 --resume-retries 10
 # The newest releases pyproject.toml allows (what `pip install vtprune` gives a user today), torch still pinned.
 VENV_LATEST := .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch/torchvision pinned in the same command so no dependency can swap them for another build.
-	$(PY) -m pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1 -e '.[dev]'
+	$(PY) -m pip install --quiet $(PIP_RETRIES) -c constraints.txt torch==2.14.1 torchvision==0.29.1 -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,7 +29,7 @@ $(STAMP_LATEST): pyproject.toml
 	$(PYTHON) -m venv $(VENV_LATEST)
 	$(PY_LATEST) -m pip install --quiet --upgrade pip
 	# No constraints file: pip resolves the newest transformers, lmms-eval, timm, ... in pyproject's ranges.
-	$(PY_LATEST) -m pip install --quiet --upgrade torch==2.14.1 torchvision==0.29.1 -e '.[dev]'
+	$(PY_LATEST) -m pip install --quiet $(PIP_RETRIES) --upgrade torch==2.14.1 torchvision==0.29.1 -e '.[dev]'
 	touch $(STAMP_LATEST)
 
 test-latest: $(STAMP_LATEST)
