@@ -107,9 +107,12 @@ class Adapter:
         return self.language_model.config
 
     def layer_types(self) -> list[str]:
-        """The attention type of every decoder layer (``"full_attention"``, ``"sliding_attention"``, ...)."""
-        declared = getattr(self.text_config, "layer_types", None)
-        return list(declared) if declared else ["full_attention"] * len(self.decoder_layers)
+        """The attention type of every decoder layer (``"full_attention"``, ``"sliding_attention"``, ...); read once,
+        as the engine asks for it per layer on every forward. Callers must not modify the list."""
+        if self.__dict__.get("_layer_types") is None:
+            declared = getattr(self.text_config, "layer_types", None)
+            self._layer_types = list(declared) if declared else ["full_attention"] * len(self.decoder_layers)
+        return self._layer_types
 
     def decoder_parts(self, layer: int) -> DecoderParts:
         """Decoder layer ``layer``'s pieces (Llama-style module names; families that differ override this)."""
