@@ -16,8 +16,9 @@ from tests.helpers import (
 )
 from tests.methods.common import LLAVA
 from vtprune.core.budget import stage_budgets
+from vtprune.core.layout import Layout
 from vtprune.core.registry import ModelInfo
-from vtprune.methods.transprune import transition_variation
+from vtprune.methods.transprune import store_transitions, transition_variation
 
 
 def test_transition_variation_norm_ratio_and_softmax():
@@ -31,6 +32,53 @@ def test_transition_variation_norm_ratio_and_softmax():
     z = y.clone()
     z[0, 2] = -z[0, 2]  # a token that turns around changes most
     assert int(transition_variation(x, z, valid)[0].argmax()) == 2
+
+
+def _reference_variation(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """TTV with plain per-sample loops and F.cosine_similarity (the formula as the authors write it)."""
+    ttv = torch.zeros(valid.shape)
+    for b in range(valid.shape[0]):
+        real = valid[b]
+        ratio = y[b, real].norm(dim=-1) / x[b, real].norm(dim=-1)
+        change = 1 - F.cosine_similarity(x[b, real], y[b, real], dim=-1)
+        ttv[b, real] = ratio * change.exp() / change.exp().sum()
+    return ttv
+
+
+def test_transition_variation_matches_the_plain_formula():
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 7, 16, generator=generator), torch.randn(2, 7, 16, generator=generator)
+    y[0, 3] = 0.0  # a sub-layer that outputs nothing for a token
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, :2] = False
+    assert_close(transition_variation(x, y, valid), _reference_variation(x, y, valid), rtol=1e-6, atol=1e-7)
+
+
+def test_transition_totals_follow_tokens_across_compaction():
+    """observe() sums per slot and moves the sums to prompt positions at each compaction: the totals equal a plain
+    per-token sum of every sub-layer's TTV over the tokens still present."""
+    generator = torch.Generator().manual_seed(0)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    token = torch.where(valid, torch.tensor([[0, 1, 2, 3, 4, 5], [-1, -1, 0, 1, 2, 3]]), -1)
+    item = torch.where(valid, torch.tensor([[-1, 0, 0, 0, 0, -1], [-1, -1, 1, 1, 1, -1]]), -1)
+    layout = Layout(token, valid, item, item, token.clamp(min=0), torch.zeros(2, dtype=torch.long), 0)
+    method, state = vtprune.TransPrune(), {}
+    expected = torch.zeros(2, 6)
+    for step in range(3):  # two sub-layers on each layout, compacting between
+        for part in ("attention", "mlp"):
+            x = torch.randn(2, layout.length, 8, generator=generator)
+            y = torch.randn(2, layout.length, 8, generator=generator)
+            method.observe(state, step, part, x, y, layout)
+            reference = _reference_variation(x, y, layout.valid)
+            for b in range(2):
+                real = layout.valid[b]
+                expected[b, layout.token[b, real]] += reference[b, real]
+        keep = layout.valid & ~((layout.item >= 0) & (layout.token == layout.token.max(1, keepdim=True).values - 1 - step))
+        layout = layout.compact(keep, renumber=True, first_layer=step + 1)
+    totals = store_transitions(state["ttv"])[:, :6]
+    for b in range(2):
+        present = layout.token[b, layout.valid[b]]  # only tokens that were never dropped carry every layer's TTV
+        assert_close(totals[b, present], expected[b, present], rtol=1e-5, atol=1e-7)
 
 
 def test_transprune_schedule_on_32_layers_and_scaled():

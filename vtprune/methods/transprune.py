@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vtprune.core.budget import Keep
@@ -35,14 +34,18 @@ from vtprune.core.registry import Method, ModelInfo, Stage, register_method
 
 REFERENCE_DEPTH = 32
 AUTHORS_PRUNE_LAYERS, AUTHORS_ACCUMULATE_FROM = (7, 9, 12), 7
+COSINE_EPS = 1e-8  # F.cosine_similarity's default, clamping each norm
 
 
 def transition_variation(inputs: Tensor, outputs: Tensor, valid: Tensor) -> Tensor:
     """TTV of one sub-layer, ``[B, L]``: norm ratio times the softmax (over each sample's real tokens) of 1 - cos."""
     x, y = inputs.float(), outputs.float()
-    ratio = y.norm(dim=-1) / x.norm(dim=-1)
-    change = (1 - F.cosine_similarity(x, y, dim=-1)).masked_fill(~valid, float("-inf"))
-    return torch.nan_to_num(ratio * torch.softmax(change, dim=-1))
+    # Two norms and one dot product, each one pass over the [B, L, D] states: the norm ratio and the cosine share the
+    # norms (F.cosine_similarity recomputed them and materialised both normalised tensors; observe ran 3x slower).
+    x_norm, y_norm = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)
+    cosine = (x * y).sum(-1) / (x_norm.clamp(min=COSINE_EPS) * y_norm.clamp(min=COSINE_EPS))
+    change = (1 - cosine).masked_fill(~valid, float("-inf"))
+    return torch.nan_to_num(y_norm / x_norm * torch.softmax(change, dim=-1))
 
 
 def normalised(values: Tensor) -> Tensor:
@@ -104,16 +107,19 @@ class TransPrune(Method):
     def observe(self, state: dict, layer: int, part: str, inputs: Tensor, output: Tensor, layout: Layout) -> None:
         ttv = transition_variation(inputs, output, layout.valid)
         accumulated = state.setdefault("ttv", {})
-        # keyed by original prompt position, so scores survive earlier stages' compaction
-        total = accumulated.get("by_token")
-        if total is None:
-            total = torch.zeros(layout.batch_size, int(layout.token.max()) + 1, device=ttv.device)
-        index = layout.token.clamp(min=0)
-        total.scatter_add_(1, index, ttv.masked_fill(~layout.valid, 0.0))
-        accumulated["by_token"] = total
+        # Summed per slot while the layout stays the same (one add per sub-layer instead of a scatter into the
+        # per-token totals); the totals follow the tokens across compactions (keyed by original prompt position).
+        if accumulated.get("layout") is not layout:
+            total = store_transitions(accumulated)
+            if total is None:  # one spare column takes the padding slots' (never read) values
+                total = ttv.new_zeros(layout.batch_size, int(layout.token.max()) + 2)
+                accumulated["by_token"] = total
+            accumulated["layout"], accumulated["index"] = layout, torch.where(layout.valid, layout.token, -1)
+            accumulated["by_slot"] = total.gather(1, accumulated["index"] % total.shape[1])
+        accumulated["by_slot"] += ttv
 
     def score(self, ctx: PruneContext) -> list[Tensor]:
-        total = ctx.state.get("ttv", {}).get("by_token")
+        total = store_transitions(ctx.state.get("ttv", {}))
         attention = None if self.ttv_only else ctx.attention()
         scores = []
         for view in ctx.items:
@@ -124,3 +130,11 @@ class TransPrune(Method):
                 score = score + normalised(attention[view.sample, view.slots])
             scores.append(score)
         return scores
+
+
+def store_transitions(accumulated: dict) -> Tensor | None:
+    """Write the current layout's per-slot TTV sums into the per-token totals ``[B, tokens + 1]``; returns them."""
+    total = accumulated.get("by_token")
+    if total is not None and "by_slot" in accumulated:
+        total.scatter_(1, accumulated["index"] % total.shape[1], accumulated["by_slot"])
+    return total
