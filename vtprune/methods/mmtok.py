@@ -77,19 +77,22 @@ def greedy_coverage(coverage: Tensor, count: int) -> Tensor:
     """
     coverage = coverage.double()
     rows, candidates = coverage.shape
+    columns = coverage.T.contiguous()  # a pick's column as one contiguous row: read at every step
     best = coverage.new_zeros(rows)
     gains = coverage.clamp(min=0).sum(0)
-    available = torch.ones(candidates, dtype=torch.bool, device=coverage.device)
     picked = []
+    # The loop is sequential, so its cost is the number of tensor ops per step: a picked column's gain is set to
+    # -inf once (no mask of available columns rebuilt per step) and the improved rows are gathered by index.
     for _ in range(min(count, candidates)):
-        choice = int(gains.masked_fill(~available, float("-inf")).argmax())
+        choice = int(gains.argmax())
         picked.append(choice)
-        available[choice] = False
-        improved = best < coverage[:, choice]
-        changed = coverage[improved]
-        old, new = best[improved], coverage[improved, choice]
-        gains -= (changed - old[:, None]).clamp(min=0).sum(0) - (changed - new[:, None]).clamp(min=0).sum(0)
-        best = torch.where(improved, coverage[:, choice], best)
+        column = columns[choice]
+        improved = (column > best).nonzero().squeeze(1)
+        changed = coverage.index_select(0, improved)
+        old, new = best[improved, None], column[improved, None]
+        gains -= (changed - old).clamp_(min=0).sum(0) - (changed - new).clamp_(min=0).sum(0)
+        gains[choice] = float("-inf")
+        best = torch.maximum(best, column)
     return torch.tensor(picked, dtype=torch.long, device=coverage.device)
 
 
