@@ -148,12 +148,16 @@ class SparseVLM(Method):
         kept = members[order]
         if clusters == 0:
             return kept
-        dropped = members[~torch.isin(members, kept)]
+        dropped_mask = torch.ones_like(members, dtype=torch.bool)
+        dropped_mask[order] = False  # a mask instead of torch.isin, which sorts both sides
+        dropped = members[dropped_mask]
         candidates = dropped[scores[dropped].float().topk(int(dropped.numel() * RECYCLE_SHARE) + 1).indices]
-        hidden = ctx.hidden_states[view.sample, view.slots]
-        centres, assignment = density_peak_clusters(hidden[candidates], clusters)
-        means = merge_tokens(hidden[candidates][None], assignment[None], None, clusters)[0]
+        # only the rows that are kept or clustered are read: gathering the item's whole hidden states cost more
+        hidden = ctx.hidden_states[view.sample]
+        candidate_states = hidden[view.slots[candidates]]
+        centres, assignment = density_peak_clusters(candidate_states, clusters)
+        means = merge_tokens(candidate_states[None], assignment[None], None, clusters)[0]
         indices = torch.cat([kept, candidates[centres]])
-        features = torch.cat([hidden[kept], means])
+        features = torch.cat([hidden[view.slots[kept]], means])
         combined = torch.cat([torch.zeros_like(kept, dtype=torch.bool), torch.ones_like(centres, dtype=torch.bool)])
         return Merged(indices, features, space="llm", combined=combined)
