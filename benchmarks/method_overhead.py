@@ -7,12 +7,18 @@ wrapped forwards alternate), and the table gives the median with min-max over re
 spread exceeds 20 % of its median. The difference of two end-to-end prefills is not used: on a shared CPU
 its noise exceeds the overhead.
 
-    python benchmarks/method_overhead.py [--repeats 7] [--keep 64] [--text-hidden 1024] [--text-layers 8]
+    python benchmarks/method_overhead.py [--repeats 7] [--keep 64] [--text-hidden 1024] [--text-layers 8] [--threads N]
+
+The load average is printed after the warm-up and at the end. With torch's threads on every core, another busy
+process makes the dense prefill and the overhead several times slower and the ratios noisy (on 2 cores, a test suite
+running alongside took the 8-layer dense prefill from 0.85 s to 4.7 s); a load well above the benchmark's own thread
+count means such a run's figures are not worth quoting.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -42,7 +48,10 @@ def main() -> None:
     parser.add_argument("--text-layers", type=int, default=8)
     parser.add_argument("--methods", default=",".join(vtprune.list_methods("llm")))
     parser.add_argument("--keep", type=float, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = llava_shaped_model(text_hidden=args.text_hidden, text_layers=args.text_layers)
     batch = llava_shaped_batch(model)
@@ -56,7 +65,8 @@ def main() -> None:
     timed(model, batch)  # warm-up
     console.print(
         f"conditions: {platform.processor() or platform.machine()}, python {platform.python_version()}, one dense "
-        f"warm-up, then per method one warm-up and {args.repeats} repeats of (dense, wrapped) alternating"
+        f"warm-up, then per method one warm-up and {args.repeats} repeats of (dense, wrapped) alternating; "
+        f"{_load()}"
     )
     keep = int(args.keep) if args.keep >= 1 else args.keep
     table = Table(title=f"vtprune overhead per prefill at keep = {keep} ({args.repeats} repeats: median, min-max)")
@@ -99,11 +109,18 @@ def main() -> None:
         console.print("  ".join(f"{column}: {value}" for column, value in zip(columns, row)))  # as it goes
         table.add_row(*row)
     console.print(table)
+    console.print(f"after the run: {_load()}")
     if flagged:
         console.print(
             f"[yellow]{', '.join(flagged)}: the overhead ratio varied by more than {SPREAD_LIMIT:.0%} of its median "
             "between repeats; rerun on a quieter machine or with more --repeats before quoting it[/yellow]"
         )
+
+
+def _load() -> str:
+    """The 1 / 5 / 15-minute load averages against the core count (other processes competing for the cores)."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} on {os.cpu_count()} cores"
 
 
 def _ms(seconds: list[float], digits: int) -> str:
