@@ -129,6 +129,7 @@ def model_info(adapter: Adapter) -> ModelInfo:
         vision_feature_layer=adapter.vision_feature_layer(),
         family_name=adapter.display_name,
         layer_types=tuple(adapter.layer_types()),
+        per_token_projector=adapter.per_token_projector,
     )
 
 

@@ -38,6 +38,7 @@ class QwenVLAdapter(Adapter):
     mrope = True
     has_cls_token = False
     cls_position = None
+    per_token_projector = False
 
     @classmethod
     def vision_shape(cls, config: Any) -> VisionShape:

@@ -71,6 +71,9 @@ class Adapter:
     has_cls_token: ClassVar[bool] = True
     # Position of the [CLS] token in each view of the tower's output (None: the tower has none).
     cls_position: ClassVar[int | None] = 0
+    # The projector maps each tower token on its own (LLaVA's MLP), so features merged before it can be projected
+    # (Adapter.project); False where it pools or merges patches (Qwen's 2x2 merger, Gemma 3's 4x4 pooling).
+    per_token_projector: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -127,18 +130,37 @@ class Adapter:
             layer_type=self.layer_types()[layer],
         )
 
-    def attention_masks(self, hidden_states: Tensor, attention_mask: Tensor, cache: Any, layer: int) -> dict[str, Any]:
+    def attention_masks(
+        self, hidden_states: Tensor, attention_mask: Tensor, cache: Any, layer: int, visual: Tensor | None = None
+    ) -> dict[str, Any]:
         """For a 2-D padding mask over ``cache``'s tokens plus ``hidden_states``' rows: the mask each attention type
-        of the decoder needs, built as transformers builds it (``layer`` picks the cache layer to size it)."""
+        of the decoder needs, built as transformers builds it (``layer`` picks the cache layer to size it).
+        ``visual`` (``[B, rows]``, prefill only) marks visual slots, for families whose image tokens attend to
+        each other bidirectionally; causal families ignore it."""
         return {
-            layer_type: build_mask(layer_type, self.text_config, hidden_states, attention_mask, cache, layer)
+            layer_type: build_mask(
+                layer_type, self.text_config, hidden_states, attention_mask, cache, self.mask_layer(layer, layer_type)
+            )
             for layer_type in sorted(set(self.layer_types()))
         }
 
+    def mask_layer(self, layer: int, layer_type: str) -> int:
+        """The cache layer that sizes ``layer_type``'s mask for the layers from ``layer`` on: the first of that type
+        (a sliding layer's cache keeps only its window, a full layer's everything)."""
+        types = self.layer_types()
+        return next((index for index in range(layer, len(types)) if types[index] == layer_type), layer)
+
     def rotary(self, hidden_states: Tensor, positions: Tensor, layer_type: str = "full_attention") -> tuple[Tensor, Tensor]:
-        """(cos, sin) for ``positions``; one table serves every layer type in the supported families."""
+        """(cos, sin) for ``positions`` in layers of ``layer_type``; here one table for every type (families with a
+        table per type override this)."""
         rotary_positions, _ = self.split_positions(positions)
         return self.language_model.rotary_emb(hidden_states, rotary_positions)
+
+    def follow_kept_rows(self, patch: Callable[[Any, str, Any], None], rows_now: Callable[[], Tensor | None]) -> None:
+        """For families whose language model adds per-visual-token inputs inside its layer loop (Qwen3-VL's
+        deepstack): patch that step with ``patch(owner, name, value)`` (undone at unwrap) so it follows the tokens
+        an in-LLM stage kept. ``rows_now()`` gives, during a prefill, each current slot's slot in the sequence the
+        language model received (``[B, L]``, -1 for padding), or None while nothing was dropped since."""
 
     # -- tokens ------------------------------------------------------------------------------------------------
     def visual_token_ids(self) -> dict[str, int]:
@@ -246,6 +268,17 @@ class Adapter:
             for name, per_layer in (extras or {}).get(modality, {}).items():
                 outputs[modality][name] = [tuple(chunks) for chunks in per_layer]
         return outputs
+
+    @classmethod
+    def encoder_rows(cls, output: Any) -> list[Tensor]:
+        """One ``[tokens, D]`` tensor per image or video of an encoder call's output, the same tensor objects on every
+        call (the engine keys what it noted about each by identity, and a stacked ``[videos, N, D]`` output would
+        give new views each time)."""
+        cached = output.__dict__.get("_vtprune_rows")
+        if cached is None or cached[0] is not output.pooler_output:
+            cached = (output.pooler_output, cls.per_image_features(output.pooler_output))
+            object.__setattr__(output, "_vtprune_rows", cached)  # an attribute, not a field of the ModelOutput
+        return cached[1]
 
     @staticmethod
     def per_image_features(pooler_output: Tensor | list[Tensor] | tuple[Tensor, ...], counts: list[int] | None = None) -> list[Tensor]:

@@ -43,6 +43,8 @@ class ModelInfo:
     family_name: str = ""
     # attention type of every decoder layer ("full_attention", "sliding_attention", "linear_attention", ...)
     layer_types: tuple[str, ...] = ()
+    # tower tokens are projected one by one, so merging before the projector is possible (see Adapter)
+    per_token_projector: bool = True
 
     def scale_layers(
         self, layers: tuple[int, ...], reference_depth: int = 32, *, minimum: int = 1, maximum: int | None = None

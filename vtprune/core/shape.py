@@ -18,6 +18,14 @@ class LanguageShape:
     kv_heads: int
     head_dim: int
     vocab: int
+    # per layer: the sliding window of a sliding-attention layer, 0 for full attention (Gemma 3 mixes both)
+    windows: tuple[int, ...] = ()
+
+    def decode_keys(self, layer: int, tokens: int) -> int:
+        """Keys a decoded token attends to in ``layer`` when ``tokens`` are cached (with itself): a sliding layer's
+        cache keeps only its window."""
+        window = self.windows[layer] if layer < len(self.windows) else 0
+        return min(tokens, window) if window else tokens
 
     def layer_flops(self, queries: int, keys: int) -> float:
         """One decoder layer for ``queries`` new tokens attending to ``keys`` tokens (cache + new)."""
@@ -56,6 +64,10 @@ class VisionShape:
     cls_token: bool = False
     gated_mlp: bool = False
     fixed_views: int = 0
+    # identical projectors run on the same rows (Qwen3-VL: the final merger plus one per deepstack block)
+    projectors: int = 1
+    # rows per view the projector runs on when it pools patches first (Gemma 3: 256); 0 = every patch
+    projected_per_view: int = 0
 
     def tower_flops(
         self, sequences: list[int], windows: list[int] | None = None, block_rows: list[list[int]] | None = None
@@ -85,8 +97,10 @@ class VisionShape:
         return (cumulative[1:] - cumulative[:-1]).tolist()
 
     def projector_flops(self, tokens: int) -> float:
-        """The projector (LLaVA: per image token) or the patch merger (Qwen: per merged token)."""
-        return float(2 * tokens * self.projector_in * self.projector_hidden + 2 * tokens * self.projector_hidden * self.projector_out)
+        """The projector (LLaVA: per image token) or the patch merger (Qwen: per merged token), times
+        ``projectors``."""
+        one = 2 * tokens * self.projector_in * self.projector_hidden + 2 * tokens * self.projector_hidden * self.projector_out
+        return float(self.projectors * one)
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,8 @@ class ModelShape:
 def language_shape(text: Any) -> LanguageShape:
     """A decoder-only LM's shape from its text config."""
     heads = text.num_attention_heads
+    types = getattr(text, "layer_types", None) or ()
+    window = getattr(text, "sliding_window", None) or 0
     return LanguageShape(
         layers=text.num_hidden_layers,
         hidden=text.hidden_size,
@@ -107,4 +123,5 @@ def language_shape(text: Any) -> LanguageShape:
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         vocab=text.vocab_size,
+        windows=tuple(window if layer_type == "sliding_attention" else 0 for layer_type in types),
     )

@@ -65,7 +65,11 @@ def llm_flops(
     """
     layers = [sum(shape.layer_flops(n, n) for n in counts) for counts in tokens_per_layer]
     rows = logits_rows if logits_rows is not None else tokens_per_layer[-1]
-    decode = sum(shape.layer_flops(1, n + 1) for counts in tokens_per_layer for n in counts)
+    decode = sum(
+        shape.layer_flops(1, shape.decode_keys(layer, n + 1))
+        for layer, counts in enumerate(tokens_per_layer)
+        for n in counts
+    )
     decode += shape.lm_head_flops(len(tokens_per_layer[0]))
     return layers, shape.lm_head_flops(sum(rows)), decode
 
@@ -77,12 +81,13 @@ def vision_flops(shape: ModelShape, images: list[dict[str, Any]]) -> tuple[float
     vision = shape.vision
     if vision.encoder_input == "views":
         per_view = (vision.image_size // vision.patch) ** 2
+        projected = vision.projected_per_view or per_view
         tower = projector = 0.0
         for image in images:
             views, rows = image["views"], image.get("block_rows")
             block_rows = [[r] * views for r in rows] if rows else None
-            tower += vision.tower_flops([per_view + 1] * views, block_rows=block_rows)
-            projector += vision.projector_flops(views * image.get("projected_rows", per_view))
+            tower += vision.tower_flops([per_view + int(vision.cls_token)] * views, block_rows=block_rows)
+            projector += vision.projector_flops(views * image.get("projected_rows", projected))
         return tower, projector
     grids = [tuple(image["grid"]) for image in images]
     sequences = [t * h * w for t, h, w in grids]

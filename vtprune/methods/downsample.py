@@ -40,8 +40,9 @@ class Downsample(Method):
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
         if not model.mrope:
             raise ValueError(
-                f"{self.name}: {model.family_name}'s CLIP tower resizes every image to 336 px, so a lower resolution "
-                "gives the same 576 tokens per view; use 'pool' there (downsample applies to Qwen2-VL / Qwen2.5-VL)"
+                f"{self.name}: {model.family_name}'s vision tower resizes every view to one fixed size, so a lower "
+                "resolution gives the same tokens per view; use 'pool' there "
+                "(downsample applies to the dynamic-resolution Qwen2-VL / Qwen2.5-VL / Qwen3-VL)"
             )
         return [Stage(layer=None, resample=True, modalities=("image",))]
 

@@ -56,15 +56,23 @@ class Pool(SingleStageMethod):
         if self.where == "before":
             if self.layer is not None:
                 raise ValueError(f"{self.name}: where='before' pools before the LLM; leave layer=None")
-            if model.mrope:
+            if not model.per_token_projector:
                 raise ValueError(
-                    f"{self.name}: where='before' needs a per-token projector; {model.family_name}'s merger combines "
-                    "2x2 patches, so use where='after'"
+                    f"{self.name}: where='before' needs a per-token projector; {model.family_name}'s projector "
+                    "combines several patches per token, so use where='after'"
                 )
             return [Stage(layer=None, encoder_features=True)]
         return super().stages(model, keep)
 
     def select(self, ctx: PruneContext) -> list[Merged]:
+        if self.where == "before":
+            for view in ctx.items:
+                if view.item.modality != "image":
+                    raise ValueError(
+                        f"{self.name}: where='before' pools the tower's patch features of images; a "
+                        f"{view.item.modality}'s tokens are pooled by {ctx.model.family_name} itself after its "
+                        "projector, so use where='after'"
+                    )
         values_of = (lambda v: v.encoder_features) if self.where == "before" else self._llm_values(ctx)
         return [self._pool(view, values_of(view)) for view in ctx.items]
 

@@ -130,9 +130,9 @@ class VisionObserver:
     ) -> None:
         if self.tower is not None:
             self._place_tower_rows(call, output)  # replaces output.pooler_output
-        per_image = getattr(output, "pooler_output", None)
-        if per_image is None:
+        if getattr(output, "pooler_output", None) is None:
             return
+        per_image = self.adapter.encoder_rows(output)
         notes = [Encoded() for _ in per_image]
         for note, change in zip(notes, changes or ()):
             if change is not None:

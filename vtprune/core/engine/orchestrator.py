@@ -146,6 +146,7 @@ class PruningEngine:
                 parts = self.adapter.decoder_parts(index)
                 for part, module in (("attention", parts.attention), ("mlp", parts.mlp)):
                     hooks.add(module.register_forward_hook(self._observe_hook(index, part), with_kwargs=True))
+            self.adapter.follow_kept_rows(hooks.patch, self._rows_since_input)
             self.observer.install(hooks)
         except Exception:
             self.remove()
@@ -202,6 +203,17 @@ class PruningEngine:
             else None
         )
 
+    def _rows_since_input(self) -> Tensor | None:
+        """During a prefill: each current slot's slot in the language model's input (-1 = padding), composed over
+        the in-LLM stages so far; None when none has dropped anything."""
+        current = self.current
+        if current is None or not current.prefill or len(current.segments) < 2:
+            return None
+        rows = current.segments[-1].source
+        for segment in reversed(current.segments[1:-1]):
+            rows = segment.source.gather(1, rows.clamp(min=0)).masked_fill(rows < 0, -1)
+        return rows
+
     # -- decoder layers ----------------------------------------------------------------------------------------
     def _layer_hook(self, index: int) -> Callable[..., tuple[tuple, dict] | None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -223,7 +235,9 @@ class PruningEngine:
         while current.pending and current.pending[0][1].layer == index:
             stage_index, stage = current.pending.pop(0)
             position_embeddings = (
-                current.layer_inputs.position_embeddings if current.layer_inputs else kwargs["position_embeddings"]
+                current.layer_inputs.position_embeddings[self.adapter.layer_types()[index]]
+                if current.layer_inputs
+                else kwargs["position_embeddings"]
             )
             with self._timed(current.record.overhead, "select"):
                 keep = self.runner.run(current, stage_index, stage, hidden=hidden, position_embeddings=position_embeddings)
@@ -233,7 +247,7 @@ class PruningEngine:
                 current.layout = shorter
                 current.segments.append(shorter)
                 current.layer_inputs = layer_inputs(
-                    self.adapter, hidden, current.cache, shorter.valid, shorter.positions, index
+                    self.adapter, hidden, current.cache, shorter.valid, shorter.positions, index, shorter.visual
                 )
             if current.merges:
                 hidden = hidden.clone()

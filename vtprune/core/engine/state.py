@@ -33,17 +33,26 @@ class LayerInputs:
     """Replacement keyword arguments for the decoder layers of one segment (the layers after a pruning point)."""
 
     masks: dict[str, Any]
-    position_embeddings: tuple[Tensor, Tensor]
+    # (cos, sin) per attention type (Gemma 3 rotates sliding and full layers with different tables)
+    position_embeddings: dict[str, tuple[Tensor, Tensor]]
     position_ids: Tensor | None
 
 
 def layer_inputs(
-    adapter: Adapter, hidden: Tensor, cache: Cache | None, mask: Tensor, positions: Tensor, layer: int
+    adapter: Adapter,
+    hidden: Tensor,
+    cache: Cache | None,
+    mask: Tensor,
+    positions: Tensor,
+    layer: int,
+    visual: Tensor | None = None,
 ) -> LayerInputs:
-    """Masks (one per attention type), rotary tables and position ids for ``hidden`` under a 2-D ``mask``."""
-    masks = adapter.attention_masks(hidden, mask, cache, layer)
+    """Masks (one per attention type), rotary tables and position ids for ``hidden`` under a 2-D ``mask``;
+    ``visual`` marks the visual slots of ``hidden`` (families whose image tokens attend bidirectionally)."""
+    masks = adapter.attention_masks(hidden, mask, cache, layer, visual)
     _, layer_positions = adapter.split_positions(positions)
-    return LayerInputs(masks, adapter.rotary(hidden, positions), layer_positions)
+    tables = {layer_type: adapter.rotary(hidden, positions, layer_type) for layer_type in set(adapter.layer_types())}
+    return LayerInputs(masks, tables, layer_positions)
 
 
 @dataclass
@@ -121,6 +130,6 @@ def replace_layer_inputs(
 ) -> tuple[tuple, dict]:
     args, kwargs = replace_hidden(args, kwargs, hidden)
     kwargs["attention_mask"] = inputs.masks[layer_type]
-    kwargs["position_embeddings"] = inputs.position_embeddings
+    kwargs["position_embeddings"] = inputs.position_embeddings[layer_type]
     kwargs["position_ids"] = inputs.position_ids
     return args, kwargs
