@@ -85,6 +85,8 @@ def _info(family: str):
 def inapplicable(family: str, method: str, options: dict) -> str | None:
     """Why ``method`` refuses ``family`` (its own clear ValueError from ``stages()``: no [CLS] token, no
     dynamic-resolution tower, no per-token projector, ...), or None when it applies."""
+    if family == "llava_onevision" and method == "pool" and options.get("where") == "before":
+        return "pool: where='before' refuses videos, which LLaVA-OneVision pools after its projector"  # its own test
     try:
         make_method(method, **options).stages(_info(family), 4)
     except ValueError as error:
@@ -94,10 +96,12 @@ def inapplicable(family: str, method: str, options: dict) -> str | None:
 
 def samples_for(family: str) -> list[list]:
     """Prompts of different lengths, image counts and image sizes; the last sample has no image."""
-    if family == "llava":
+    if family in ("llava", "gemma3"):
         return [[4, Image(), 6], [2, Image(), 3, Image(), 5], [9]]
     if family == "llava_next":
         return [[4, Image((32, 48)), 6], [2, Image((48, 32)), 3, Image((64, 64)), 2], [9]]
+    if family == "llava_onevision":
+        return [[4, Image((32, 48)), 6], [2, Image((48, 32)), 3, Video(2), 2], [9]]
     return [[4, Image((16, 16)), 6], [2, Image((24, 16)), 3, Video(2, (16, 16)), 2], [9]]
 
 
@@ -136,7 +140,7 @@ def visual_counts(batch: dict) -> list[int]:
 
 def newline_tokens(model, image: Image) -> int:
     """LLaVA-NeXT's newline tokens for an image of this size, from transformers' own any-res arithmetic."""
-    if not type(model).__name__.startswith("LlavaNext"):
+    if not type(model).__name__.startswith(("LlavaNext", "LlavaOnevision")):
         return 0
     config = model.config
     side = config.vision_config.image_size // config.vision_config.patch_size
@@ -147,7 +151,7 @@ def newline_tokens(model, image: Image) -> int:
 
 def view_count(model, image: Image) -> int:
     """Views (base + crops) the vision tower sees for one image: several on LLaVA-NeXT, one elsewhere."""
-    if not type(model).__name__.startswith("LlavaNext"):
+    if not type(model).__name__.startswith(("LlavaNext", "LlavaOnevision")):
         return 1
     from transformers.models.llava_next.modeling_llava_next import (
         image_size_to_num_patches,

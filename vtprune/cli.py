@@ -146,7 +146,8 @@ def dtop_command(
 
 MODEL_HELP = (
     "A checkpoint path or hub id (loaded with from_pretrained and its processor), or an embedded random model: "
-    "tiny:llava, tiny:llava_next, tiny:qwen2_vl, tiny:qwen2_5_vl, shaped:llava (LLaVA-1.5-shaped, 576 image tokens)."
+    "tiny:<family> (llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3), shaped:llava "
+    "(LLaVA-1.5-shaped, 576 image tokens)."
 )
 
 

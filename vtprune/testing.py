@@ -2,11 +2,12 @@
 
 No weights are downloaded: every family is built from its own config class with small sizes, so tests, the demo
 and benchmarks exercise the real model code (``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
-``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``).
+``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3")
 VOCAB = 128
 IMAGE_TOKEN = VOCAB - 1
 VIDEO_TOKEN = VOCAB - 2
 VISION_START = VOCAB - 3
 VISION_END = VOCAB - 4
+# Gemma 3 writes <start_of_image> / <end_of_image> around each image's placeholders
+IMAGE_START, IMAGE_END = VISION_START, VISION_END
 PAD_TOKEN = 0
+# families with LLaVA-NeXT's any-resolution views: pixel_values [images, views, C, H, W] + image_sizes
+ANY_RES = ("llava_next", "llava_onevision")
 # Text tokens are drawn from [1, TEXT_TOKENS) so they never collide with the special ids above.
 TEXT_TOKENS = VOCAB - 8
 
@@ -33,8 +38,10 @@ def tiny_model(
     hidden_size: int = 64,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    sliding_window: int = 24,
 ) -> nn.Module:
-    """A small random model of ``family`` (one of :data:`FAMILIES`), in eval mode."""
+    """A small random model of ``family`` (one of :data:`FAMILIES`), in eval mode. ``sliding_window``: Gemma 3's
+    sliding layers' window (shorter than the test prompts, so windows matter)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -42,10 +49,14 @@ def tiny_model(
         LlavaForConditionalGeneration,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
     )
 
     torch.manual_seed(seed)
@@ -78,6 +89,19 @@ def tiny_model(
         else:
             config = LlavaNextConfig(**common, image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
             model = LlavaNextForConditionalGeneration(config)
+    elif family == "llava_onevision":  # SigLIP tower (no [CLS]), Qwen2 decoder, as the released checkpoints
+        from transformers import Qwen2Config, SiglipVisionConfig
+
+        vision = SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=4,
+            vision_use_head=False,  # as in the released llava-onevision configs: LLaVA reads the patch states
+        )  # fmt: skip
+        config = LlavaOnevisionConfig(
+            vision_config=vision, text_config=Qwen2Config(**text), image_token_index=IMAGE_TOKEN,
+            video_token_index=VIDEO_TOKEN, vision_feature_layer=-1, vision_feature_select_strategy="full",
+            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]], vision_aspect_ratio="anyres_max_9",
+        )  # fmt: skip
+        model = LlavaOnevisionForConditionalGeneration(config)
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
         special = dict(
@@ -96,6 +120,36 @@ def tiny_model(
             )
             config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
             model = Qwen2_5_VLForConditionalGeneration(config)
+    elif family == "qwen3_vl":
+        # interleaved M-RoPE, q/k norms, deepstack features from tower blocks 0 and 1 added after LLM layers 0 and 1
+        text.update(head_dim=hidden_size // heads, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})  # fmt: skip
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden_size,
+                      patch_size=2, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1])  # fmt: skip
+        config = Qwen3VLConfig(
+            text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+            vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        )  # fmt: skip
+        model = Qwen3VLForConditionalGeneration(config)
+    elif family == "gemma3":  # SigLIP pooled 2x2 to 4 x 4 tokens; sliding and full layers, each with its rotary
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+        text.update(
+            head_dim=hidden_size // heads, query_pre_attn_scalar=hidden_size // heads, sliding_window=sliding_window,
+            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2),
+        )  # fmt: skip
+        vision = SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=4,
+            vision_use_head=False,
+        )  # fmt: skip
+        config = Gemma3Config(
+            text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=IMAGE_TOKEN,
+            boi_token_index=IMAGE_START, eoi_token_index=IMAGE_END,
+        )  # fmt: skip
+        model = Gemma3ForConditionalGeneration(config)
+        # transformers initialises the projection to zeros (every image would be the same blank features)
+        nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.05)
     else:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     model.set_attn_implementation(attn_implementation)
@@ -174,7 +228,8 @@ class Image:
 
 @dataclass(frozen=True)
 class Video:
-    """A video (Qwen only): ``frames`` temporal slices (each two frames deep) of ``size`` pixels."""
+    """A video: ``frames`` temporal slices (each two frames deep on Qwen) of ``size`` pixels (LLaVA-OneVision: frames
+    of the tower's image size)."""
 
     frames: int = 2
     size: tuple[int, int] = (16, 16)
@@ -201,7 +256,7 @@ def collate(model: nn.Module, singles: list[dict[str, Tensor]], *, padding_side:
     family = _family(model)
     length = max(s["input_ids"].shape[1] for s in singles)
     batch: dict[str, Tensor] = {}
-    for key, fill in (("input_ids", PAD_TOKEN), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+    for key, fill in (("input_ids", PAD_TOKEN), ("attention_mask", 0), ("mm_token_type_ids", 0), ("token_type_ids", 0)):
         if key not in singles[0]:
             continue
         rows = []
@@ -210,7 +265,7 @@ def collate(model: nn.Module, singles: list[dict[str, Tensor]], *, padding_side:
             pad = value.new_full((1, length - value.shape[1]), fill)
             rows.append(torch.cat([pad, value] if padding_side == "left" else [value, pad], 1))
         batch[key] = torch.cat(rows)
-    if family == "llava_next":
+    if family in ANY_RES:
         views = [s["pixel_values"] for s in singles if "pixel_values" in s]
         if views:
             most = max(v.shape[1] for v in views)
@@ -230,25 +285,41 @@ def _single(model: nn.Module, sample: list[int | Image | Video], seed: int) -> d
     for part in sample:
         if isinstance(part, int):
             tokens += torch.randint(3, TEXT_TOKENS, (part,), generator=generator).tolist()
+        elif isinstance(part, Video) and family == "llava_onevision":  # frames pooled 2x2, one newline at the end
+            side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+            size = model.config.vision_config.image_size
+            video_pixels.append(torch.randn(part.frames, 3, size, size, generator=generator))
+            tokens += [VIDEO_TOKEN] * (part.frames * math.ceil(side / 2) ** 2 + 1)
         elif isinstance(part, Video):
             if not family.startswith("qwen"):
                 raise ValueError(f"{family} takes no video input")
             patches = part.frames * (part.size[0] // 2) * (part.size[1] // 2)
             video_pixels.append(torch.randn(patches, 3 * 2 * 2 * 2, generator=generator))
             video_grids.append([part.frames, part.size[0] // 2, part.size[1] // 2])
-            tokens += [VISION_START] + [VIDEO_TOKEN] * (patches // 4) + [VISION_END]
+            if family == "qwen3_vl":  # each frame after its own timestamp text, as Qwen3-VL's processor writes it
+                per_frame = patches // 4 // part.frames
+                for _ in range(part.frames):
+                    stamp = torch.randint(3, TEXT_TOKENS, (1,), generator=generator).tolist()
+                    tokens += stamp + [VISION_START] + [VIDEO_TOKEN] * per_frame + [VISION_END]
+            else:
+                tokens += [VISION_START] + [VIDEO_TOKEN] * (patches // 4) + [VISION_END]
         else:
             count = _add_image(model, family, part, generator, pixels, sizes, grids)
             marker = [IMAGE_TOKEN] * count
-            tokens += [VISION_START, *marker, VISION_END] if family.startswith("qwen") else marker
+            tokens += [VISION_START, *marker, VISION_END] if family.startswith(("qwen", "gemma")) else marker
     input_ids = torch.tensor([tokens], dtype=torch.long)
     single: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    if family == "llava" and pixels:
+    if family in ("llava", "gemma3") and pixels:
         single["pixel_values"] = torch.stack(pixels)
-    elif family == "llava_next" and pixels:
-        most = max(p.shape[0] for p in pixels)
-        single["pixel_values"] = torch.stack([torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])]) for p in pixels])
-        single["image_sizes"] = torch.tensor(sizes)
+    if family == "gemma3":  # image tokens attend to each other bidirectionally
+        single["token_type_ids"] = (input_ids == IMAGE_TOKEN).long()
+    elif family in ANY_RES:
+        if pixels:
+            most = max(p.shape[0] for p in pixels)
+            single["pixel_values"] = torch.stack([torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])]) for p in pixels])
+            single["image_sizes"] = torch.tensor(sizes)
+        if video_pixels:
+            single["pixel_values_videos"] = torch.stack(video_pixels)
     elif family.startswith("qwen"):
         if pixels:
             single["pixel_values"] = torch.cat(pixels)
@@ -265,12 +336,18 @@ def _family(model: nn.Module) -> str:
     name = type(model).__name__
     if name.startswith("LlavaNext"):
         return "llava_next"
+    if name.startswith("LlavaOnevision"):
+        return "llava_onevision"
     if name.startswith("Llava"):
         return "llava"
     if name.startswith("Qwen2_5_VL"):
         return "qwen2_5_vl"
     if name.startswith("Qwen2VL"):
         return "qwen2_vl"
+    if name.startswith("Qwen3VL"):
+        return "qwen3_vl"
+    if name.startswith("Gemma3"):
+        return "gemma3"
     raise ValueError(f"not a tiny test model: {name}")
 
 
@@ -287,7 +364,10 @@ def _add_image(
     if family == "llava":
         pixels.append(torch.randn(3, 32, 32, generator=generator))
         return (32 // 4) ** 2
-    if family == "llava_next":
+    if family == "gemma3":
+        pixels.append(torch.randn(3, 32, 32, generator=generator))
+        return model.config.mm_tokens_per_image
+    if family in ANY_RES:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         config = model.config

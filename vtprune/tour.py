@@ -18,6 +18,9 @@ PROMPTS = {
     "llava_next": [[6, Image((32, 48)), 9], [3, Image((64, 64)), 5]],
     "qwen2_vl": [[6, Image((32, 32)), 9], [3, Image((16, 24)), 4, Video(2, (16, 16)), 5]],
     "qwen2_5_vl": [[6, Image((32, 32)), 9], [3, Image((24, 24)), 5]],
+    "qwen3_vl": [[6, Image((32, 32)), 9], [3, Image((16, 24)), 4, Video(2, (16, 16)), 5]],
+    "llava_onevision": [[6, Image((32, 48)), 9], [3, Image(), 4, Video(2), 5]],
+    "gemma3": [[6, Image(), 9], [3, Image(), 4, Image(), 5]],
 }
 
 

@@ -32,7 +32,10 @@ def test_decoder_parts_are_the_modules_each_layer_runs(family):
     layers = len(adapter.decoder_layers)
     expected = {(i, n) for i in range(layers) for n in ("attention", "query", "key", "input_norm", "mlp")}
     assert set(calls) == expected
-    assert adapter.layer_types() == ["full_attention"] * layers
+    declared = getattr(adapter.text_config, "layer_types", None) or ["full_attention"] * layers
+    assert adapter.layer_types() == list(declared)
+    if family == "gemma3":
+        assert set(adapter.layer_types()) == {"sliding_attention", "full_attention"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -41,7 +44,8 @@ def test_the_adapter_describes_its_tower_for_flops(family):
     assert adapter_class_for_config(model.config) is type(vtprune.adapter_for(model))
     vision = model_shape(model).vision
     assert vision.encoder_input == ("grid" if family.startswith("qwen") else "views")
-    assert vision.cls_token == (not family.startswith("qwen"))
+    assert vision.cls_token == (family in ("llava", "llava_next"))  # SigLIP and the Qwen towers have none
     assert vision.gated_mlp == (family == "qwen2_5_vl") and (vision.window > 0) == (family == "qwen2_5_vl")
-    with pytest.raises(TypeError, match="no FLOPs model for 'bert'; supported: llava, llava_next, qwen2_vl"):
+    assert vision.projectors == (1 + len(model.config.vision_config.deepstack_visual_indexes) if family == "qwen3_vl" else 1)
+    with pytest.raises(TypeError, match="no FLOPs model for 'bert'; supported: llava, llava_next, llava_onevision"):
         adapter_class_for_config(type("Config", (), {"model_type": "bert"})())

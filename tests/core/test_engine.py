@@ -62,9 +62,10 @@ def _extend(batch: dict, ids: torch.Tensor) -> dict:
     extra = ids.shape[1] - batch["input_ids"].shape[1]
     full = {**batch, "input_ids": ids}
     full["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(ids.shape[0], extra, dtype=torch.long)], 1)
-    if "mm_token_type_ids" in batch:
-        zeros = torch.zeros(ids.shape[0], extra, dtype=batch["mm_token_type_ids"].dtype)
-        full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], zeros], 1)
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in batch:
+            zeros = torch.zeros(ids.shape[0], extra, dtype=batch[key].dtype)
+            full[key] = torch.cat([batch[key], zeros], 1)
     return full
 
 
@@ -115,9 +116,14 @@ def test_pre_llm_pruning_equals_born_short_prompt(family, method, positions):
     valid = index >= 0
 
     vlm = model.model
+    deepstack: dict[str, list] = {}  # Qwen3-VL: per layer, per image or video, like pooler_output
     if is_qwen(model):
-        image = list(vlm.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
-        video = list(vlm.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"]).pooler_output)
+        image_out = vlm.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        video_out = vlm.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])
+        image, video = list(image_out.pooler_output), list(video_out.pooler_output)
+        for modality, out in (("image", image_out), ("video", video_out)):
+            if getattr(out, "deepstack_features", None):
+                deepstack[modality] = [list(layer) for layer in out.deepstack_features]
         full_positions, _ = vlm.get_rope_index(
             batch["input_ids"],
             batch["mm_token_type_ids"],
@@ -128,21 +134,42 @@ def test_pre_llm_pruning_equals_born_short_prompt(family, method, positions):
     else:
         pixel_inputs = {k: batch[k] for k in ("pixel_values", "image_sizes") if k in batch}
         image, video = list(vlm.get_image_features(**pixel_inputs).pooler_output), []
+        if "pixel_values_videos" in batch:  # LLaVA-OneVision: [videos, N, D]
+            video = list(vlm.get_video_features(batch["pixel_values_videos"]).pooler_output)
         full_positions = batch["position_ids"]
     kept = record.stages[0].kept_per_item
-    encoder_outputs = {"image": pooled([rows[k] for rows, k in zip(image, kept)])}
-    if video:  # one video, its frames are consecutive items
-        per_frame = video[0].shape[0] // (len(kept) - len(image))
-        frames = [video[0][i * per_frame : (i + 1) * per_frame][k] for i, k in enumerate(kept[len(image) :])]
-        encoder_outputs["video"] = pooled([torch.cat(frames)])
+
+    def kept_images(images: list) -> list:
+        return [rows[k] for rows, k in zip(images, kept)]
+
+    def kept_video(videos: list) -> list:  # one video, its frames are consecutive items
+        frames = videos[0].split([item["num_tokens"] for item in record.items[len(image) :]])
+        return [torch.cat([rows[k] for rows, k in zip(frames, kept[len(image) :])])]
+
+    encoder_outputs = {"image": pooled(kept_images(image))}
+    if video:
+        encoder_outputs["video"] = pooled(kept_video(video))
+        if not is_qwen(model):  # LLaVA-OneVision's forward takes one tensor
+            encoder_outputs["video"].pooler_output = encoder_outputs["video"].pooler_output[0]
+    for modality, layers in deepstack.items():
+        keep_rows = kept_images if modality == "image" else kept_video
+        encoder_outputs[modality]["deepstack_features"] = [tuple(keep_rows(layer)) for layer in layers]
     short_ids = batch["input_ids"].gather(1, index.clamp(min=0)).masked_fill(~valid, 0)
     short_mask = valid.long()
     if positions == "keep" or is_qwen(model):
         short_positions = full_positions.gather(-1, index.clamp(min=0).expand(*full_positions.shape[:-2], -1, -1))
     else:
         short_positions = (short_mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {}
+    if "token_type_ids" in batch:  # Gemma 3: one [N, D] tensor of image rows; image tokens see their whole image
+        encoder_outputs["image"].pooler_output = torch.cat(encoder_outputs["image"].pooler_output)
+        extra["token_type_ids"] = batch["token_type_ids"].gather(1, index.clamp(min=0)).masked_fill(~valid, 0)
     born_short = model(
-        input_ids=short_ids, attention_mask=short_mask, position_ids=short_positions, mm_encoder_outputs=encoder_outputs
+        input_ids=short_ids,
+        attention_mask=short_mask,
+        position_ids=short_positions,
+        mm_encoder_outputs=encoder_outputs,
+        **extra,
     ).logits
     assert valid.sum(1).max() < batch["input_ids"].shape[1]
     assert_close(pruned[valid], born_short[valid], rtol=1e-4, atol=1e-5)
@@ -258,9 +285,12 @@ def test_sequence_lengths_and_kept_follow_the_budget(family, method, options):
                     size = record.items[len(items)]["num_tokens"] - newlines
                     items.append((sample, min(budget * views, size) + newlines))
                 elif isinstance(part, Video):
-                    frame = record.items[len(items)]["num_tokens"]
                     video_budgeted = stage.modalities is None or "video" in stage.modalities
-                    items += [(sample, min(budget, frame) if video_budgeted else frame)] * part.frames
+                    for frame in range(part.frames):
+                        size = record.items[len(items)]["num_tokens"]
+                        # LLaVA-OneVision's newline after the last frame: structural, always kept
+                        newline = int(not is_qwen(model) and frame == part.frames - 1)
+                        items.append((sample, min(budget, size - newline) + newline if video_budgeted else size))
         return items
 
     real = batch["attention_mask"].sum(1).tolist()
@@ -285,6 +315,41 @@ def test_sequence_lengths_and_kept_follow_the_budget(family, method, options):
         for sample, kept in enumerate(stage_record.kept):
             assert kept.numel() == kept.unique().numel() == sum(c for s, c in expected_items if s == sample)
             assert kept.numel() == 0 or int(kept.max()) < visual[sample]
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_in_llm_pruning_equals_dense_with_dropped_keys_masked(family, layer):
+    """An in-LLM stage at ``layer`` = the dense model whose layers from ``layer`` on cannot attend to the dropped
+    tokens (positions kept): checks the rebuilt masks and rotary tables, and whatever the family adds per visual
+    token inside the layer loop (Qwen3-VL's deepstack features after layers 0 and 1) and Gemma 3's bidirectional
+    image blocks. Gemma 3's sliding window spans the whole prompt here: windows count slots, so dropping tokens moves
+    what a short window sees (the other tests cover short windows)."""
+    model = tiny_model(family, attn_implementation="eager", sliding_window=4096)
+    batch = with_positions(model, make_batch(model, samples_for(family)[:2]))
+    with vtprune.wrap(model, "random", keep=3, layer=layer, positions="keep") as pruning:
+        pruned = model(**batch).logits
+    index = pruning.last.output_index
+    valid = index >= 0
+    kept = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    for sample in range(kept.shape[0]):
+        kept[sample, index[sample][valid[sample]]] = True
+    dropped = batch["attention_mask"].bool() & ~kept
+    assert dropped.any()
+
+    def hide_dropped(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        kwargs["attention_mask"] = mask.masked_fill(dropped[:, None, None, : mask.shape[-1]], torch.finfo(mask.dtype).min)
+        return args, kwargs
+
+    layers = model.model.language_model.layers
+    handles = [block.register_forward_pre_hook(hide_dropped, with_kwargs=True) for block in layers[layer:]]
+    try:
+        dense = model(**batch).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = dense.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, dense.shape[-1]))
+    assert_close(pruned[valid], rows[valid], rtol=1e-4, atol=1e-5)
 
 
 def test_text_only_batches_pass_through(family):

@@ -47,10 +47,13 @@ def test_methods_refuse_exactly_the_families_they_cannot_serve():
         for family in FAMILIES
         if inapplicable(family, method, options)
     }
-    qwen = ("qwen2_vl", "qwen2_5_vl")
-    expected = {(m, f) for m, _ in CONFIGS for f in qwen if vtprune.method_class(m).needs_cls_token}
-    expected |= {("downsample", f) for f in ("llava", "llava_next")}  # CLIP resizes every image to one size
-    expected |= {("pool", f) for f in qwen}  # where="before" needs a per-token projector; Qwen's merger is 2x2
+    no_cls = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "gemma3")  # Qwen's towers and SigLIP
+    expected = {(m, f) for m, _ in CONFIGS for f in no_cls if vtprune.method_class(m).needs_cls_token}
+    # fixed-size views: a lower resolution gives as many tokens
+    expected |= {("downsample", f) for f in ("llava", "llava_next", "llava_onevision", "gemma3")}
+    # where="before" needs a per-token projector (Qwen merges 2x2, Gemma 3 pools 4x4); LLaVA-OneVision's videos
+    # are pooled after its projector
+    expected |= {("pool", f) for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_onevision")}
     assert refused == expected
     assert "no [CLS] token" in inapplicable("qwen2_vl", "vtc_cls", {})
     assert inapplicable("qwen2_vl", "pool", {}) is None  # only where="before" is refused

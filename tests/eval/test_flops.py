@@ -64,9 +64,13 @@ def test_full_size_configs_build_on_meta_without_weights():
         model = meta_model(name)
         assert next(model.parameters()).device.type == "meta"
         parameters[name] = sum(p.numel() for p in model.parameters()) / 1e9
-        assert model_shape(model).language.layers in (28, 32, 40)
+        assert model_shape(model).language.layers in (28, 32, 36, 40, 48)
     assert round(parameters["llava-1.5-7b"], 2) == 7.06 and round(parameters["llava-1.5-13b"], 2) == 13.35
     assert round(parameters["qwen2-vl-7b"], 2) == 8.29
+    # the model cards' totals: 8.77 B, 8.03 B, 12.2 B
+    assert round(parameters["qwen3-vl-8b"], 2) == 8.77 and round(parameters["llava-onevision-7b"], 2) == 8.03
+    assert round(parameters["gemma-3-12b"], 1) == 12.2
+    assert model_shape(meta_model("gemma-3-12b")).language.windows.count(1024) == 40  # 5 sliding : 1 full
 
 
 def _llm_reduction(name: str, text_tokens: int, schedule: list[tuple[int | None, int]]) -> float:

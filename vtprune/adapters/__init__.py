@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from torch import nn
 
+from vtprune.adapters.gemma3 import Gemma3Adapter
 from vtprune.adapters.hf_clip_vit import HFClipViTAdapter
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.llava_next import LlavaNextAdapter
+from vtprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from vtprune.adapters.open_clip_vit import OpenClipViTAdapter
+from vtprune.adapters.qwen3_vl import Qwen3VLAdapter
 from vtprune.adapters.qwen_vl import QwenVLAdapter
 from vtprune.adapters.timm_vit import TimmViTAdapter
 from vtprune.core.adapter import Adapter
 from vtprune.core.vit import ViTAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, QwenVLAdapter, Qwen3VLAdapter, Gemma3Adapter
+)
 
 
 VIT_ADAPTERS: tuple[type[ViTAdapter], ...] = (TimmViTAdapter, OpenClipViTAdapter, HFClipViTAdapter)

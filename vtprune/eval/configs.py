@@ -1,7 +1,9 @@
 """Full-size configs of the supported families, written out (no download), for FLOPs estimates on ``meta``.
 
 Sizes as published on the Hugging Face hub for llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf,
-llava-hf/llava-v1.6-vicuna-7b-hf, Qwen/Qwen2-VL-7B-Instruct and Qwen/Qwen2.5-VL-7B-Instruct.
+llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf, Qwen/Qwen2-VL-7B-Instruct,
+Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen3-VL-8B-Instruct and google/gemma-3-12b-it (written from their config.json
+files, not downloaded here; the parameter counts in tests/eval/test_flops.py check them against the model cards).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ QWEN2_7B_TEXT = dict(
     vocab_size=152064, max_position_embeddings=32768, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
 )  # fmt: skip
 
+SIGLIP_SO400M = dict(
+    hidden_size=1152, intermediate_size=4304, num_attention_heads=16, patch_size=14, vision_use_head=False
+)  # fmt: skip
+
 REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "llava-1.5-7b": {"family": "llava", "vision": CLIP_L_336, "text": VICUNA_7B},
     "llava-1.5-13b": {"family": "llava", "vision": CLIP_L_336, "text": VICUNA_13B},
@@ -48,6 +54,31 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                        fullatt_block_indexes=[7, 15, 23, 31]),
         "text": QWEN2_7B_TEXT,
+    },  # fmt: skip
+    "qwen3-vl-8b": {
+        "family": "qwen3_vl",
+        "vision": dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                       deepstack_visual_indexes=[8, 16, 24]),
+        "text": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+                     rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                      "mrope_interleaved": True}),
+    },  # fmt: skip
+    "llava-onevision-7b": {
+        "family": "llava_onevision",
+        "vision": dict(SIGLIP_SO400M, num_hidden_layers=26, image_size=384),
+        "text": dict(QWEN2_7B_TEXT, vocab_size=152128, rope_scaling=None),
+        # 384 px tiles, grids from 1 x 1 to 6 x 6
+        "image_grid_pinpoints": [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)],
+    },
+    "gemma-3-12b": {
+        "family": "gemma3",
+        "vision": dict(SIGLIP_SO400M, num_hidden_layers=27, image_size=896),
+        "text": dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                     num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, vocab_size=262208,
+                     sliding_window=1024, max_position_embeddings=131072,
+                     layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 8),
     },  # fmt: skip
 }
 
@@ -71,7 +102,27 @@ def reference_config(name: str) -> Any:
         if family == "llava":
             return LlavaConfig(**common)
         return LlavaNextConfig(**common, image_grid_pinpoints=spec["image_grid_pinpoints"])
+    if family == "llava_onevision":
+        from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+        return LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**spec["vision"]), text_config=Qwen2Config(**spec["text"]),
+            image_token_index=151646, video_token_index=151647, vision_feature_layer=-1,
+            vision_feature_select_strategy="full", image_grid_pinpoints=spec["image_grid_pinpoints"],
+            vision_aspect_ratio="anyres_max_9",
+        )  # fmt: skip
+    if family == "gemma3":
+        from transformers import Gemma3Config, SiglipVisionConfig
+
+        return Gemma3Config(
+            vision_config=SiglipVisionConfig(**spec["vision"]), text_config=dict(spec["text"]), mm_tokens_per_image=256,
+            image_token_index=262144, boi_token_index=255999, eoi_token_index=256000,
+        )  # fmt: skip
     special = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        return Qwen3VLConfig(text_config=dict(spec["text"]), vision_config=dict(spec["vision"]), **special)
     config_class = Qwen2VLConfig if family == "qwen2_vl" else Qwen2_5_VLConfig
     return config_class(text_config=dict(spec["text"]), vision_config=dict(spec["vision"]), **special)
 

@@ -10,10 +10,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vtprune.testing import FAMILIES
+
 # OpenAI CLIP's normalisation, which LLaVA and Qwen-VL processors both use.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SYNTHETIC = ("tiny:llava", "tiny:llava_next", "tiny:qwen2_vl", "tiny:qwen2_5_vl", "shaped:llava")
+SYNTHETIC = (*(f"tiny:{family}" for family in FAMILIES), "shaped:llava")
+# random models with a word-level processor (tools that build prompts from text)
+WITH_PROCESSOR = ("tiny:llava", "tiny:qwen2_vl", "tiny:qwen2_5_vl")
 DEFAULT_PROMPT = "Describe the image in detail."
 
 
@@ -32,8 +36,8 @@ def load_model(
         model = llava_shaped_model() if spec == "shaped:llava" else tiny_model(family)
         processor = None
         if text_processor:
-            if spec == "shaped:llava" or family == "llava_next":
-                raise ValueError(f"{spec} has no processor; use tiny:llava, tiny:qwen2_vl or tiny:qwen2_5_vl")
+            if spec not in WITH_PROCESSOR:
+                raise ValueError(f"{spec} has no processor; use {', '.join(WITH_PROCESSOR)}")
             processor = tiny_processor(family, model)
         return model.to(device), processor
     if spec == "embedded":

@@ -1,0 +1,138 @@
+"""Qwen3-VL and Qwen3-VL-MoE: Qwen2-VL's dynamic grids and (interleaved) M-RoPE, plus *deepstack*.
+
+Deepstack: the tower's blocks in ``deepstack_visual_indexes`` each emit merged features of every visual token, and
+the language model adds feature set ``i`` to the hidden states of the visual tokens after decoder layer ``i``
+(``visual_pos_masks`` says where). Pruning must keep the two in step:
+
+* before the LLM, every deepstack tensor keeps the rows of the kept tokens (``VisualChunk.extras``);
+* inside the LLM, at a layer within the deepstack range (FastV's K=2 on a 3-set model), the remaining additions go
+  to the kept tokens only: the adapter patches the language model's ``_deepstack_process`` to remap
+  ``visual_pos_masks`` and the feature rows onto the shortened sequence.
+
+A video's frames are separate runs of placeholders, each after its timestamp text; each frame is one budgeted item
+(as for Qwen2-VL). Positions are the model's own 3-D ids on the full prompt, sliced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtprune.adapters.qwen_vl import QwenVLAdapter
+from vtprune.core.adapter import ItemSpec, VisualChunk
+from vtprune.core.layout import GridPart
+from vtprune.core.shape import VisionShape
+
+DEEPSTACK = "deepstack_features"
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    family = "qwen3_vl"
+    display_name = "Qwen3-VL"
+    model_class_names = (
+        "Qwen3VLForConditionalGeneration",
+        "Qwen3VLModel",
+        "Qwen3VLMoeForConditionalGeneration",
+        "Qwen3VLMoeModel",
+    )
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+    # get_video_features calls get_image_features: observing both would see every video twice
+    encoder_methods = ("get_image_features",)
+
+    @classmethod
+    def vision_shape(cls, config: Any) -> VisionShape:
+        vision = config.vision_config
+        merged = vision.hidden_size * vision.spatial_merge_size**2
+        return VisionShape(
+            encoder_input="grid",
+            layers=vision.depth,
+            hidden=vision.hidden_size,
+            intermediate=vision.intermediate_size,
+            patch=vision.patch_size,
+            temporal_patch=vision.temporal_patch_size,
+            merge=vision.spatial_merge_size,
+            projector_in=merged,
+            projector_hidden=merged,
+            projector_out=vision.out_hidden_size,
+            # one merger per deepstack block besides the final one, each as large as the final merger
+            projectors=1 + len(vision.deepstack_visual_indexes),
+        )
+
+    def _chunks(self, inputs: dict[str, Any], modality: str) -> list[VisualChunk]:
+        precomputed = (inputs.get("mm_encoder_outputs") or {}).get(modality)
+        grid_thw = inputs.get(f"{modality}_grid_thw")
+        if precomputed is not None:
+            output = precomputed
+        else:
+            pixels = inputs.get("pixel_values" if modality == "image" else "pixel_values_videos")
+            if pixels is None or pixels.numel() == 0:
+                return []
+            encode = self.vlm.get_image_features if modality == "image" else self.vlm.get_video_features
+            output = encode(pixels, grid_thw, return_dict=True)
+        features = self.per_image_features(output.pooler_output)
+        deepstack = getattr(output, DEEPSTACK, None) or []
+        if grid_thw is not None:
+            merge = self.vlm.config.vision_config.spatial_merge_size
+            grids = [(t, h // merge, w // merge) for t, h, w in grid_thw.tolist()]
+        else:  # generate() encodes before prefill and drops the grids: read them off the positions
+            grids = self._grids_from_positions(inputs, modality, [rows.shape[0] for rows in features])
+        chunks = []
+        for index, (rows, grid) in enumerate(zip(features, grids, strict=True)):
+            extras = {DEEPSTACK: [layer[index] for layer in deepstack]} if deepstack else {}
+            if grid is None:
+                items = [ItemSpec(0, rows.shape[0])]
+            else:
+                frames, grid_h, grid_w = grid
+                per_frame, part = grid_h * grid_w, (GridPart(0, grid_h, grid_w, grid_w),)
+                items = [ItemSpec(t * per_frame, per_frame, part) for t in range(frames)]
+            chunks.append(VisualChunk(modality, rows, items, extras))
+        return chunks
+
+    def _grids_from_positions(
+        self, inputs: dict[str, Any], modality: str, counts: list[int]
+    ) -> list[tuple[int, int, int] | None]:
+        """(frames, rows, cols) per image or video. A video's frames are separate placeholder runs with their own
+        positions, so each run is read alone and the frames must agree."""
+        positions = inputs.get("position_ids")
+        if positions is None or positions.ndim != 3:
+            return [None] * len(counts)
+        mask = self.placeholder_masks(inputs.get("input_ids"), inputs.get("inputs_embeds"))[modality]
+        rows, cols = mask.nonzero(as_tuple=True)
+        # a new run starts where the previous placeholder is not the slot just before, or in another sample
+        starts = torch.ones_like(cols, dtype=torch.bool)
+        starts[1:] = (cols[1:] != cols[:-1] + 1) | (rows[1:] != rows[:-1])
+        grids: list[tuple[int, int, int] | None] = []
+        start = 0
+        for count in counts:
+            run_starts = (starts[start : start + count].nonzero().squeeze(1) + start).tolist() + [start + count]
+            shapes = set()
+            for begin, end in zip(run_starts[:-1], run_starts[1:]):
+                thw = positions[-3:, rows[begin:end], cols[begin:end]]
+                height, width = int(thw[1].unique().numel()), int(thw[2].unique().numel())
+                shapes.add((height, width) if height * width == end - begin else None)
+            frames = len(run_starts) - 1
+            grids.append((frames, *shapes.pop()) if len(shapes) == 1 and None not in shapes else None)
+            start += count
+        return grids
+
+    def follow_kept_rows(self, patch: Callable[[Any, str, Any], None], rows_now: Callable[[], Tensor | None]) -> None:
+        """Route deepstack additions to the tokens an in-LLM stage kept (see the module docstring)."""
+        language_model = self.language_model
+        original = language_model._deepstack_process
+
+        def deepstack_process(hidden_states: Tensor, visual_pos_masks: Tensor, visual_embeds: Tensor) -> Tensor:
+            rows = rows_now()
+            if rows is None or hidden_states.shape[1] == visual_pos_masks.shape[1]:
+                return original(hidden_states, visual_pos_masks, visual_embeds)
+            masks = visual_pos_masks.to(rows.device)
+            # visual_embeds hold one row per True of visual_pos_masks, in row-major order
+            embed_row = (masks.flatten().long().cumsum(0) - 1).view_as(masks)
+            source = rows.clamp(min=0)
+            kept = masks.gather(1, source) & (rows >= 0)
+            kept_rows = embed_row.gather(1, source)[kept]
+            return original(hidden_states, kept, visual_embeds[kept_rows.to(visual_embeds.device)])
+
+        patch(language_model, "_deepstack_process", deepstack_process)
