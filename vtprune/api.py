@@ -9,7 +9,7 @@ from torch import nn
 from vtprune.adapters import find_adapter, find_vit_adapter
 from vtprune.core.adapter import Adapter
 from vtprune.core.budget import BUDGET_CONVENTIONS, Keep, validate_keep
-from vtprune.core.compat import MASK_BUILDERS, check_transformers_version
+from vtprune.core.compat import MASK_BUILDERS, SOFTMAX_ATTENTION, check_transformers_version
 from vtprune.core.engine import PruningEngine
 from vtprune.core.handle import WRAPPED_ATTRIBUTE, Pruning
 from vtprune.core.registry import (
@@ -130,6 +130,7 @@ def model_info(adapter: Adapter) -> ModelInfo:
         family_name=adapter.display_name,
         layer_types=tuple(adapter.layer_types()),
         per_token_projector=adapter.per_token_projector,
+        no_cls_reason=adapter.no_cls_reason,
     )
 
 
@@ -179,8 +180,8 @@ def _check_layer_types(name: str, stage: Stage, info: ModelInfo) -> None:
         )
     for field_name in ("attention_from", "states_from"):
         source = getattr(stage, field_name)
-        if source is not None and types[source] not in MASK_BUILDERS:
-            usable = [i for i, t in enumerate(types[: stage.layer + 1]) if t in MASK_BUILDERS]
+        if source is not None and types[source] not in SOFTMAX_ATTENTION:
+            usable = [i for i, t in enumerate(types[: stage.layer + 1]) if t in SOFTMAX_ATTENTION]
             raise ValueError(
                 f"{name}: {field_name}={source} is a {types[source]} layer without softmax attention; "
                 f"attention layers at or before {stage.layer}: {usable}"

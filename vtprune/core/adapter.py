@@ -52,6 +52,9 @@ class VisualChunk:
     # other per-row outputs of the encoder that must follow the kept rows, by output field: one tensor per
     # layer, each [rows, D] like ``features`` (Qwen3-VL's deepstack features)
     extras: dict[str, list[Tensor]] = field(default_factory=dict)
+    # the encoder rows ``features`` was regrouped from, in order (InternVL: an image's tiles), where it is not one
+    # entry of the encoder's output itself; tower signals are looked up per part
+    parts: list[Tensor] = field(default_factory=list)
 
 
 class Adapter:
@@ -71,6 +74,8 @@ class Adapter:
     has_cls_token: ClassVar[bool] = True
     # Position of the [CLS] token in each view of the tower's output (None: the tower has none).
     cls_position: ClassVar[int | None] = 0
+    # what [CLS] methods are told where has_cls_token is False
+    no_cls_reason: ClassVar[str] = "towers have no [CLS] token"
     # The projector maps each tower token on its own (LLaVA's MLP), so features merged before it can be projected
     # (Adapter.project); False where it pools or merges patches (Qwen's 2x2 merger, Gemma 3's 4x4 pooling).
     per_token_projector: ClassVar[bool] = True
@@ -268,6 +273,18 @@ class Adapter:
             for name, per_layer in (extras or {}).get(modality, {}).items():
                 outputs[modality][name] = [tuple(chunks) for chunks in per_layer]
         return outputs
+
+    @staticmethod
+    def encoder_output(inputs: dict[str, Any], modality: str, pixels_key: str, encode: Callable[[Tensor], Any]) -> Any:
+        """The encoder output of ``modality``: handed in precomputed (``mm_encoder_outputs``, as ``generate`` does),
+        else ``encode(pixels)``; None when the forward has no such input."""
+        precomputed = (inputs.get("mm_encoder_outputs") or {}).get(modality)
+        if precomputed is not None:
+            return precomputed
+        pixels = inputs.get(pixels_key)
+        if pixels is None or pixels.numel() == 0:
+            return None
+        return encode(pixels)
 
     @classmethod
     def encoder_rows(cls, output: Any) -> list[Tensor]:

@@ -27,6 +27,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache
 from transformers.masking_utils import (
     create_causal_mask,
+    create_recurrent_attention_mask,
     create_sliding_window_causal_mask,
 )
 
@@ -40,7 +41,11 @@ CACHE_NAMES = ("cache", "past_key_values")
 MASK_BUILDERS: dict[str, Callable[..., Any]] = {
     "full_attention": create_causal_mask,
     "sliding_attention": create_sliding_window_causal_mask,
+    # linear attention (Qwen3.5's Gated DeltaNet) takes only the 2-D padding mask of its own rows
+    "linear_attention": create_recurrent_attention_mask,
 }
+# layer types with softmax attention over keys, whose rows vtprune can recompute from Q/K
+SOFTMAX_ATTENTION = ("full_attention", "sliding_attention")
 
 _warned: set[str] = set()
 

@@ -45,6 +45,8 @@ class ModelInfo:
     layer_types: tuple[str, ...] = ()
     # tower tokens are projected one by one, so merging before the projector is possible (see Adapter)
     per_token_projector: bool = True
+    # why [CLS] signals are missing, where has_cls_token is False
+    no_cls_reason: str = "towers have no [CLS] token"
 
     def scale_layers(
         self, layers: tuple[int, ...], reference_depth: int = 32, *, minimum: int = 1, maximum: int | None = None
@@ -63,8 +65,8 @@ class ModelInfo:
         if not self.has_cls_token:
             usable = [n for n in list_methods("llm") if not method_class(n).needs_cls_token]
             raise ValueError(
-                f"{method} ranks tokens by the vision tower's [CLS] attention, but {self.family_name} towers have no "
-                f"[CLS] token; methods that apply to {self.family_name}: {', '.join(usable)}"
+                f"{method} ranks tokens by the vision tower's [CLS] attention, but {self.family_name} "
+                f"{self.no_cls_reason}; methods that apply to {self.family_name}: {', '.join(usable)}"
             )
 
     def check_layer(self, method: str, name: str, value: int, minimum: int = 0) -> None:

@@ -68,15 +68,24 @@ class VisionShape:
     projectors: int = 1
     # rows per view the projector runs on when it pools patches first (Gemma 3: 256); 0 = every patch
     projected_per_view: int = 0
+    # (in, out) of each projector matrix per projected row, where it is not projector_in -> hidden -> out
+    # (Mistral 3: its 2x2 patch merger, then two linear layers)
+    projector_layers: tuple[tuple[int, int], ...] = ()
 
     def tower_flops(
-        self, sequences: list[int], windows: list[int] | None = None, block_rows: list[list[int]] | None = None
+        self,
+        sequences: list[int],
+        windows: list[int] | None = None,
+        block_rows: list[list[int]] | None = None,
+        embedded: int | None = None,
     ) -> float:
         """The tower on sequences of these lengths (one per view / image; tokens per sequence incl. [CLS]).
         ``block_rows`` (layers + 1 lists) where a ViT method reduced rows inside the tower: the lengths entering
         each block, then leaving the last; block l's attention runs on ``block_rows[l]`` and, as the reduction sits
-        between attention and MLP, its MLP on ``block_rows[l + 1]``."""
+        between attention and MLP, its MLP on ``block_rows[l + 1]``. ``embedded``: patches the patch embedding ran
+        on, where it ran on padded images (Pixtral embeds the batch's padded canvas, then crops)."""
         patches = sum(sequences) - (len(sequences) if self.cls_token else 0)
+        patches = embedded if embedded is not None else patches
         total = 2 * patches * 3 * self.temporal_patch * self.patch**2 * self.hidden  # patch embedding
         mlp_matrices = 3 if self.gated_mlp else 2
         rows = block_rows or [sequences] * (self.layers + 1)
@@ -99,8 +108,8 @@ class VisionShape:
     def projector_flops(self, tokens: int) -> float:
         """The projector (LLaVA: per image token) or the patch merger (Qwen: per merged token), times
         ``projectors``."""
-        one = 2 * tokens * self.projector_in * self.projector_hidden + 2 * tokens * self.projector_hidden * self.projector_out
-        return float(self.projectors * one)
+        layers = self.projector_layers or ((self.projector_in, self.projector_hidden), (self.projector_hidden, self.projector_out))
+        return float(self.projectors * sum(2 * tokens * rows_in * rows_out for rows_in, rows_out in layers))
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,24 @@ class ImageSignals:
     def view(self) -> Tensor:
         return torch.where(self.source >= 0, self.source // self.tokens_per_view, -1)
 
+    @staticmethod
+    def cat(parts: list[ImageSignals]) -> ImageSignals:
+        """The signals of several encoder rows regrouped into one image (tiles of one call, same tokens per view)."""
+        first = parts[0]
+
+        def joined(values: list[dict[int, Tensor]]) -> dict[int, Tensor]:
+            return {layer: torch.cat([v[layer] for v in values]) for layer in values[0]}
+
+        features = [p.encoder_features for p in parts]
+        return ImageSignals(
+            torch.cat([p.source for p in parts]),
+            first.tokens_per_view,
+            joined([p.cls_attention for p in parts]),
+            torch.cat(features) if all(f is not None for f in features) else None,
+            joined([p.keys for p in parts]),
+            {view: cls for p in parts for view, cls in p.view_cls.items()},
+        )
+
     def rows(self, start: int, count: int) -> ImageSignals:
         """The signals of tokens ``[start, start + count)`` (one item of a multi-item chunk)."""
         span = slice(start, start + count)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vtprune.core.adapter import Adapter
+from vtprune.core.adapter import Adapter, VisualChunk
 from vtprune.core.engine.hooks import HookSet
 from vtprune.core.registry import Stage
 from vtprune.core.signals import ImageSignals, align_image_signals, vit_cls_rows
@@ -91,6 +91,17 @@ class VisionObserver:
         if entry is None or entry[0]() is not features:
             return None
         return entry[1]
+
+    def lookup_chunk(self, chunk: VisualChunk) -> Encoded | None:
+        """:meth:`lookup` for a chunk, joining the notes of the encoder rows it was regrouped from (their tower
+        signals, in order; regrouped chunks are never re-encoded or tower-reduced)."""
+        if not chunk.parts:
+            return self.lookup(chunk.features)
+        notes = [self.lookup(part) for part in chunk.parts]
+        if any(note is None for note in notes):
+            return None
+        signals = [note.signals for note in notes]
+        return Encoded(signals=ImageSignals.cat(signals) if all(s is not None for s in signals) else None)
 
     def take_tower_inputs(self) -> list[dict[str, Any]]:
         taken, self.tower_inputs = self.tower_inputs, []

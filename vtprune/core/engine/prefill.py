@@ -59,7 +59,7 @@ class PrefillPlanner:
         if not chunks:
             self.observer.take_tower_inputs()
             return None  # text-only batch
-        notes = [self.observer.lookup(chunk.features) for chunk in chunks]
+        notes = [self.observer.lookup_chunk(chunk) for chunk in chunks]
         replaced = _take_resampled(chunks, notes)
         batch, length = reference.shape[:2]
         device = reference.device
