@@ -11,7 +11,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from vtprune.api import adapter_for, model_info
+from vtprune.api import adapter_for, checked_stages, model_info
 from vtprune.core.registry import make_method
 from vtprune.testing import (
     FAMILIES,
@@ -88,7 +88,8 @@ def inapplicable(family: str, method: str, options: dict) -> str | None:
     if family == "llava_onevision" and method == "pool" and options.get("where") == "before":
         return "pool: where='before' refuses videos, which LLaVA-OneVision pools after its projector"  # its own test
     try:
-        make_method(method, **options).stages(_info(family), 4)
+        config = make_method(method, **options)
+        checked_stages(config, config.stages(_info(family), 4), _info(family))
     except ValueError as error:
         return str(error).split(";")[0]
     return None
@@ -100,6 +101,10 @@ def samples_for(family: str) -> list[list]:
         return [[4, Image(), 6], [2, Image(), 3, Image(), 5], [9]]
     if family == "llava_next":
         return [[4, Image((32, 48)), 6], [2, Image((48, 32)), 3, Image((64, 64)), 2], [9]]
+    if family == "internvl":  # tiles: 1, 2 + thumbnail, 4 + thumbnail
+        return [[4, Image((32, 32)), 6], [2, Image((32, 64)), 3, Image((64, 64)), 5], [9]]
+    if family == "mistral3":  # native resolution: each image its own grid
+        return [[4, Image((32, 24)), 6], [2, Image((16, 32)), 3, Image((32, 32)), 5], [9]]
     if family == "llava_onevision":
         return [[4, Image((32, 48)), 6], [2, Image((48, 32)), 3, Video(2), 2], [9]]
     return [[4, Image((16, 16)), 6], [2, Image((24, 16)), 3, Video(2, (16, 16)), 2], [9]]
@@ -150,7 +155,11 @@ def newline_tokens(model, image: Image) -> int:
 
 
 def view_count(model, image: Image) -> int:
-    """Views (base + crops) the vision tower sees for one image: several on LLaVA-NeXT, one elsewhere."""
+    """Views (base + crops, or tiles) the vision tower sees for one image: several on LLaVA-NeXT and InternVL, one
+    elsewhere."""
+    if type(model).__name__.startswith("InternVL"):
+        tiles = (image.size[0] // 32) * (image.size[1] // 32)
+        return tiles + (1 if tiles > 1 else 0)
     if not type(model).__name__.startswith(("LlavaNext", "LlavaOnevision")):
         return 1
     from transformers.models.llava_next.modeling_llava_next import (

@@ -28,11 +28,13 @@ def _split(value: str | None) -> list[str] | None:
 
 @app.command()
 def tour(
-    family: str = typer.Option(None, help="Comma-separated families (default: all four)."),
+    family: str = typer.Option(None, help="Comma-separated families (default: all of them)."),
     methods: str = typer.Option(
         "random,uniform,fastv,vtc_cls,visionzip,transprune", help="Comma-separated registered methods."
     ),
-    keep: str = typer.Option("16", help="Tokens kept per image (int) or a fraction in (0, 1], e.g. 0.25."),
+    keep: str = typer.Option(
+        "0.25", help="Tokens kept per image (int) or a fraction in (0, 1]; the default suits every tiny family's images."
+    ),
 ) -> None:
     """Wrap tiny random models of every family, generate, and print what each method kept."""
     from vtprune.core.budget import validate_keep
@@ -146,8 +148,9 @@ def dtop_command(
 
 MODEL_HELP = (
     "A checkpoint path or hub id (loaded with from_pretrained and its processor), or an embedded random model: "
-    "tiny:<family> (llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3), shaped:llava "
-    "(LLaVA-1.5-shaped, 576 image tokens)."
+    "tiny:<family> (llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5, gemma3, "
+    "mistral3, internvl), "
+    "shaped:llava (LLaVA-1.5-shaped, 576 image tokens)."
 )
 
 

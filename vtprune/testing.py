@@ -15,14 +15,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3")
+FAMILIES = (
+    "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3", "mistral3",
+    "internvl",
+)
 VOCAB = 128
 IMAGE_TOKEN = VOCAB - 1
 VIDEO_TOKEN = VOCAB - 2
 VISION_START = VOCAB - 3
 VISION_END = VOCAB - 4
-# Gemma 3 writes <start_of_image> / <end_of_image> around each image's placeholders
+# Gemma 3 writes <start_of_image> / <end_of_image> around each image's placeholders; Mistral 3 [IMG_BREAK] after
+# each row of an image and [IMG_END] after the last
 IMAGE_START, IMAGE_END = VISION_START, VISION_END
+IMAGE_BREAK = VISION_START
 PAD_TOKEN = 0
 # families with LLaVA-NeXT's any-resolution views: pixel_values [images, views, C, H, W] + image_sizes
 ANY_RES = ("llava_next", "llava_onevision")
@@ -132,8 +137,28 @@ def tiny_model(
             vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
         )  # fmt: skip
         model = Qwen3VLForConditionalGeneration(config)
+    elif family == "qwen3_5":  # Qwen3-VL's tower (no deepstack); linear-attention and gated full-attention layers
+        from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+        text.update(
+            head_dim=32, layer_types=["linear_attention", "full_attention"] * (num_layers // 2), linear_num_key_heads=2,
+            linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                             "mrope_interleaved": True, "partial_rotary_factor": 0.25},
+        )  # fmt: skip
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden_size,
+                      patch_size=2, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)  # fmt: skip
+        config = Qwen3_5Config(
+            text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+            vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        )  # fmt: skip
+        model = Qwen3_5ForConditionalGeneration(config)
     elif family == "gemma3":  # SigLIP pooled 2x2 to 4 x 4 tokens; sliding and full layers, each with its rotary
-        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+        from transformers import (
+            Gemma3Config,
+            Gemma3ForConditionalGeneration,
+            SiglipVisionConfig,
+        )
 
         text.update(
             head_dim=hidden_size // heads, query_pre_attn_scalar=hidden_size // heads, sliding_window=sliding_window,
@@ -150,6 +175,35 @@ def tiny_model(
         model = Gemma3ForConditionalGeneration(config)
         # transformers initialises the projection to zeros (every image would be the same blank features)
         nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.05)
+    elif family == "mistral3":  # Pixtral tower at native resolution, 2x2 patch merger, Mistral decoder
+        from transformers import (
+            Mistral3Config,
+            Mistral3ForConditionalGeneration,
+            MistralConfig,
+            PixtralVisionConfig,
+        )
+
+        vision = PixtralVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=64, patch_size=4,
+            head_dim=8,
+        )  # fmt: skip
+        config = Mistral3Config(
+            vision_config=vision, text_config=MistralConfig(**text), image_token_index=IMAGE_TOKEN,
+            spatial_merge_size=2, vision_feature_layer=-1,
+        )  # fmt: skip
+        model = Mistral3ForConditionalGeneration(config)
+    elif family == "internvl":  # InternViT tiles (with [CLS]), 2x2 pixel shuffle, Qwen2 decoder
+        from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+        vision = InternVLVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=[32, 32],
+            patch_size=[4, 4],
+        )  # fmt: skip
+        config = InternVLConfig(
+            vision_config=vision, text_config=Qwen2Config(**text), image_token_id=IMAGE_TOKEN, image_seq_length=16,
+            downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+        )  # fmt: skip
+        model = InternVLForConditionalGeneration(config)
     else:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     model.set_attn_implementation(attn_implementation)
@@ -167,7 +221,12 @@ def llava_shaped_model(
 ) -> nn.Module:
     """A random LLaVA-1.5-shaped model big enough to time on a CPU: a 336 px / 14 px CLIP tower (576 image tokens
     from its penultimate layer) and a Llama decoder of ``text_layers`` x ``text_hidden``."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
@@ -215,6 +274,71 @@ def llava_shaped_batch(model: nn.Module, *, text_before: int = 35, text_after: i
         "input_ids": tokens,
         "attention_mask": torch.ones_like(tokens),
         "pixel_values": torch.randn(1, 3, size, size, generator=generator),
+    }
+
+
+def qwen3_vl_shaped_model(
+    *,
+    text_hidden: int = 1024,
+    text_layers: int = 8,
+    vision_hidden: int = 256,
+    vision_layers: int = 6,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> nn.Module:
+    """A random Qwen3-VL-8B-shaped model big enough to time on a CPU: 16 px patches merged 2x2, deepstack features
+    from tower blocks at a third, two thirds and the end of its depth (8 / 16 / 24 of 27 on the 8B model) added
+    after LLM layers 0-2, interleaved M-RoPE over 128-dim heads, a decoder of ``text_layers`` x ``text_hidden``."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    heads = max(1, text_hidden // 128)
+    text = dict(
+        hidden_size=text_hidden, intermediate_size=3 * text_hidden, num_hidden_layers=text_layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), head_dim=128, vocab_size=VOCAB,
+        max_position_embeddings=8192, pad_token_id=PAD_TOKEN,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                         "mrope_interleaved": True},
+    )  # fmt: skip
+    deepstack = [vision_layers // 3, 2 * vision_layers // 3, vision_layers - 1]
+    vision = dict(
+        depth=vision_layers, hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+        num_heads=max(1, vision_hidden // 64), out_hidden_size=text_hidden, patch_size=16, spatial_merge_size=2,
+        temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=deepstack,
+    )  # fmt: skip
+    config = Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )  # fmt: skip
+    model = Qwen3VLForConditionalGeneration(config)
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+def qwen3_vl_shaped_batch(
+    model: nn.Module, *, size: int = 448, text_before: int = 35, text_after: int = 20, seed: int = 0
+) -> dict:
+    """One prompt with a ``size`` x ``size`` image (448 px: 28 x 28 patches, 196 merged tokens) between 35 system
+    tokens and a 20-token question."""
+    generator = torch.Generator().manual_seed(seed)
+    vision = model.config.vision_config
+    side = size // vision.patch_size
+    tokens = torch.cat(
+        [
+            torch.randint(3, TEXT_TOKENS, (text_before,), generator=generator),
+            torch.tensor([VISION_START]),
+            torch.full((side * side // vision.spatial_merge_size**2,), IMAGE_TOKEN),
+            torch.tensor([VISION_END]),
+            torch.randint(3, TEXT_TOKENS, (text_after,), generator=generator),
+        ]
+    )[None]
+    row = 3 * vision.temporal_patch_size * vision.patch_size**2
+    return {
+        "input_ids": tokens,
+        "attention_mask": torch.ones_like(tokens),
+        "mm_token_type_ids": (tokens == IMAGE_TOKEN).int(),
+        "pixel_values": torch.randn(side * side, row, generator=generator),
+        "image_grid_thw": torch.tensor([[1, side, side]]),
     }
 
 
@@ -296,7 +420,7 @@ def _single(model: nn.Module, sample: list[int | Image | Video], seed: int) -> d
             patches = part.frames * (part.size[0] // 2) * (part.size[1] // 2)
             video_pixels.append(torch.randn(patches, 3 * 2 * 2 * 2, generator=generator))
             video_grids.append([part.frames, part.size[0] // 2, part.size[1] // 2])
-            if family == "qwen3_vl":  # each frame after its own timestamp text, as Qwen3-VL's processor writes it
+            if family in ("qwen3_vl", "qwen3_5"):  # each frame after its timestamp text, as their processors write it
                 per_frame = patches // 4 // part.frames
                 for _ in range(part.frames):
                     stamp = torch.randint(3, TEXT_TOKENS, (1,), generator=generator).tolist()
@@ -306,11 +430,20 @@ def _single(model: nn.Module, sample: list[int | Image | Video], seed: int) -> d
         else:
             count = _add_image(model, family, part, generator, pixels, sizes, grids)
             marker = [IMAGE_TOKEN] * count
-            tokens += [VISION_START, *marker, VISION_END] if family.startswith(("qwen", "gemma")) else marker
+            if family == "mistral3":  # rows of [IMG], each ended by [IMG_BREAK], the last by [IMG_END]
+                cols = part.size[1] // 8
+                marker = [t for r in range(count // cols) for t in [IMAGE_TOKEN] * cols + [IMAGE_BREAK]]
+                marker[-1] = IMAGE_END
+            tokens += [VISION_START, *marker, VISION_END] if family.startswith(("qwen", "gemma", "internvl")) else marker
     input_ids = torch.tensor([tokens], dtype=torch.long)
     single: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if family in ("llava", "gemma3") and pixels:
         single["pixel_values"] = torch.stack(pixels)
+    if family == "internvl" and pixels:  # every tile of every image, in prompt order
+        single["pixel_values"] = torch.cat(pixels)
+    if family == "mistral3" and pixels:  # padded to the largest image, with each image's own size
+        single["pixel_values"] = torch.stack(pixels)
+        single["image_sizes"] = torch.tensor(sizes)
     if family == "gemma3":  # image tokens attend to each other bidirectionally
         single["token_type_ids"] = (input_ids == IMAGE_TOKEN).long()
     elif family in ANY_RES:
@@ -346,8 +479,14 @@ def _family(model: nn.Module) -> str:
         return "qwen2_vl"
     if name.startswith("Qwen3VL"):
         return "qwen3_vl"
+    if name.startswith("Qwen3_5"):
+        return "qwen3_5"
     if name.startswith("Gemma3"):
         return "gemma3"
+    if name.startswith("Mistral3"):
+        return "mistral3"
+    if name.startswith("InternVL"):
+        return "internvl"
     raise ValueError(f"not a tiny test model: {name}")
 
 
@@ -367,8 +506,23 @@ def _add_image(
     if family == "gemma3":
         pixels.append(torch.randn(3, 32, 32, generator=generator))
         return model.config.mm_tokens_per_image
+    if family == "internvl":  # 32 px tiles as the processor cuts them: rows x cols tiles, then a thumbnail if several
+        rows, cols = image.size[0] // 32, image.size[1] // 32
+        tiles = rows * cols + (1 if rows * cols > 1 else 0)
+        pixels.append(torch.randn(tiles, 3, 32, 32, generator=generator))
+        return tiles * model.config.image_seq_length
+    if family == "mistral3":  # sizes in multiples of 8 px (patch 4, merge 2), on a canvas of the largest size
+        height, width = image.size
+        side = model.config.vision_config.image_size
+        canvas = torch.zeros(3, side, side)
+        canvas[:, :height, :width] = torch.randn(3, height, width, generator=generator)
+        pixels.append(canvas)
+        sizes.append([height, width])
+        return (height // 8) * (width // 8)
     if family in ANY_RES:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        from transformers.models.llava_next.modeling_llava_next import (
+            image_size_to_num_patches,
+        )
 
         config = model.config
         views = image_size_to_num_patches(list(image.size), config.image_grid_pinpoints, config.vision_config.image_size)
@@ -415,7 +569,11 @@ def tiny_processor(family: str, model: nn.Module | None = None) -> Any:
         + "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}w5"
     )  # fmt: skip
     if qwen:
-        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+        from transformers import (
+            Qwen2VLImageProcessor,
+            Qwen2VLProcessor,
+            Qwen2VLVideoProcessor,
+        )
 
         sizes = dict(patch_size=2, merge_size=2, temporal_patch_size=2)
         return Qwen2VLProcessor(

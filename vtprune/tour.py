@@ -20,7 +20,10 @@ PROMPTS = {
     "qwen2_5_vl": [[6, Image((32, 32)), 9], [3, Image((24, 24)), 5]],
     "qwen3_vl": [[6, Image((32, 32)), 9], [3, Image((16, 24)), 4, Video(2, (16, 16)), 5]],
     "llava_onevision": [[6, Image((32, 48)), 9], [3, Image(), 4, Video(2), 5]],
+    "qwen3_5": [[6, Image((32, 32)), 9], [3, Image((16, 24)), 4, Video(2, (16, 16)), 5]],
     "gemma3": [[6, Image(), 9], [3, Image(), 4, Image(), 5]],
+    "mistral3": [[6, Image((64, 64)), 9], [3, Image((32, 64)), 4, Image((48, 32)), 5]],
+    "internvl": [[6, Image((32, 64)), 9], [3, Image((32, 32)), 4, Image((64, 64)), 5]],
 }
 
 
@@ -32,7 +35,7 @@ def kept_map(kept: torch.Tensor, height: int, width: int) -> str:
 
 
 def run_tour(
-    families: list[str] | None = None, methods: list[str] | None = None, keep: int | float = 16, new_tokens: int = 6
+    families: list[str] | None = None, methods: list[str] | None = None, keep: int | float = 0.25, new_tokens: int = 6
 ) -> None:
     console = Console(width=max(Console().width, 120))
     methods = methods or ["random", "uniform", "fastv", "vtc_cls", "visionzip", "transprune"]

@@ -38,14 +38,14 @@ def test_decoder_parts_are_the_modules_each_layer_runs(family):
         assert set(adapter.layer_types()) == {"sliding_attention", "full_attention"}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [family for family in FAMILIES if family != "qwen3_5"])  # no FLOPs model yet
 def test_the_adapter_describes_its_tower_for_flops(family):
     model = tiny_model(family)
     assert adapter_class_for_config(model.config) is type(vtprune.adapter_for(model))
     vision = model_shape(model).vision
-    assert vision.encoder_input == ("grid" if family.startswith("qwen") else "views")
-    assert vision.cls_token == (family in ("llava", "llava_next"))  # SigLIP and the Qwen towers have none
-    assert vision.gated_mlp == (family == "qwen2_5_vl") and (vision.window > 0) == (family == "qwen2_5_vl")
+    assert vision.encoder_input == ("grid" if family.startswith("qwen") or family == "mistral3" else "views")
+    assert vision.cls_token == (family in ("llava", "llava_next", "internvl"))  # SigLIP, Pixtral, Qwen: none
+    assert vision.gated_mlp == (family in ("qwen2_5_vl", "mistral3")) and (vision.window > 0) == (family == "qwen2_5_vl")
     assert vision.projectors == (1 + len(model.config.vision_config.deepstack_visual_indexes) if family == "qwen3_vl" else 1)
     with pytest.raises(TypeError, match="no FLOPs model for 'bert'; supported: llava, llava_next, llava_onevision"):
         adapter_class_for_config(type("Config", (), {"model_type": "bert"})())

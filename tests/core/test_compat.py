@@ -17,7 +17,7 @@ from packaging.specifiers import SpecifierSet
 from torch.testing import assert_close
 
 import vtprune
-from tests.helpers import FAMILIES, Image, make_batch, tiny_model
+from tests.helpers import FAMILIES, Image, inapplicable, make_batch, tiny_model
 from vtprune.core import compat
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +42,8 @@ def _new_tokens(model, batch: dict, steps: int) -> torch.Tensor:
 def test_padded_batch_generate_equals_each_prompt_alone(family, method, options):
     """Decode steps after an in-LLM pruning point must get each pruned segment's own (shorter) mask; greedy tokens
     of a left-padded batch equal each prompt's generated alone."""
+    if reason := inapplicable(family, method, options):
+        pytest.skip(reason)
     model = tiny_model(family)
     steps = 4
     batch = make_batch(model, PROMPTS)

@@ -47,13 +47,22 @@ def test_methods_refuse_exactly_the_families_they_cannot_serve():
         for family in FAMILIES
         if inapplicable(family, method, options)
     }
-    no_cls = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "gemma3")  # Qwen's towers and SigLIP
+    # Qwen's towers, SigLIP and Pixtral
+    # (InternVL's tower has one, but its attention is not mapped onto pixel-shuffled tokens yet)
+    no_cls = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_onevision", "gemma3", "mistral3", "internvl")
     expected = {(m, f) for m, _ in CONFIGS for f in no_cls if vtprune.method_class(m).needs_cls_token}
     # fixed-size views: a lower resolution gives as many tokens
-    expected |= {("downsample", f) for f in ("llava", "llava_next", "llava_onevision", "gemma3")}
-    # where="before" needs a per-token projector (Qwen merges 2x2, Gemma 3 pools 4x4); LLaVA-OneVision's videos
-    # are pooled after its projector
-    expected |= {("pool", f) for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_onevision")}
+    expected |= {
+        ("downsample", f) for f in ("llava", "llava_next", "llava_onevision", "gemma3", "mistral3", "internvl")
+    }
+    # where="before" needs a per-token projector (Qwen and Mistral 3 merge 2x2, Gemma 3 pools 4x4);
+    # LLaVA-OneVision's videos are pooled after its projector
+    expected |= {
+        ("pool", f)
+        for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3", "mistral3", "internvl", "llava_onevision")
+    }
+    # schedules that read attention at a linear-attention layer of the tiny hybrid (layers 0 and 2 are linear)
+    expected |= {(m, "qwen3_5") for m in ("fastv", "transprune", "pdrop", "sparsevlm")}
     assert refused == expected
     assert "no [CLS] token" in inapplicable("qwen2_vl", "vtc_cls", {})
     assert inapplicable("qwen2_vl", "pool", {}) is None  # only where="before" is refused

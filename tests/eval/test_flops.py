@@ -23,13 +23,17 @@ from vtprune.eval.flops import (
 )
 
 
+# Qwen3.5's Gated DeltaNet layers have no FLOPs model yet (it raises a clear error, tested below)
+COUNTED = [family for family in FAMILIES if family != "qwen3_5"]
+
+
 def _counted(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", COUNTED)
 @pytest.mark.parametrize("method,keep", [("random", 1.0), ("random", 8), ("fastv", 8)])
 def test_prefill_flops_match_flop_counter_mode(family, method, keep):
     """Eager attention: FlopCounterMode has no formula for the CPU SDPA kernel."""
@@ -44,7 +48,7 @@ def test_prefill_flops_match_flop_counter_mode(family, method, keep):
         assert report.prefill == measured
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", COUNTED)
 def test_decode_flops_match_flop_counter_mode(family):
     model = tiny_model(family, attn_implementation="eager")
     batch = make_batch(model, [[5, Image((32, 48)), 7]])
@@ -58,6 +62,11 @@ def test_decode_flops_match_flop_counter_mode(family):
     assert report.decode_per_token == measured
 
 
+def test_qwen3_5_says_its_flops_are_not_modelled():
+    with pytest.raises(NotImplementedError, match="Qwen3.5 has no FLOPs model yet"):
+        model_shape(tiny_model("qwen3_5"))
+
+
 def test_full_size_configs_build_on_meta_without_weights():
     parameters = {}
     for name in REFERENCE_CONFIGS:
@@ -67,7 +76,8 @@ def test_full_size_configs_build_on_meta_without_weights():
         assert model_shape(model).language.layers in (28, 32, 36, 40, 48)
     assert round(parameters["llava-1.5-7b"], 2) == 7.06 and round(parameters["llava-1.5-13b"], 2) == 13.35
     assert round(parameters["qwen2-vl-7b"], 2) == 8.29
-    # the model cards' totals: 8.77 B, 8.03 B, 12.2 B
+    # the model cards' totals: 8.77 B, 8.03 B, 12.2 B, 7.94 B
+    assert round(parameters["internvl3-8b"], 2) == 7.94
     assert round(parameters["qwen3-vl-8b"], 2) == 8.77 and round(parameters["llava-onevision-7b"], 2) == 8.03
     assert round(parameters["gemma-3-12b"], 1) == 12.2
     assert model_shape(meta_model("gemma-3-12b")).language.windows.count(1024) == 40  # 5 sliding : 1 full

@@ -6,10 +6,13 @@ from torch import nn
 
 from vtprune.adapters.gemma3 import Gemma3Adapter
 from vtprune.adapters.hf_clip_vit import HFClipViTAdapter
+from vtprune.adapters.internvl import InternVLAdapter
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.llava_next import LlavaNextAdapter
 from vtprune.adapters.llava_onevision import LlavaOnevisionAdapter
+from vtprune.adapters.mistral3 import Mistral3Adapter
 from vtprune.adapters.open_clip_vit import OpenClipViTAdapter
+from vtprune.adapters.qwen3_5 import Qwen3_5Adapter
 from vtprune.adapters.qwen3_vl import Qwen3VLAdapter
 from vtprune.adapters.qwen_vl import QwenVLAdapter
 from vtprune.adapters.timm_vit import TimmViTAdapter
@@ -17,7 +20,8 @@ from vtprune.core.adapter import Adapter
 from vtprune.core.vit import ViTAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
-    LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, QwenVLAdapter, Qwen3VLAdapter, Gemma3Adapter
+    LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, QwenVLAdapter, Qwen3VLAdapter, Qwen3_5Adapter,
+    Gemma3Adapter, Mistral3Adapter, InternVLAdapter,
 )
 
 

@@ -19,7 +19,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers.masking_utils import blockwise_overlay, create_causal_mask, sliding_window_overlay
+from transformers.masking_utils import (
+    blockwise_overlay,
+    create_causal_mask,
+    sliding_window_overlay,
+)
 from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
 from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk
@@ -60,14 +64,12 @@ class Gemma3Adapter(Adapter):
         return int(self.vlm.config.mm_tokens_per_image**0.5)
 
     def encode(self, inputs: dict[str, Any]) -> list[VisualChunk]:
-        precomputed = (inputs.get("mm_encoder_outputs") or {}).get("image")
-        if precomputed is not None:
-            features = self.encoder_rows(precomputed)
-        else:
-            pixels = inputs.get("pixel_values")
-            if pixels is None or pixels.numel() == 0:
-                return []
-            features = self.encoder_rows(self.vlm.get_image_features(pixels, return_dict=True))
+        output = self.encoder_output(
+            inputs, "image", "pixel_values", lambda pixels: self.vlm.get_image_features(pixels, return_dict=True)
+        )
+        if output is None:
+            return []
+        features = self.encoder_rows(output)
         side = self._side()
         chunks = []
         for rows in features:

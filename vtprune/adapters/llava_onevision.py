@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    image_size_to_num_patches,
+)
 
 from vtprune.adapters.llava_next import LlavaNextAdapter
 from vtprune.core.adapter import ItemSpec, VisualChunk
@@ -101,21 +103,21 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return F.interpolate(grid, size=[pooled, pooled], mode="bilinear").permute(0, 2, 3, 1).flatten(1, 2)
 
     def _video_chunks(self, inputs: dict[str, Any]) -> list[VisualChunk]:
-        precomputed = (inputs.get("mm_encoder_outputs") or {}).get("video")
-        if precomputed is not None:
-            features = self.encoder_rows(precomputed)
-        else:
-            pixels = inputs.get("pixel_values_videos")
-            if pixels is None or pixels.numel() == 0:
-                return []
-            output = self.call_with_supported(
+        output = self.encoder_output(
+            inputs,
+            "video",
+            "pixel_values_videos",
+            lambda pixels: self.call_with_supported(
                 self.vlm.get_video_features,
                 pixel_values_videos=pixels,
                 vision_feature_layer=inputs.get("vision_feature_layer"),
                 vision_feature_select_strategy=inputs.get("vision_feature_select_strategy"),
                 return_dict=True,
-            )
-            features = self.encoder_rows(output)
+            ),
+        )
+        if output is None:
+            return []
+        features = self.encoder_rows(output)
         pooled = self._pooled_side()
         per_frame = pooled * pooled
         chunks = []

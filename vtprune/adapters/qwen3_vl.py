@@ -15,6 +15,7 @@ A video's frames are separate runs of placeholders, each after its timestamp tex
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -62,17 +63,13 @@ class Qwen3VLAdapter(QwenVLAdapter):
         )
 
     def _chunks(self, inputs: dict[str, Any], modality: str) -> list[VisualChunk]:
-        precomputed = (inputs.get("mm_encoder_outputs") or {}).get(modality)
         grid_thw = inputs.get(f"{modality}_grid_thw")
-        if precomputed is not None:
-            output = precomputed
-        else:
-            pixels = inputs.get("pixel_values" if modality == "image" else "pixel_values_videos")
-            if pixels is None or pixels.numel() == 0:
-                return []
-            encode = self.vlm.get_image_features if modality == "image" else self.vlm.get_video_features
-            output = encode(pixels, grid_thw, return_dict=True)
-        features = self.per_image_features(output.pooler_output)
+        encode = self.vlm.get_image_features if modality == "image" else self.vlm.get_video_features
+        pixels_key = "pixel_values" if modality == "image" else "pixel_values_videos"
+        output = self.encoder_output(inputs, modality, pixels_key, lambda pixels: encode(pixels, grid_thw, return_dict=True))
+        if output is None:
+            return []
+        features = self.encoder_rows(output)
         deepstack = getattr(output, DEEPSTACK, None) or []
         if grid_thw is not None:
             merge = self.vlm.config.vision_config.spatial_merge_size
@@ -109,7 +106,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
         for count in counts:
             run_starts = (starts[start : start + count].nonzero().squeeze(1) + start).tolist() + [start + count]
             shapes = set()
-            for begin, end in zip(run_starts[:-1], run_starts[1:]):
+            for begin, end in itertools.pairwise(run_starts):
                 thw = positions[-3:, rows[begin:end], cols[begin:end]]
                 height, width = int(thw[1].unique().numel()), int(thw[2].unique().numel())
                 shapes.add((height, width) if height * width == end - begin else None)

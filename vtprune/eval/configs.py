@@ -2,7 +2,7 @@
 
 Sizes as published on the Hugging Face hub for llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf,
 llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf, Qwen/Qwen2-VL-7B-Instruct,
-Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen3-VL-8B-Instruct and google/gemma-3-12b-it (written from their config.json
+Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen3-VL-8B-Instruct, OpenGVLab/InternVL3-8B-hf and google/gemma-3-12b-it (written from their config.json
 files, not downloaded here; the parameter counts in tests/eval/test_flops.py check them against the model cards).
 """
 
@@ -72,6 +72,12 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
         # 384 px tiles, grids from 1 x 1 to 6 x 6
         "image_grid_pinpoints": [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)],
     },
+    "internvl3-8b": {
+        "family": "internvl",
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=[448, 448], patch_size=[14, 14], attention_bias=True),
+        "text": dict(QWEN2_7B_TEXT, vocab_size=151674, rope_scaling=None),
+    },  # fmt: skip
     "gemma-3-12b": {
         "family": "gemma3",
         "vision": dict(SIGLIP_SO400M, num_hidden_layers=27, image_size=896),
@@ -110,6 +116,14 @@ def reference_config(name: str) -> Any:
             image_token_index=151646, video_token_index=151647, vision_feature_layer=-1,
             vision_feature_select_strategy="full", image_grid_pinpoints=spec["image_grid_pinpoints"],
             vision_aspect_ratio="anyres_max_9",
+        )  # fmt: skip
+    if family == "internvl":
+        from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+        return InternVLConfig(
+            vision_config=InternVLVisionConfig(**spec["vision"]), text_config=Qwen2Config(**spec["text"]),
+            image_token_id=151667, image_seq_length=256, downsample_ratio=0.5, vision_feature_layer=-1,
+            vision_feature_select_strategy="default", tie_word_embeddings=False,
         )  # fmt: skip
     if family == "gemma3":
         from transformers import Gemma3Config, SiglipVisionConfig

@@ -77,7 +77,8 @@ def llm_flops(
 def vision_flops(shape: ModelShape, images: list[dict[str, Any]]) -> tuple[float, float]:
     """(tower FLOPs, projector / merger FLOPs) for the encoder inputs ``images``: for CLIP towers
     ``{"views": v}`` per image (with ``block_rows``, the rows entering each block and leaving the last, and
-    ``projected_rows`` per view where a ViT method reduced the tower), for Qwen ``{"grid": (t, h, w)}`` in patches."""
+    ``projected_rows`` per view where a ViT method reduced the tower), for Qwen ``{"grid": (t, h, w)}`` in patches
+    (with ``embedded_patches`` where the patch embedding ran on a padded canvas: Mistral 3)."""
     vision = shape.vision
     if vision.encoder_input == "views":
         per_view = (vision.image_size // vision.patch) ** 2
@@ -93,7 +94,8 @@ def vision_flops(shape: ModelShape, images: list[dict[str, Any]]) -> tuple[float
     sequences = [t * h * w for t, h, w in grids]
     windows = vision.window_lengths(grids) if vision.window else None
     merged = sum(sequences) // vision.merge**2
-    return vision.tower_flops(sequences, windows), vision.projector_flops(merged)
+    embedded = sum(image.get("embedded_patches", s) for image, s in zip(images, sequences))
+    return vision.tower_flops(sequences, windows, embedded=embedded), vision.projector_flops(merged)
 
 
 def prefill_flops(model: Any, record: Any, images: list[dict[str, Any]], logits_rows: list[int] | None = None) -> FlopsReport:

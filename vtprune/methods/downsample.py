@@ -8,9 +8,10 @@ processor's own code and encoded again, so the tower itself runs on fewer patche
 grid's M-RoPE positions and the text after the image moves up by the positions the image no longer spans, exactly
 as if the processor had produced the smaller image; ``generate`` continues consistently. Videos are left alone.
 
-LLaVA-1.5 and LLaVA-NeXT raise a clear error: their CLIP tower always resizes to 336 px (576 tokens per view), so a
-lower-resolution input saves nothing there; ``pool`` is the resolution-like baseline for them (on LLaVA-NeXT a
-smaller ``image_grid_pinpoints`` in the processor gives fewer views).
+Other families raise a clear error: LLaVA-1.5 / NeXT / OneVision and Gemma 3 resize every view to one size (576
+tokens per CLIP view), so a lower-resolution input saves nothing there; ``pool`` is the resolution-like baseline
+for them (on LLaVA-NeXT a smaller ``image_grid_pinpoints`` in the processor gives fewer views). Mistral 3's Pixtral
+tower takes any resolution, but its 1-D positions need their own re-layout, not written yet.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ class Downsample(Method):
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
         if not model.mrope:
             raise ValueError(
-                f"{self.name}: {model.family_name}'s vision tower resizes every view to one fixed size, so a lower "
-                "resolution gives the same tokens per view; use 'pool' there "
-                "(downsample applies to the dynamic-resolution Qwen2-VL / Qwen2.5-VL / Qwen3-VL)"
+                f"{self.name} applies to the dynamic-resolution Qwen families (Qwen2-VL / Qwen2.5-VL / Qwen3-VL), "
+                f"whose M-RoPE positions it lays out for the smaller grid, not to {model.family_name} (fixed-size "
+                "views give as many tokens at a lower resolution; Mistral 3's native-resolution path is not written "
+                "yet); use 'pool' there"
             )
         return [Stage(layer=None, resample=True, modalities=("image",))]
 
