@@ -1,4 +1,5 @@
-"""Scoring + selection overhead of every method, as a fraction of the dense prefill, on a LLaVA-shaped model.
+"""Scoring + selection overhead of every method, as a fraction of the dense prefill, on a LLaVA- or Qwen3-VL-shaped
+model.
 
 Each method runs wrapped with ``--keep`` (default 64 of 576, the budget papers report most). The engine times its
 own work per forward (``ForwardRecord.overhead``: tower [CLS] rows, observers, recomputed attention rows, scores,
@@ -8,6 +9,10 @@ spread exceeds 20 % of its median. The difference of two end-to-end prefills is 
 its noise exceeds the overhead.
 
     python benchmarks/method_overhead.py [--repeats 7] [--keep 64] [--text-hidden 1024] [--text-layers 8] [--threads N]
+        [--shape llava|qwen3_vl]
+
+``--shape qwen3_vl``: a Qwen3-VL-8B-shaped model (16 px patches merged 2x2, deepstack after LLM layers 0-2,
+interleaved M-RoPE) on one 448 px image (196 tokens between 35 + 20 text tokens).
 
 The load average is printed after the warm-up and at the end. With torch's threads on every core, another busy
 process makes the dense prefill and the overhead several times slower and the ratios noisy (on 2 cores, a test suite
@@ -28,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 import vtprune
-from vtprune.testing import llava_shaped_batch, llava_shaped_model
+from vtprune.testing import llava_shaped_batch, llava_shaped_model, qwen3_vl_shaped_batch, qwen3_vl_shaped_model
 
 # a row whose overhead ratio moves by more than this fraction of its median between repeats is flagged
 SPREAD_LIMIT = 0.2
@@ -49,17 +54,27 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(vtprune.list_methods("llm")))
     parser.add_argument("--keep", type=float, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--shape", choices=("llava", "qwen3_vl"), default="llava", help="the model's shape")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = llava_shaped_model(text_hidden=args.text_hidden, text_layers=args.text_layers)
-    batch = llava_shaped_batch(model)
     console = Console()
+    vision_text = f"{args.text_layers} layers x {args.text_hidden}"
+    if args.shape == "llava":
+        model = llava_shaped_model(text_hidden=args.text_hidden, text_layers=args.text_layers)
+        batch = llava_shaped_batch(model)
+        vision = model.config.vision_config
+        described = f"LLaVA-shaped model: CLIP {vision.num_hidden_layers} layers x {vision.hidden_size}, 576 image " \
+                    f"tokens; Llama {vision_text}"  # fmt: skip
+    else:
+        model = qwen3_vl_shaped_model(text_hidden=args.text_hidden, text_layers=args.text_layers)
+        batch = qwen3_vl_shaped_batch(model)
+        vision = model.config.vision_config
+        described = f"Qwen3-VL-shaped model: ViT {vision.depth} layers x {vision.hidden_size} (deepstack " \
+                    f"{list(vision.deepstack_visual_indexes)}), 196 image tokens; Qwen3 {vision_text}"  # fmt: skip
     console.print(
-        f"LLaVA-shaped model: CLIP {model.config.vision_config.num_hidden_layers} layers x "
-        f"{model.config.vision_config.hidden_size}, 576 image tokens; Llama {args.text_layers} layers x "
-        f"{args.text_hidden}; prompt {batch['input_ids'].shape[1]} tokens; torch {torch.__version__}, "
+        f"{described}; prompt {batch['input_ids'].shape[1]} tokens; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, CPU"
     )
     timed(model, batch)  # warm-up
