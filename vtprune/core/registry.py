@@ -60,10 +60,18 @@ class ModelInfo:
             scaled.append(max(value, scaled[-1] + 1) if scaled else value)
         return scaled
 
+    def _accepts(self, method: str) -> bool:
+        """Whether ``method`` with its defaults would accept this model (its own ``stages()`` raises otherwise)."""
+        try:
+            method_class(method)().stages(self, 1)
+        except ValueError:
+            return False
+        return True
+
     def require_cls_token(self, method: str) -> None:
         """Raise a clear error on families whose vision tower has no [CLS] token."""
         if not self.has_cls_token:
-            usable = [n for n in list_methods("llm") if not method_class(n).needs_cls_token]
+            usable = [n for n in list_methods("llm") if not method_class(n).needs_cls_token and self._accepts(n)]
             raise ValueError(
                 f"{method} ranks tokens by the vision tower's [CLS] attention, but {self.family_name} "
                 f"{self.no_cls_reason}; methods that apply to {self.family_name}: {', '.join(usable)}"
