@@ -11,6 +11,7 @@ methods read a full-attention layer (a stage whose ``attention_from`` is a linea
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -46,16 +47,7 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
             mixer = block.linear_attn
             projection = mixer.in_proj_qkv
             return DecoderParts(mixer, projection, projection, block.input_layernorm, block.mlp, layer_type)
-        attention = block.self_attn
-        return DecoderParts(
-            attention=attention,
-            query=attention.q_proj,
-            key=attention.k_proj,
-            input_norm=block.input_layernorm,
-            mlp=block.mlp,
-            layer_type=layer_type,
-            gated_query=True,
-        )
+        return dataclasses.replace(super().decoder_parts(layer), gated_query=True)  # q_proj emits [query | gate]
 
     def follow_kept_rows(self, patch: Callable[[Any, str, Any], None], rows_now: Callable[[], Tensor | None]) -> None:
         """No deepstack: nothing is added per visual token inside the layer loop."""
