@@ -234,11 +234,24 @@ def test_sweep_rejects_bad_arguments_before_any_work(tmp_path, args, message):
 
 
 def test_results_file_survives_a_torn_line(tmp_path):
-    append_result(tmp_path, {"method": "dense", "keep": None})
+    append_result(tmp_path, {"method": "dense", "keep": None, "metrics": {}})
     with (tmp_path / "results.jsonl").open("a") as handle:
         handle.write('{"method": "fastv", "ke')  # a kill in the middle of a write
-    append_result(tmp_path, {"method": "random", "keep": 8})
-    assert [row["method"] for row in read_results(tmp_path)] == ["dense", "random"]
+    append_result(tmp_path, {"method": "random", "keep": 8, "metrics": {}})
+    with pytest.warns(UserWarning, match=r"results.jsonl:2: not JSON .* skipped"):
+        assert [row["method"] for row in read_results(tmp_path)] == ["dense", "random"]
+
+
+def test_hand_written_results_lines_are_named_and_skipped_not_fatal(tmp_path):
+    append_result(tmp_path, {"method": "random", "keep": 8, "metrics": {"pope": {"acc": 0.5}}, "setup": {}})
+    append_result(tmp_path, {"method": "fastv"})  # appended by hand: no metrics
+    append_result(tmp_path, ["not", "a", "row"])
+    with pytest.warns(UserWarning) as caught:
+        rows = read_results(tmp_path)
+    assert [row["method"] for row in rows] == ["random"]
+    messages = [str(w.message) for w in caught]
+    assert any("results.jsonl:2: not a sweep result" in m for m in messages)
+    assert any("results.jsonl:3: not a sweep result" in m for m in messages)
 
 
 def test_pareto_front_keeps_only_undominated_points():

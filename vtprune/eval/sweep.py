@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -99,18 +100,25 @@ def point_key(setup: dict[str, Any], point: GridPoint) -> str:
 
 
 def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``results.jsonl`` that were written whole (a line cut by a kill is skipped)."""
+    """The rows of ``results.jsonl`` that a sweep wrote whole. Any other line (cut by a kill, edited by hand, missing
+    the method or its metrics) is skipped with a warning naming the file and line, so one bad line never hides the
+    rest."""
     path = Path(out_dir) / RESULTS_FILE
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as error:
+            warnings.warn(f"{path}:{number}: not JSON ({error.msg}; a run killed mid-write?), skipped", stacklevel=2)
             continue
-        if isinstance(row, dict) and "method" in row:
-            rows.append(row)
+        if not isinstance(row, dict) or not isinstance(row.get("method"), str) or not isinstance(row.get("metrics"), dict):
+            warnings.warn(f"{path}:{number}: not a sweep result (needs 'method' and 'metrics'), skipped", stacklevel=2)
+            continue
+        rows.append(row)
     return rows
 
 
