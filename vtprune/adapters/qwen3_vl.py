@@ -23,8 +23,6 @@ import torch
 from torch import Tensor
 
 from vtprune.adapters.qwen_vl import QwenVLAdapter
-from vtprune.core.adapter import ItemSpec, VisualChunk
-from vtprune.core.layout import GridPart
 from vtprune.core.shape import VisionShape
 
 DEEPSTACK = "deepstack_features"
@@ -62,31 +60,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
             projectors=1 + len(vision.deepstack_visual_indexes),
         )
 
-    def _chunks(self, inputs: dict[str, Any], modality: str) -> list[VisualChunk]:
-        grid_thw = inputs.get(f"{modality}_grid_thw")
-        encode = self.vlm.get_image_features if modality == "image" else self.vlm.get_video_features
-        pixels_key = "pixel_values" if modality == "image" else "pixel_values_videos"
-        output = self.encoder_output(inputs, modality, pixels_key, lambda pixels: encode(pixels, grid_thw, return_dict=True))
-        if output is None:
-            return []
-        features = self.encoder_rows(output)
+    def _chunk_extras(self, output: Any, index: int) -> dict[str, list[Tensor]]:
+        """Entry ``index``'s rows of every deepstack feature set (none on Qwen3.5)."""
         deepstack = getattr(output, DEEPSTACK, None) or []
-        if grid_thw is not None:
-            merge = self.vlm.config.vision_config.spatial_merge_size
-            grids = [(t, h // merge, w // merge) for t, h, w in grid_thw.tolist()]
-        else:  # generate() encodes before prefill and drops the grids: read them off the positions
-            grids = self._grids_from_positions(inputs, modality, [rows.shape[0] for rows in features])
-        chunks = []
-        for index, (rows, grid) in enumerate(zip(features, grids, strict=True)):
-            extras = {DEEPSTACK: [layer[index] for layer in deepstack]} if deepstack else {}
-            if grid is None:
-                items = [ItemSpec(0, rows.shape[0])]
-            else:
-                frames, grid_h, grid_w = grid
-                per_frame, part = grid_h * grid_w, (GridPart(0, grid_h, grid_w, grid_w),)
-                items = [ItemSpec(t * per_frame, per_frame, part) for t in range(frames)]
-            chunks.append(VisualChunk(modality, rows, items, extras))
-        return chunks
+        return {DEEPSTACK: [layer[index] for layer in deepstack]} if deepstack else {}
 
     def _grids_from_positions(
         self, inputs: dict[str, Any], modality: str, counts: list[int]

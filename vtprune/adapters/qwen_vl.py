@@ -70,31 +70,32 @@ class QwenVLAdapter(Adapter):
         return {"image": config.image_token_id, "video": config.video_token_id}
 
     def _chunks(self, inputs: dict[str, Any], modality: str) -> list[VisualChunk]:
-        precomputed = (inputs.get("mm_encoder_outputs") or {}).get(modality)
         grid_thw = inputs.get(f"{modality}_grid_thw")
-        if precomputed is not None:
-            features = self.per_image_features(precomputed.pooler_output)
-        else:
-            pixels = inputs.get("pixel_values" if modality == "image" else "pixel_values_videos")
-            if pixels is None or pixels.numel() == 0:
-                return []
-            encode = self.vlm.get_image_features if modality == "image" else self.vlm.get_video_features
-            features = self.per_image_features(encode(pixels, grid_thw, return_dict=True).pooler_output)
+        encode = self.vlm.get_image_features if modality == "image" else self.vlm.get_video_features
+        pixels_key = "pixel_values" if modality == "image" else "pixel_values_videos"
+        output = self.encoder_output(inputs, modality, pixels_key, lambda pixels: encode(pixels, grid_thw, return_dict=True))
+        if output is None:
+            return []
+        features = self.encoder_rows(output)
         if grid_thw is not None:
             merge = self.vlm.config.vision_config.spatial_merge_size
             grids = [(t, h // merge, w // merge) for t, h, w in grid_thw.tolist()]
         else:  # generate() encodes images before prefill and drops the grids: read them off the M-RoPE positions
             grids = self._grids_from_positions(inputs, modality, [rows.shape[0] for rows in features])
         chunks = []
-        for rows, grid in zip(features, grids, strict=True):
+        for index, (rows, grid) in enumerate(zip(features, grids, strict=True)):
             if grid is None:
-                chunks.append(VisualChunk(modality, rows, [ItemSpec(0, rows.shape[0])]))
-                continue
-            frames, grid_h, grid_w = grid
-            per_frame = grid_h * grid_w
-            part = (GridPart(0, grid_h, grid_w, grid_w),)
-            chunks.append(VisualChunk(modality, rows, [ItemSpec(t * per_frame, per_frame, part) for t in range(frames)]))
+                items = [ItemSpec(0, rows.shape[0])]
+            else:  # one item per temporal slice (a still image has one)
+                frames, grid_h, grid_w = grid
+                per_frame, part = grid_h * grid_w, (GridPart(0, grid_h, grid_w, grid_w),)
+                items = [ItemSpec(t * per_frame, per_frame, part) for t in range(frames)]
+            chunks.append(VisualChunk(modality, rows, items, self._chunk_extras(output, index)))
         return chunks
+
+    def _chunk_extras(self, output: Any, index: int) -> dict[str, list[Tensor]]:
+        """Per-row encoder outputs besides the features that must follow entry ``index``'s kept rows (none here)."""
+        return {}
 
     def _grids_from_positions(
         self, inputs: dict[str, Any], modality: str, counts: list[int]
