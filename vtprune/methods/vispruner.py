@@ -57,19 +57,29 @@ def important_and_diverse(features: Tensor, attention: Tensor, budget: int, impo
     diverse = budget - important
     order = attention.argsort(dim=-1, descending=True)
     chosen, residual = order[:, :important], order[:, important:]
-    normed = features.float() / features.float().norm(dim=-1, keepdim=True)
-    while diverse > 0:
-        count = residual.shape[1]
-        # ours: never more than the A half (the authors' code fails there; equal wherever it runs)
-        step = min(TOKENS_PER_STEP, count - diverse, (count + 1) // 2)
-        if step <= 0:
-            break
-        tokens = normed.gather(1, residual[..., None].expand(-1, -1, normed.shape[-1]))
-        a, b = tokens[:, ::2], tokens[:, 1::2]
-        duplication = (a @ b.transpose(-1, -2)).max(dim=-1).values  # each A token's closest B token
-        distinct = duplication.argsort(dim=-1, descending=True)[:, step:]
-        residual = torch.cat([residual[:, ::2].gather(1, distinct), residual[:, 1::2]], dim=-1)
-    return torch.cat([chosen, residual], dim=-1) if diverse > 0 else chosen
+    if diverse == 0:
+        return chosen
+    if residual.shape[1] > diverse:
+        # The residual tokens' cosine similarities, computed once: each step then reads its A x B block instead of
+        # multiplying the features again (the same cosines up to rounding; ~56 steps for 576 -> 64 at ratio 0.5).
+        x = features.float().gather(1, residual[..., None].expand(-1, -1, features.shape[-1]))
+        x = x / x.norm(dim=-1, keepdim=True)
+        similarity = (x @ x.transpose(-1, -2)).flatten(1)  # [G, R * R]
+        size = residual.shape[1]
+        place = torch.arange(size, device=features.device).expand_as(residual)  # into the first residual
+        while True:
+            count = place.shape[1]
+            # ours: never more than the A half (the authors' code fails there; equal wherever it runs)
+            step = min(TOKENS_PER_STEP, count - diverse, (count + 1) // 2)
+            if step <= 0:
+                break
+            a, b = place[:, ::2], place[:, 1::2]
+            block = similarity.gather(1, (a[..., None] * size + b[:, None, :]).flatten(1))  # the A x B cosines
+            duplication = block.view(*a.shape, -1).max(dim=-1).values  # each A token's closest B token
+            distinct = duplication.argsort(dim=-1, descending=True)[:, step:]
+            place = torch.cat([a.gather(1, distinct), b], dim=-1)
+        residual = residual.gather(1, place)
+    return torch.cat([chosen, residual], dim=-1)
 
 
 @register_method
