@@ -16,7 +16,9 @@ def test_rebuilt_masks_keep_each_image_bidirectional_and_rotary_follows_the_laye
     adapter = vtprune.adapter_for(model)
     hidden = torch.zeros(1, 6, 64)
     visual = torch.tensor([[False, True, True, False, True, True]])  # two images of two kept tokens each
-    masks = adapter.attention_masks(hidden, torch.ones(1, 6, dtype=torch.long), None, 1, visual)
+    blocks = adapter.bidirectional_blocks({}, visual)
+    assert blocks.tolist() == [[-1, 0, 0, -1, 1, 1]]
+    masks = adapter.attention_masks(hidden, torch.ones(1, 6, dtype=torch.long), None, 1, blocks)
     allowed = masks["full_attention"][0, 0] == 0
     assert allowed[1, 2] and allowed[4, 5]  # an image token sees the later token of its image
     assert not allowed[2, 4] and not allowed[0, 1]  # but no later image and no text after

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import vtprune
 from tests.helpers import Image, make_batch, tiny_model
+from vtprune.core.adapter import pixel_shuffle_groups
 
 
 def test_tiles_are_regrouped_so_the_budget_applies_per_image():
@@ -23,8 +26,8 @@ def test_tiles_are_regrouped_so_the_budget_applies_per_image():
 
 def test_tower_features_are_the_means_of_each_tokens_patch_group():
     model = tiny_model("internvl")
-    adapter = vtprune.adapter_for(model)
-    groups = adapter._groups(8)
+    shuffle = functools.partial(model.model.pixel_shuffle, scale_factor=0.5)
+    groups = pixel_shuffle_groups(shuffle, 8)
     assert groups[0].tolist() == [0, 1, 8, 9] and groups[5].tolist() == [18, 19, 26, 27]  # token (1, 1): rows 2-3
     batch = make_batch(model, [[3, Image((32, 64)), 4]])
     with vtprune.wrap(model, "mmtok", keep=4) as pruning:

@@ -77,3 +77,16 @@ def test_attention_rows_match_a_full_softmax_with_gqa_and_padding():
     assert_close(got, expected)
     assert got[0, :, 0, 0].abs().max() == 0  # padding key
     assert got[1, :, 0, 4:].abs().max() == 0  # causal
+
+
+def test_interleaved_partial_rotary_matches_glm4v():
+    """GLM-4V rotates adjacent pairs over the first half of each head; ours gives the same bits as its code."""
+    from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
+    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    expected_q, expected_k = apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(apply_rotary(q, cos, sin, interleaved=True), expected_q)
+    assert torch.equal(apply_rotary(k, cos, sin, interleaved=True), expected_k)
+    assert not torch.allclose(apply_rotary(q, cos, sin), expected_q)  # the halves convention differs

@@ -96,13 +96,16 @@ class Gemma3Adapter(Adapter):
     def rotary(self, hidden_states: Tensor, positions: Tensor, layer_type: str = "full_attention") -> tuple[Tensor, Tensor]:
         return self.language_model.rotary_emb(hidden_states, positions, layer_type)
 
+    def bidirectional_blocks(self, inputs: dict[str, Any], visual: Tensor) -> Tensor | None:
+        """Each image's tokens are one block (as the model numbers them from its image tokens)."""
+        return get_block_sequence_ids_for_mask(visual.long(), device=visual.device)
+
     def attention_masks(
-        self, hidden_states: Tensor, attention_mask: Tensor, cache: Any, layer: int, visual: Tensor | None = None
+        self, hidden_states: Tensor, attention_mask: Tensor, cache: Any, layer: int, blocks: Tensor | None = None
     ) -> dict[str, Any]:
-        if visual is None or not bool(visual.any()):  # decoding: new text rows attend causally
-            return super().attention_masks(hidden_states, attention_mask, cache, layer, visual)
+        if blocks is None or not bool((blocks >= 0).any()):  # decoding, or no block: causal
+            return super().attention_masks(hidden_states, attention_mask, cache, layer)
         config = self.text_config
-        blocks = get_block_sequence_ids_for_mask(visual.long(), device=hidden_states.device)
         # key columns beyond these rows (a cache) are never in an image block of these rows
         blocks = F.pad(blocks, (0, attention_mask.shape[-1] - blocks.shape[-1]), value=-1)
         masks = {}

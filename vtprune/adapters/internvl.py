@@ -13,12 +13,13 @@ methods read are the group means, and [CLS] attention is not mapped onto groups 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk
+from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk, pixel_shuffle_groups
 from vtprune.core.layout import GridPart
 from vtprune.core.shape import VisionShape
 
@@ -73,7 +74,7 @@ class InternVLAdapter(Adapter):
             return []
         tiles = self.encoder_rows(output)
         per_tile = tiles[0].shape[0]
-        runs = self._placeholder_runs(inputs)
+        runs = [length for _, _, length in self.placeholder_runs(inputs)]  # one run per image
         if sum(runs) != per_tile * len(tiles) or any(run % per_tile for run in runs):
             raise ValueError(
                 f"InternVL: the prompt's image placeholder runs {runs} do not split into the {len(tiles)} encoded "
@@ -88,22 +89,6 @@ class InternVLAdapter(Adapter):
             chunks.append(VisualChunk("image", torch.cat(parts), [ItemSpec(0, run, grids)], parts=list(parts)))
             first += count
         return chunks
-
-    def _placeholder_runs(self, inputs: dict[str, Any]) -> list[int]:
-        """Lengths of the runs of image placeholders, sample after sample: one run per image."""
-        mask = self.placeholder_masks(inputs.get("input_ids"), inputs.get("inputs_embeds"))["image"]
-        runs = []
-        for row in mask.cpu():
-            edges = torch.diff(torch.cat([torch.zeros(1), row.float(), torch.zeros(1)]))
-            starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
-            runs += (ends - starts).tolist()
-        return runs
-
-    def _groups(self, patches_per_side: int) -> Tensor:
-        """The patches each pixel-shuffled token concatenates, ``[tokens, 4]``, from the model's own shuffle."""
-        index = torch.arange(patches_per_side**2, dtype=torch.float64).view(1, patches_per_side, patches_per_side, 1)
-        shuffled = self.vlm.pixel_shuffle(index, scale_factor=self.vlm.config.downsample_ratio)
-        return shuffled.reshape(-1, shuffled.shape[-1]).round().long()
 
     def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
         # every tile is one view of its own tokens
@@ -122,7 +107,8 @@ class InternVLAdapter(Adapter):
             return None
         if options["vision_feature_select_strategy"] == "default":
             hidden = hidden[:, 1:]
-        groups = self._groups(int(hidden.shape[1] ** 0.5)).to(hidden.device)
+        shuffle = functools.partial(self.vlm.pixel_shuffle, scale_factor=self.vlm.config.downsample_ratio)
+        groups = pixel_shuffle_groups(shuffle, int(hidden.shape[1] ** 0.5)).to(hidden.device)
         return hidden[:, groups].mean(2)
 
     def vision_tower(self) -> nn.Module:

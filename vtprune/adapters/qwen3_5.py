@@ -12,10 +12,7 @@ methods read a full-attention layer (a stage whose ``attention_from`` is a linea
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
-
-from torch import Tensor
 
 from vtprune.adapters.qwen3_vl import Qwen3VLAdapter
 from vtprune.core.adapter import DecoderParts
@@ -48,6 +45,3 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
             projection = mixer.in_proj_qkv
             return DecoderParts(mixer, projection, projection, block.input_layernorm, block.mlp, layer_type)
         return dataclasses.replace(super().decoder_parts(layer), gated_query=True)  # q_proj emits [query | gate]
-
-    def follow_kept_rows(self, patch: Callable[[Any, str, Any], None], rows_now: Callable[[], Tensor | None]) -> None:
-        """No deepstack: nothing is added per visual token inside the layer loop."""

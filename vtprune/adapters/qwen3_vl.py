@@ -73,7 +73,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
         positions = inputs.get("position_ids")
         if positions is None or positions.ndim != 3:
             return [None] * len(counts)
-        mask = self.placeholder_masks(inputs.get("input_ids"), inputs.get("inputs_embeds"))[modality]
+        mask = self.input_placeholders(inputs)[modality]
         rows, cols = mask.nonzero(as_tuple=True)
         # a new run starts where the previous placeholder is not the slot just before, or in another sample
         starts = torch.ones_like(cols, dtype=torch.bool)
@@ -93,9 +93,12 @@ class Qwen3VLAdapter(QwenVLAdapter):
         return grids
 
     def follow_kept_rows(self, patch: Callable[[Any, str, Any], None], rows_now: Callable[[], Tensor | None]) -> None:
-        """Route deepstack additions to the tokens an in-LLM stage kept (see the module docstring)."""
+        """Route deepstack additions to the tokens an in-LLM stage kept (see the module docstring); nothing to do
+        for the families built on this adapter that have no deepstack (Qwen3.5, GLM-4V)."""
         language_model = self.language_model
-        original = language_model._deepstack_process
+        original = getattr(language_model, "_deepstack_process", None)
+        if original is None:
+            return
 
         def deepstack_process(hidden_states: Tensor, visual_pos_masks: Tensor, visual_embeds: Tensor) -> Tensor:
             rows = rows_now()

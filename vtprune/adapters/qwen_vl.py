@@ -104,7 +104,7 @@ class QwenVLAdapter(Adapter):
         positions = inputs.get("position_ids")
         if positions is None or positions.ndim != 3:
             return [None] * len(counts)
-        mask = self.placeholder_masks(inputs.get("input_ids"), inputs.get("inputs_embeds"))[modality]
+        mask = self.input_placeholders(inputs)[modality]
         rows, cols = mask.nonzero(as_tuple=True)
         grids: list[tuple[int, int, int] | None] = []
         start = 0

@@ -40,6 +40,8 @@ class DecoderParts:
     layer_type: str = "full_attention"
     # q_proj emits [query | gate] per head (Qwen3.5's gated attention); only the query half enters the scores
     gated_query: bool = False
+    # RoPE rotates adjacent dims (2i, 2i + 1) rather than the two halves (GLM-4V's rotate_half_llm)
+    interleaved_rotary: bool = False
 
 
 @dataclass
@@ -136,18 +138,23 @@ class Adapter:
         )
 
     def attention_masks(
-        self, hidden_states: Tensor, attention_mask: Tensor, cache: Any, layer: int, visual: Tensor | None = None
+        self, hidden_states: Tensor, attention_mask: Tensor, cache: Any, layer: int, blocks: Tensor | None = None
     ) -> dict[str, Any]:
         """For a 2-D padding mask over ``cache``'s tokens plus ``hidden_states``' rows: the mask each attention type
         of the decoder needs, built as transformers builds it (``layer`` picks the cache layer to size it).
-        ``visual`` (``[B, rows]``, prefill only) marks visual slots, for families whose image tokens attend to
-        each other bidirectionally; causal families ignore it."""
+        ``blocks`` (``[B, rows]``, prefill only): the rows' bidirectional blocks (:meth:`bidirectional_blocks`);
+        causal families have none."""
         return {
             layer_type: build_mask(
                 layer_type, self.text_config, hidden_states, attention_mask, cache, self.mask_layer(layer, layer_type)
             )
             for layer_type in sorted(set(self.layer_types()))
         }
+
+    def bidirectional_blocks(self, inputs: dict[str, Any], visual: Tensor) -> Tensor | None:
+        """Per prompt slot (``[B, L]``), the block of tokens it attends to bidirectionally, -1 for causal-only
+        slots; None for causal families (every slot). ``visual`` marks the placeholder slots."""
+        return None
 
     def mask_layer(self, layer: int, layer_type: str) -> int:
         """The cache layer that sizes ``layer_type``'s mask for the layers from ``layer`` on: the first of that type
@@ -171,8 +178,11 @@ class Adapter:
     def visual_token_ids(self) -> dict[str, int]:
         return {"image": self.vlm.config.image_token_id}
 
-    def placeholder_masks(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> dict[str, Tensor]:
-        """``[B, L]`` masks of the placeholder tokens, per modality (from ids, or by embedding match as HF does)."""
+    def placeholder_masks(
+        self, input_ids: Tensor | None, inputs_embeds: Tensor | None, token_types: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """``[B, L]`` masks of the placeholder tokens, per modality (from ids, or by embedding match as HF does).
+        ``token_types``: the processor's ``mm_token_type_ids``, for families whose modalities share one id."""
         masks = {}
         for modality, token_id in self.visual_token_ids().items():
             if input_ids is not None:
@@ -181,6 +191,20 @@ class Adapter:
                 embedding = self.vlm.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
                 masks[modality] = (inputs_embeds == embedding).all(-1)
         return masks
+
+    def input_placeholders(self, inputs: dict[str, Any]) -> dict[str, Tensor]:
+        """:meth:`placeholder_masks` of a model call's inputs."""
+        return self.placeholder_masks(inputs.get("input_ids"), inputs.get("inputs_embeds"), inputs.get("mm_token_type_ids"))
+
+    def placeholder_runs(self, inputs: dict[str, Any], modality: str = "image") -> list[tuple[int, int, int]]:
+        """``(sample, first slot, length)`` of each run of consecutive ``modality`` placeholders, in prompt order."""
+        mask = self.input_placeholders(inputs)[modality]
+        runs = []
+        for sample, row in enumerate(mask.cpu()):
+            edges = torch.diff(torch.cat([torch.zeros(1), row.float(), torch.zeros(1)]))
+            starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
+            runs += [(sample, int(start), int(end - start)) for start, end in zip(starts, ends)]
+        return runs
 
     def safe_pad_id(self) -> int:
         """A token id that is not a placeholder, for padding slots of a re-padded ``input_ids``."""
@@ -286,16 +310,20 @@ class Adapter:
             return None
         return encode(pixels)
 
-    @classmethod
-    def encoder_rows(cls, output: Any) -> list[Tensor]:
-        """One ``[tokens, D]`` tensor per image or video of an encoder call's output, the same tensor objects on every
-        call (the engine keys what it noted about each by identity, and a stacked ``[videos, N, D]`` output would
-        give new views each time)."""
+    def encoder_rows(self, output: Any) -> list[Tensor]:
+        """One ``[tokens, D]`` tensor per entry (:meth:`encoder_entries`) of an encoder call's output, the same tensor
+        objects on every call (the engine keys what it noted about each by identity, and a stacked
+        ``[videos, N, D]`` output would give new views each time)."""
         cached = output.__dict__.get("_vtprune_rows")
         if cached is None or cached[0] is not output.pooler_output:
-            cached = (output.pooler_output, cls.per_image_features(output.pooler_output))
+            cached = (output.pooler_output, self.encoder_entries(output.pooler_output))
             object.__setattr__(output, "_vtprune_rows", cached)  # an attribute, not a field of the ModelOutput
         return cached[1]
+
+    def encoder_entries(self, pooler_output: Tensor | list[Tensor] | tuple[Tensor, ...]) -> list[Tensor]:
+        """The entries of an encoder output: one per image or video (or tile, crop: whatever the tower encodes on its
+        own, where the family's output groups several, as SmolVLM's does per sample)."""
+        return self.per_image_features(pooler_output)
 
     @staticmethod
     def per_image_features(pooler_output: Tensor | list[Tensor] | tuple[Tensor, ...], counts: list[int] | None = None) -> list[Tensor]:
@@ -361,6 +389,15 @@ class Adapter:
             else:
                 flat[name] = value
         return flat
+
+
+def pixel_shuffle_groups(shuffle: Callable[[Tensor], Tensor], patches_per_side: int, flat: bool = False) -> Tensor:
+    """The patches each pixel-shuffled token concatenates, ``[tokens, group]``, read off the model's own ``shuffle``
+    applied to patch indices laid out as ``[1, side, side, 1]`` (InternVL), or ``[1, side * side, 1]`` if ``flat``
+    (SmolVLM / Idefics3)."""
+    index = torch.arange(patches_per_side**2, dtype=torch.float64)
+    shuffled = shuffle(index.view(1, -1, 1) if flat else index.view(1, patches_per_side, patches_per_side, 1))
+    return shuffled.reshape(-1, shuffled.shape[-1]).round().long()
 
 
 def _to_unit_range(image: Tensor) -> Tensor:

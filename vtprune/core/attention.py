@@ -21,17 +21,24 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE on ``x [B, heads, T, d]`` with ``cos``/``sin`` of shape ``[B, T, r]`` (HF's rotate-half convention).
-    Partial rotary (``r < d``, e.g. GLM-4V's 0.5, Qwen3.5's 0.25): the first ``r`` dims rotate, the rest pass."""
+def rotate_interleaved(x: Tensor) -> Tensor:
+    """GLM-4V's ``rotate_half_llm``: pairs are adjacent dims ``(2i, 2i + 1)``, not the two halves."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
+    """RoPE on ``x [B, heads, T, d]`` with ``cos``/``sin`` of shape ``[B, T, r]``: HF's rotate-half convention, or
+    with ``interleaved`` adjacent pairs (GLM-4V, whose tables repeat each frequency twice in a row). Partial rotary
+    (``r < d``, e.g. GLM-4V's 0.5, Qwen3.5's 0.25): the first ``r`` dims rotate, the rest pass."""
     rotary = cos.shape[-1]
     if rotary < x.shape[-1]:
-        return torch.cat((apply_rotary(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
-    # x * cos + rotate_half(x) * sin, with one full-size temporary instead of three (same arithmetic, same bits)
+        return torch.cat((apply_rotary(x[..., :rotary], cos, sin, interleaved), x[..., rotary:]), dim=-1)
+    # x * cos + rotate(x) * sin, with one full-size temporary instead of three (same arithmetic, same bits)
     cos, sin, half = cos.unsqueeze(1), sin.unsqueeze(1), x.shape[-1] // 2
+    first, second = (slice(0, None, 2), slice(1, None, 2)) if interleaved else (slice(0, half), slice(half, None))
     out = x * cos
-    out[..., :half] -= x[..., half:] * sin[..., :half]
-    out[..., half:] += x[..., :half] * sin[..., half:]
+    out[..., first] -= x[..., second] * sin[..., first]
+    out[..., second] += x[..., first] * sin[..., second]
     return out
 
 
@@ -52,6 +59,8 @@ def attention_rows(
     query_slots: Tensor,
     key_valid: Tensor,
     gated_query: bool = False,
+    interleaved_rotary: bool = False,
+    blocks: Tensor | None = None,
 ) -> Tensor:
     """Attention probabilities of the query rows at ``query_slots`` of one decoder layer, ``[B, heads, R, L]`` (fp32).
 
@@ -59,8 +68,10 @@ def attention_rows(
     ``query_rows`` its ``q_proj`` output for just those rows, ``[B, R, heads * head_dim]``, and ``key_states`` its
     ``k_proj`` output for every slot, ``[B, L, kv_heads * head_dim]``, both before RoPE; ``position_embeddings`` the
     ``(cos, sin)`` the layer received; ``gated_query``: ``q_proj`` also emits a gate per head (see
-    :func:`split_query`). Keys are masked causally (a query sees slots up to its own) and where
-    ``key_valid`` is False (padding), exactly like the layer's own mask.
+    :func:`split_query`); ``interleaved_rotary``: RoPE rotates adjacent pairs (see :func:`apply_rotary`). Keys are
+    masked where ``key_valid`` is False (padding) and after the query's own slot, except within the query's
+    bidirectional block (``blocks [B, L]``, -1 = none: Gemma 3's images, PaliGemma's prefix), exactly like the
+    layer's own mask. Logits are soft-capped where the layer does (Gemma 2's ``attn_logit_softcapping``).
     """
     head_dim = attn.head_dim
     batch, length, _ = key_states.shape
@@ -76,14 +87,21 @@ def attention_rows(
 
     cos, sin = cos.float(), sin.float()
     row_index = query_slots[..., None].expand(-1, -1, cos.shape[-1])
-    q = apply_rotary(q, cos.gather(1, row_index), sin.gather(1, row_index))
-    k = apply_rotary(k, cos, sin)
+    q = apply_rotary(q, cos.gather(1, row_index), sin.gather(1, row_index), interleaved_rotary)
+    k = apply_rotary(k, cos, sin, interleaved_rotary)
     if q.shape[1] != k.shape[1]:  # grouped KV heads (a repeat of 1 would still copy every key)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
 
     scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling
+    softcap = getattr(attn, "attn_logit_softcapping", None)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     key_slots = torch.arange(length, device=key_states.device)
-    allowed = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[..., None])
+    seen = key_slots[None, None, :] <= query_slots[..., None]
+    if blocks is not None:
+        query_blocks = blocks.gather(1, query_slots)[..., None]
+        seen = seen | ((query_blocks >= 0) & (blocks[:, None, :] == query_blocks))
+    allowed = key_valid[:, None, :] & seen
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     # a padding query sees no key: its row is all zeros rather than NaN (which would poison weighted means)
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)

@@ -74,6 +74,9 @@ class Layout:
     padding_side: str = "left"
     # Set for layouts made by pruning: the slot of the previous layout each slot came from (-1 = padding).
     source: Tensor | None = field(default=None, repr=False)
+    # Where prompt tokens attend bidirectionally (Gemma 3's images, PaliGemma's prefix): each slot's block, tokens
+    # of one block seeing each other whatever their order; -1 (or no tensor at all) = causal only.
+    blocks: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -129,6 +132,7 @@ class Layout:
             first_layer=first_layer,
             padding_side=self.padding_side,
             source=source,
+            blocks=take(self.blocks, -1) if self.blocks is not None else None,
         )
 
 

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from vtprune.core.adapter import DecoderParts
 from vtprune.core.attention import apply_rotary, attention_rows, split_query
 from vtprune.core.layout import Layout
 
@@ -44,15 +45,15 @@ def query_slots(layout: Layout, query: str) -> tuple[Tensor, Tensor]:
 
 
 def mean_attention(
-    attn: nn.Module,
+    parts: DecoderParts,
     queries: Callable[[Tensor], Tensor],
     key_states: Tensor,
     position_embeddings: tuple[Tensor, Tensor],
     layout: Layout,
     query: str | tuple[Tensor, Tensor],
-    gated_query: bool = False,
 ) -> Tensor:
-    """Head- and row-averaged attention of the query rows to every slot, ``[B, L]`` (fp32).
+    """Head- and row-averaged attention of the query rows to every slot, ``[B, L]`` (fp32), in the decoder layer
+    described by ``parts`` (its attention module and how its queries and RoPE are laid out).
 
     ``query`` names the rows (see :func:`query_slots`) or gives them as ``(slots [B, R], real [B, R])``.
     ``queries(slots)`` returns the layer's ``q_proj`` output at ``slots``, so only those rows are projected.
@@ -62,21 +63,24 @@ def mean_attention(
     for start in range(0, rows.shape[1], _QUERY_CHUNK):
         chunk = slice(start, start + _QUERY_CHUNK)
         slots = rows[:, chunk]
-        probs = attention_rows(attn, queries(slots), key_states, position_embeddings, slots, layout.valid, gated_query)
+        probs = attention_rows(
+            parts.attention, queries(slots), key_states, position_embeddings, slots, layout.valid, parts.gated_query,
+            parts.interleaved_rotary, layout.blocks,
+        )  # fmt: skip
         weights = row_valid[:, chunk].float()
         total += (probs.mean(1) * weights[..., None]).sum(1)
     return total / row_valid.sum(1).clamp(min=1)[:, None]
 
 
-def rotated_queries(
-    attn: nn.Module, query_states: Tensor, position_embeddings: tuple[Tensor, Tensor], gated_query: bool = False
-) -> Tensor:
-    """A layer's query states after its q-norm (if any) and RoPE, ``[B, L, heads, head_dim]``."""
-    q = split_query(query_states, attn.head_dim, gated_query)
+def rotated_queries(parts: DecoderParts, query_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+    """The query states of the decoder layer described by ``parts`` after its q-norm (if any) and RoPE,
+    ``[B, L, heads, head_dim]``."""
+    attn = parts.attention
+    q = split_query(query_states, attn.head_dim, parts.gated_query)
     if getattr(attn, "q_norm", None) is not None:
         q = attn.q_norm(q)
     cos, sin = position_embeddings
-    return apply_rotary(q.transpose(1, 2), cos, sin).transpose(1, 2)
+    return apply_rotary(q.transpose(1, 2), cos, sin, parts.interleaved_rotary).transpose(1, 2)
 
 
 def vit_cls_rows(query_states: Tensor, key_states: Tensor, num_heads: int, scale: float) -> Tensor:

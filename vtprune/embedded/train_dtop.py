@@ -12,7 +12,6 @@ with exits switched on; here exits are only used at inference.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import asdict

@@ -4,6 +4,8 @@ never needs a model adapter)."""
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,13 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from vtprune.api import adapter_for
+from vtprune.core.compat import SOFTMAX_ATTENTION
 from vtprune.core.signals import rotated_queries
 from vtprune.methods.entropyprune import token_matrix_entropy
 
 
 @dataclass
 class CollapseReport:
-    """Mean matrix entropy of the visual tokens' query states entering each decoder layer's attention."""
+    """Mean matrix entropy of the visual tokens' query states entering each decoder layer's attention (NaN for
+    layers without softmax attention)."""
 
     entropy: list[float]
     collapse_layer: int
@@ -60,17 +64,21 @@ def find_collapse_layer(model: nn.Module, inputs: dict, plot: str | Path | None 
             hook.remove()
 
     visual = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
-    for mask in adapter.placeholder_masks(inputs["input_ids"], None).values():
+    for mask in adapter.input_placeholders(inputs).values():
         visual |= mask
     if not visual.any():
         raise ValueError("find_collapse_layer needs inputs with at least one image")
-    entropy = []
-    for index in range(len(layers)):
-        attention = adapter.decoder_parts(index).attention
-        queries = rotated_queries(attention, captured[index]["q"], captured[index]["rotary"])
-        entropy.append(float(token_matrix_entropy(queries[visual]).mean()))
-    drops = [0.0] + [entropy[i - 1] - entropy[i] for i in range(1, len(entropy))]
-    collapse = max(range(1, len(entropy)), key=lambda i: drops[i]) if len(entropy) > 1 else 0
+    # linear-attention layers (Qwen3.5's Gated DeltaNet) have no query states to measure: NaN there, and each
+    # drop is taken from the previous softmax-attention layer
+    measured = [i for i, layer_type in enumerate(adapter.layer_types()) if layer_type in SOFTMAX_ATTENTION]
+    entropy, drops = [math.nan] * len(layers), [0.0] * len(layers)
+    for index in measured:
+        parts = adapter.decoder_parts(index)
+        queries = rotated_queries(parts, captured[index]["q"], captured[index]["rotary"])
+        entropy[index] = float(token_matrix_entropy(queries[visual]).mean())
+    for previous, index in itertools.pairwise(measured):
+        drops[index] = entropy[previous] - entropy[index]
+    collapse = max(measured[1:], key=lambda i: drops[i]) if len(measured) > 1 else measured[0]
     report = CollapseReport(entropy, collapse, drops=drops)
     if plot is not None:
         report.plot = _plot_entropy(report, Path(plot), type(model).__name__)
@@ -84,7 +92,8 @@ def _plot_entropy(report: CollapseReport, path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 3.5))
-    axes.plot(range(len(report.entropy)), report.entropy, marker="o")
+    measured = [i for i, value in enumerate(report.entropy) if not math.isnan(value)]
+    axes.plot(measured, [report.entropy[i] for i in measured], marker="o")
     axes.axvline(report.collapse_layer, color="tab:red", linestyle="--", label=f"collapse: layer {report.collapse_layer}")
     axes.set_xlabel("decoder layer")
     axes.set_ylabel("mean token matrix entropy (query states)")

@@ -91,10 +91,11 @@ def vision_flops(shape: ModelShape, images: list[dict[str, Any]]) -> tuple[float
             projector += vision.projector_flops(views * image.get("projected_rows", projected))
         return tower, projector
     grids = [tuple(image["grid"]) for image in images]
-    sequences = [t * h * w for t, h, w in grids]
+    # the towers attend within each temporal slice of a video (one sequence per slice, as their cu_seqlens)
+    sequences = [h * w for t, h, w in grids for _ in range(t)]
     windows = vision.window_lengths(grids) if vision.window else None
     merged = sum(sequences) // vision.merge**2
-    embedded = sum(image.get("embedded_patches", s) for image, s in zip(images, sequences))
+    embedded = sum(image.get("embedded_patches", t * h * w) for image, (t, h, w) in zip(images, grids))
     return vision.tower_flops(sequences, windows, embedded=embedded), vision.projector_flops(merged)
 
 

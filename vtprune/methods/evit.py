@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from vtprune.core.registry import register_method
 from vtprune.core.vit import ReduceContext, Reduced, ViTInfo, ViTMethod

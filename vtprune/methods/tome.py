@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from vtprune.core.registry import register_method
 from vtprune.core.vit import ReduceContext, Reduced, ViTInfo, ViTMethod, even_schedule

@@ -247,7 +247,7 @@ class PruningEngine:
                 current.layout = shorter
                 current.segments.append(shorter)
                 current.layer_inputs = layer_inputs(
-                    self.adapter, hidden, current.cache, shorter.valid, shorter.positions, index, shorter.visual
+                    self.adapter, hidden, current.cache, shorter.valid, shorter.positions, index, shorter.blocks
                 )
             if current.merges:
                 hidden = hidden.clone()

@@ -65,7 +65,7 @@ class PrefillPlanner:
         device = reference.device
         cache = self._cache(inputs)
 
-        placeholders = self.adapter.placeholder_masks(input_ids, embeds)
+        placeholders = self.adapter.placeholder_masks(input_ids, embeds, inputs.get("mm_token_type_ids"))
         items, chunk_items, item_of_slot, token_of_slot, features = assign_items(chunks, placeholders)
         attention_mask = inputs.get("attention_mask")
         valid = (
@@ -82,6 +82,7 @@ class PrefillPlanner:
             shift=torch.zeros(batch, dtype=torch.long, device=device),
             first_layer=0,
             padding_side=padding_side_of(attention_mask),
+            blocks=self.adapter.bidirectional_blocks(inputs, item_of_slot >= 0),
         )
         record = ForwardRecord(
             items=[{"sample": i.sample, "modality": i.modality, "num_tokens": i.num_tokens} for i in items],

@@ -192,14 +192,12 @@ class StageRunner:
 
             def queries(slots: Tensor) -> Tensor:
                 return gather_rows(captured["q"], slots)
-        return mean_attention(
-            parts.attention, queries, keys, position_embeddings, layout, query or stage.query, parts.gated_query
-        )
+        return mean_attention(parts, queries, keys, position_embeddings, layout, query or stage.query)
 
     def query_states(self, current: Prefill, stage: Stage) -> Tensor:
         captured = captured_at(current, stage.states_from, current.layout)
         parts = self.adapter.decoder_parts(stage.states_from)
-        return rotated_queries(parts.attention, captured["q"], captured["position_embeddings"], parts.gated_query)
+        return rotated_queries(parts, captured["q"], captured["position_embeddings"])
 
 
 def captured_at(current: Prefill, layer: int, layout: Layout) -> dict[str, Any]:

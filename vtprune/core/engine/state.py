@@ -45,11 +45,11 @@ def layer_inputs(
     mask: Tensor,
     positions: Tensor,
     layer: int,
-    visual: Tensor | None = None,
+    blocks: Tensor | None = None,
 ) -> LayerInputs:
     """Masks (one per attention type), rotary tables and position ids for ``hidden`` under a 2-D ``mask``;
-    ``visual`` marks the visual slots of ``hidden`` (families whose image tokens attend bidirectionally)."""
-    masks = adapter.attention_masks(hidden, mask, cache, layer, visual)
+    ``blocks``: the bidirectional blocks of ``hidden``'s rows (:attr:`Layout.blocks`; None while decoding)."""
+    masks = adapter.attention_masks(hidden, mask, cache, layer, blocks)
     _, layer_positions = adapter.split_positions(positions)
     tables = {layer_type: adapter.rotary(hidden, positions, layer_type) for layer_type in set(adapter.layer_types())}
     return LayerInputs(masks, tables, layer_positions)
