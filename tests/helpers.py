@@ -43,7 +43,7 @@ __all__ = [
     "newline_tokens",
     "pooled",
     "view_count",
-    "is_qwen",
+    "is_mrope",
 ]
 
 
@@ -97,16 +97,18 @@ def inapplicable(family: str, method: str, options: dict) -> str | None:
 
 def samples_for(family: str) -> list[list]:
     """Prompts of different lengths, image counts and image sizes; the last sample has no image."""
-    if family in ("llava", "gemma3"):
+    if family in ("llava", "gemma3", "paligemma"):
         return [[4, Image(), 6], [2, Image(), 3, Image(), 5], [9]]
     if family == "llava_next":
         return [[4, Image((32, 48)), 6], [2, Image((48, 32)), 3, Image((64, 64)), 2], [9]]
-    if family == "internvl":  # tiles: 1, 2 + thumbnail, 4 + thumbnail
+    if family in ("internvl", "smolvlm"):  # tiles (crops): 1, 2 + thumbnail (global crop), 4 + thumbnail
         return [[4, Image((32, 32)), 6], [2, Image((32, 64)), 3, Image((64, 64)), 5], [9]]
     if family == "mistral3":  # native resolution: each image its own grid
         return [[4, Image((32, 24)), 6], [2, Image((16, 32)), 3, Image((32, 32)), 5], [9]]
     if family == "llava_onevision":
         return [[4, Image((32, 48)), 6], [2, Image((48, 32)), 3, Video(2), 2], [9]]
+    if family == "glm4v":  # GLM's forward takes no images and videos together (videos: tests/adapters/test_glm4v.py)
+        return [[4, Image((16, 16)), 6], [2, Image((24, 16)), 3, Image((16, 16)), 2], [9]]
     return [[4, Image((16, 16)), 6], [2, Image((24, 16)), 3, Video(2, (16, 16)), 2], [9]]
 
 
@@ -115,13 +117,14 @@ def singles_for(model, family: str) -> list[dict]:
     return [make_batch(model, [prompt], seed=i) for i, prompt in enumerate(samples_for(family))]
 
 
-def is_qwen(model) -> bool:
-    return type(model).__name__.startswith("Qwen")
+def is_mrope(model) -> bool:
+    """Qwen-like families: patch grids and 3-D M-RoPE positions (Qwen2-VL to Qwen3.5, GLM-4V)."""
+    return type(model).__name__.startswith(("Qwen", "Glm4v"))
 
 
 def with_positions(model, batch: dict) -> dict:
     """The batch with the position ids generate() would use (padding-aware), for 1-D RoPE families."""
-    if is_qwen(model):
+    if is_mrope(model):
         return batch
     mask = batch["attention_mask"]
     return {**batch, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
@@ -155,9 +158,9 @@ def newline_tokens(model, image: Image) -> int:
 
 
 def view_count(model, image: Image) -> int:
-    """Views (base + crops, or tiles) the vision tower sees for one image: several on LLaVA-NeXT and InternVL, one
-    elsewhere."""
-    if type(model).__name__.startswith("InternVL"):
+    """Views (base + crops, or tiles) the vision tower sees for one image: several on LLaVA-NeXT, InternVL and
+    SmolVLM, one elsewhere."""
+    if type(model).__name__.startswith(("InternVL", "SmolVLM")):
         tiles = (image.size[0] // 32) * (image.size[1] // 32)
         return tiles + (1 if tiles > 1 else 0)
     if not type(model).__name__.startswith(("LlavaNext", "LlavaOnevision")):

@@ -54,6 +54,12 @@ def test_unsupported_models_list_the_supported_classes(bad):
         vtprune.wrap(bad, "random", keep=2)
 
 
+def test_llama4_is_refused_with_the_reason():
+    llama4 = type("Llama4ForConditionalGeneration", (nn.Module,), {})()  # its real classes are too big to build here
+    with pytest.raises(TypeError, match=r"unsupported model Llama4ForConditionalGeneration \(Llama 4's chunked-attention"):
+        vtprune.wrap(llama4, "random", keep=2)
+
+
 def test_text_only_llm_is_unsupported():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 FAMILIES = (
     "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3", "mistral3",
-    "internvl",
+    "internvl", "glm4v", "smolvlm", "paligemma",
 )
 VOCAB = 128
 IMAGE_TOKEN = VOCAB - 1
@@ -28,7 +28,12 @@ VISION_END = VOCAB - 4
 # each row of an image and [IMG_END] after the last
 IMAGE_START, IMAGE_END = VISION_START, VISION_END
 IMAGE_BREAK = VISION_START
+# SmolVLM writes each crop after <fake_token_around_image><row_i_col_j> (one tag id here for every row and column),
+# rows of crops end with a newline, and the image's global crop comes last, after <global-img>
+FAKE_AROUND_IMAGE, GLOBAL_IMAGE, CROP_TAG, NEWLINE = VISION_START, VISION_END, VOCAB - 5, VOCAB - 6
 PAD_TOKEN = 0
+# families with Qwen2-VL's patch grids (pixel_values [patches, C * 2 * 2 * 2] + image_grid_thw) and 3-D M-RoPE
+GRID_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v")
 # families with LLaVA-NeXT's any-resolution views: pixel_values [images, views, C, H, W] + image_sizes
 ANY_RES = ("llava_next", "llava_onevision")
 # Text tokens are drawn from [1, TEXT_TOKENS) so they never collide with the special ids above.
@@ -44,9 +49,11 @@ def tiny_model(
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
     sliding_window: int = 24,
+    gemma2: bool = False,
 ) -> nn.Module:
     """A small random model of ``family`` (one of :data:`FAMILIES`), in eval mode. ``sliding_window``: Gemma 3's
-    sliding layers' window (shorter than the test prompts, so windows matter)."""
+    (and PaliGemma 2's) sliding layers' window (shorter than the test prompts, so windows matter); ``gemma2``:
+    PaliGemma 2 (Gemma 2 decoder: sliding and full layers, soft-capped logits; eager attention only)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -204,6 +211,47 @@ def tiny_model(
             downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
         )  # fmt: skip
         model = InternVLForConditionalGeneration(config)
+    elif family == "glm4v":  # GLM-4.1V: Qwen2-VL-like grids, conv merge, interleaved M-RoPE over half of each head
+        from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+        text.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                     "partial_rotary_factor": 0.5})  # fmt: skip
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden_size,
+                      patch_size=2, spatial_merge_size=2, temporal_patch_size=2, image_size=16)  # fmt: skip
+        config = Glm4vConfig(
+            text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+            image_start_token_id=VISION_START, image_end_token_id=VISION_END,
+        )  # fmt: skip
+        model = Glm4vForConditionalGeneration(config)
+    elif family == "smolvlm":  # SigLIP crops of 32 px, pixel shuffle 2 (16 tokens a crop), Llama decoder
+        from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMVisionConfig
+
+        vision = SmolVLMVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=4
+        )
+        config = SmolVLMConfig(
+            vision_config=vision, text_config=LlamaConfig(**text), image_token_id=IMAGE_TOKEN, scale_factor=2
+        )
+        model = SmolVLMForConditionalGeneration(config)
+    elif family == "paligemma":  # SigLIP (every patch a token), Gemma decoder behind a prefix-LM mask
+        # (PaliGemma 2's Gemma 2 decoder has no SDPA path in transformers: its own test builds it, eager)
+        from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
+
+        text["head_dim"] = hidden_size // heads
+        if gemma2:
+            text.update(
+                query_pre_attn_scalar=hidden_size // heads, sliding_window=sliding_window, attn_logit_softcapping=50.0,
+                layer_types=["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2),
+            )  # fmt: skip
+        vision = SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=4,
+            vision_use_head=False, projection_dim=hidden_size,
+        )  # fmt: skip
+        config = PaliGemmaConfig(
+            vision_config=vision, text_config=(Gemma2Config if gemma2 else GemmaConfig)(**text), vocab_size=VOCAB,
+            image_token_index=IMAGE_TOKEN, projection_dim=hidden_size, hidden_size=hidden_size,
+        )  # fmt: skip
+        model = PaliGemmaForConditionalGeneration(config)
     else:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     model.set_attn_implementation(attn_implementation)
@@ -389,6 +437,16 @@ def collate(model: nn.Module, singles: list[dict[str, Tensor]], *, padding_side:
             pad = value.new_full((1, length - value.shape[1]), fill)
             rows.append(torch.cat([pad, value] if padding_side == "left" else [value, pad], 1))
         batch[key] = torch.cat(rows)
+    if family == "smolvlm":  # [B, crops, C, H, W], padded with all-zero crops (which the model drops)
+        crops = [s["pixel_values"] for s in singles if "pixel_values" in s]
+        if crops:
+            most = max(c.shape[1] for c in crops)
+            shape = crops[0].shape[2:]
+            batch["pixel_values"] = torch.cat([
+                torch.cat([s["pixel_values"], torch.zeros(1, most - s["pixel_values"].shape[1], *shape)], 1)
+                if "pixel_values" in s else torch.zeros(1, most, *shape)
+                for s in singles
+            ])  # fmt: skip
     if family in ANY_RES:
         views = [s["pixel_values"] for s in singles if "pixel_values" in s]
         if views:
@@ -415,12 +473,12 @@ def _single(model: nn.Module, sample: list[int | Image | Video], seed: int) -> d
             video_pixels.append(torch.randn(part.frames, 3, size, size, generator=generator))
             tokens += [VIDEO_TOKEN] * (part.frames * math.ceil(side / 2) ** 2 + 1)
         elif isinstance(part, Video):
-            if not family.startswith("qwen"):
+            if family not in GRID_FAMILIES:
                 raise ValueError(f"{family} takes no video input")
             patches = part.frames * (part.size[0] // 2) * (part.size[1] // 2)
             video_pixels.append(torch.randn(patches, 3 * 2 * 2 * 2, generator=generator))
             video_grids.append([part.frames, part.size[0] // 2, part.size[1] // 2])
-            if family in ("qwen3_vl", "qwen3_5"):  # each frame after its timestamp text, as their processors write it
+            if family in ("qwen3_vl", "qwen3_5", "glm4v"):  # each frame after its timestamp text, as their processors write it
                 per_frame = patches // 4 // part.frames
                 for _ in range(part.frames):
                     stamp = torch.randint(3, TEXT_TOKENS, (1,), generator=generator).tolist()
@@ -430,22 +488,28 @@ def _single(model: nn.Module, sample: list[int | Image | Video], seed: int) -> d
         else:
             count = _add_image(model, family, part, generator, pixels, sizes, grids)
             marker = [IMAGE_TOKEN] * count
+            if family == "smolvlm":
+                marker = _smolvlm_marker(part.size[0] // 32, part.size[1] // 32, count // _crops(part.size))
             if family == "mistral3":  # rows of [IMG], each ended by [IMG_BREAK], the last by [IMG_END]
                 cols = part.size[1] // 8
                 marker = [t for r in range(count // cols) for t in [IMAGE_TOKEN] * cols + [IMAGE_BREAK]]
                 marker[-1] = IMAGE_END
-            tokens += [VISION_START, *marker, VISION_END] if family.startswith(("qwen", "gemma", "internvl")) else marker
+            tokens += [VISION_START, *marker, VISION_END] if family.startswith(("qwen", "gemma", "internvl", "glm")) else marker
     input_ids = torch.tensor([tokens], dtype=torch.long)
     single: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    if family in ("llava", "gemma3") and pixels:
+    if family in ("llava", "gemma3", "paligemma") and pixels:
         single["pixel_values"] = torch.stack(pixels)
     if family == "internvl" and pixels:  # every tile of every image, in prompt order
         single["pixel_values"] = torch.cat(pixels)
+    if family == "smolvlm" and pixels:  # [1, crops, C, H, W]: every crop of every image, in prompt order
+        single["pixel_values"] = torch.cat(pixels)[None]
     if family == "mistral3" and pixels:  # padded to the largest image, with each image's own size
         single["pixel_values"] = torch.stack(pixels)
         single["image_sizes"] = torch.tensor(sizes)
     if family == "gemma3":  # image tokens attend to each other bidirectionally
         single["token_type_ids"] = (input_ids == IMAGE_TOKEN).long()
+    if family == "paligemma":  # the whole prompt is the bidirectional prefix
+        single["token_type_ids"] = torch.zeros_like(input_ids)
     elif family in ANY_RES:
         if pixels:
             most = max(p.shape[0] for p in pixels)
@@ -453,7 +517,7 @@ def _single(model: nn.Module, sample: list[int | Image | Video], seed: int) -> d
             single["image_sizes"] = torch.tensor(sizes)
         if video_pixels:
             single["pixel_values_videos"] = torch.stack(video_pixels)
-    elif family.startswith("qwen"):
+    elif family in GRID_FAMILIES:
         if pixels:
             single["pixel_values"] = torch.cat(pixels)
             single["image_grid_thw"] = torch.tensor(grids)
@@ -461,6 +525,8 @@ def _single(model: nn.Module, sample: list[int | Image | Video], seed: int) -> d
             single["pixel_values_videos"] = torch.cat(video_pixels)
             single["video_grid_thw"] = torch.tensor(video_grids)
         single["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int()
+        if family == "glm4v":  # video frames are written with the image placeholder; only the types tell them apart
+            input_ids[input_ids == VIDEO_TOKEN] = IMAGE_TOKEN
     dtype = next(model.parameters()).dtype
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in single.items()}
 
@@ -487,6 +553,12 @@ def _family(model: nn.Module) -> str:
         return "mistral3"
     if name.startswith("InternVL"):
         return "internvl"
+    if name.startswith("Glm4v"):
+        return "glm4v"
+    if name.startswith("SmolVLM"):
+        return "smolvlm"
+    if name.startswith("PaliGemma"):
+        return "paligemma"
     raise ValueError(f"not a tiny test model: {name}")
 
 
@@ -500,17 +572,16 @@ def _add_image(
     grids: list[list[int]],
 ) -> int:
     """Append one image's pixel inputs; return its number of placeholder tokens."""
-    if family == "llava":
+    if family in ("llava", "paligemma"):
         pixels.append(torch.randn(3, 32, 32, generator=generator))
         return (32 // 4) ** 2
     if family == "gemma3":
         pixels.append(torch.randn(3, 32, 32, generator=generator))
         return model.config.mm_tokens_per_image
-    if family == "internvl":  # 32 px tiles as the processor cuts them: rows x cols tiles, then a thumbnail if several
-        rows, cols = image.size[0] // 32, image.size[1] // 32
-        tiles = rows * cols + (1 if rows * cols > 1 else 0)
+    if family in ("internvl", "smolvlm"):  # 32 px tiles as the processors cut them, then a thumbnail if several
+        tiles = _crops(image.size)
         pixels.append(torch.randn(tiles, 3, 32, 32, generator=generator))
-        return tiles * model.config.image_seq_length
+        return tiles * (model.config.image_seq_length if family == "internvl" else model.model.image_seq_len)
     if family == "mistral3":  # sizes in multiples of 8 px (patch 4, merge 2), on a canvas of the largest size
         height, width = image.size
         side = model.config.vision_config.image_size
@@ -536,6 +607,25 @@ def _add_image(
     pixels.append(torch.randn(height * width, 3 * 2 * 2 * 2, generator=generator))
     grids.append([1, height, width])
     return height * width // 4
+
+
+def _crops(size: tuple[int, int]) -> int:
+    """InternVL's tiles and SmolVLM's crops of a ``size`` image at 32 px: rows x cols, then a global one if several."""
+    rows, cols = size[0] // 32, size[1] // 32
+    return rows * cols + (1 if rows * cols > 1 else 0)
+
+
+def _smolvlm_marker(rows: int, cols: int, per_crop: int) -> list[int]:
+    """SmolVLM's prompt for one image (its processor's ``get_image_prompt_string``, one id per special string)."""
+    crop = [IMAGE_TOKEN] * per_crop
+    if rows * cols == 1:
+        return [FAKE_AROUND_IMAGE, GLOBAL_IMAGE, *crop, FAKE_AROUND_IMAGE]
+    tokens = []
+    for _ in range(rows):
+        for _ in range(cols):
+            tokens += [FAKE_AROUND_IMAGE, CROP_TAG, *crop]
+        tokens.append(NEWLINE)
+    return tokens + [NEWLINE, FAKE_AROUND_IMAGE, GLOBAL_IMAGE, *crop, FAKE_AROUND_IMAGE]
 
 
 def tiny_processor(family: str, model: nn.Module | None = None) -> Any:

@@ -10,6 +10,7 @@ import vtprune
 from tests.helpers import FAMILIES, Image, make_batch, tiny_model
 from vtprune.adapters import adapter_class_for_config
 from vtprune.eval.flops import model_shape
+from vtprune.testing import GRID_FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -43,9 +44,9 @@ def test_the_adapter_describes_its_tower_for_flops(family):
     model = tiny_model(family)
     assert adapter_class_for_config(model.config) is type(vtprune.adapter_for(model))
     vision = model_shape(model).vision
-    assert vision.encoder_input == ("grid" if family.startswith("qwen") or family == "mistral3" else "views")
+    assert vision.encoder_input == ("grid" if family in GRID_FAMILIES or family == "mistral3" else "views")
     assert vision.cls_token == (family in ("llava", "llava_next", "internvl"))  # SigLIP, Pixtral, Qwen: none
-    assert vision.gated_mlp == (family in ("qwen2_5_vl", "mistral3")) and (vision.window > 0) == (family == "qwen2_5_vl")
+    assert vision.gated_mlp == (family in ("qwen2_5_vl", "mistral3", "glm4v")) and (vision.window > 0) == (family == "qwen2_5_vl")
     assert vision.projectors == (1 + len(model.config.vision_config.deepstack_visual_indexes) if family == "qwen3_vl" else 1)
     with pytest.raises(TypeError, match="no FLOPs model for 'bert'; supported: llava, llava_next, llava_onevision"):
         adapter_class_for_config(type("Config", (), {"model_type": "bert"})())

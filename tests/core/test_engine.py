@@ -17,7 +17,7 @@ from tests.helpers import (
     Video,
     collate,
     inapplicable,
-    is_qwen,
+    is_mrope,
     make_batch,
     newline_tokens,
     pooled,
@@ -57,15 +57,16 @@ def _hook_count(model) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
-def _extend(batch: dict, ids: torch.Tensor) -> dict:
-    """The batch with its prompt extended by generated tokens."""
+def _extend(batch: dict, ids: torch.Tensor, model=None) -> dict:
+    """The batch with its prompt extended by generated tokens (PaliGemma's causal suffix: token type 1)."""
     extra = ids.shape[1] - batch["input_ids"].shape[1]
     full = {**batch, "input_ids": ids}
     full["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(ids.shape[0], extra, dtype=torch.long)], 1)
+    suffix = int(type(model).__name__.startswith("PaliGemma"))
     for key in ("mm_token_type_ids", "token_type_ids"):
         if key in batch:
-            zeros = torch.zeros(ids.shape[0], extra, dtype=batch[key].dtype)
-            full[key] = torch.cat([batch[key], zeros], 1)
+            fill = torch.full((ids.shape[0], extra), suffix if key == "token_type_ids" else 0, dtype=batch[key].dtype)
+            full[key] = torch.cat([batch[key], fill], 1)
     return full
 
 
@@ -117,18 +118,20 @@ def test_pre_llm_pruning_equals_born_short_prompt(family, method, positions):
 
     vlm = model.model
     deepstack: dict[str, list] = {}  # Qwen3-VL: per layer, per image or video, like pooler_output
-    if is_qwen(model):
-        image_out = vlm.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
-        video_out = vlm.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])
-        image, video = list(image_out.pooler_output), list(video_out.pooler_output)
-        for modality, out in (("image", image_out), ("video", video_out)):
+    if is_mrope(model):
+        outputs = {"image": vlm.get_image_features(batch["pixel_values"], batch["image_grid_thw"])}
+        if "pixel_values_videos" in batch:  # GLM-4V's samples have none
+            outputs["video"] = vlm.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])
+        image = list(outputs["image"].pooler_output)
+        video = list(outputs["video"].pooler_output) if "video" in outputs else []
+        for modality, out in outputs.items():
             if getattr(out, "deepstack_features", None):
                 deepstack[modality] = [list(layer) for layer in out.deepstack_features]
         full_positions, _ = vlm.get_rope_index(
             batch["input_ids"],
             batch["mm_token_type_ids"],
             batch["image_grid_thw"],
-            batch["video_grid_thw"],
+            batch.get("video_grid_thw"),
             attention_mask=batch["attention_mask"],
         )
     else:
@@ -152,14 +155,14 @@ def test_pre_llm_pruning_equals_born_short_prompt(family, method, positions):
     encoder_outputs = {"image": pooled(kept_images(image))}
     if video:
         encoder_outputs["video"] = pooled(kept_video(video))
-        if not is_qwen(model):  # LLaVA-OneVision's forward takes one tensor
+        if not is_mrope(model):  # LLaVA-OneVision's forward takes one tensor
             encoder_outputs["video"].pooler_output = encoder_outputs["video"].pooler_output[0]
     for modality, layers in deepstack.items():
         keep_rows = kept_images if modality == "image" else kept_video
         encoder_outputs[modality]["deepstack_features"] = [tuple(keep_rows(layer)) for layer in layers]
     short_ids = batch["input_ids"].gather(1, index.clamp(min=0)).masked_fill(~valid, 0)
     short_mask = valid.long()
-    if positions == "keep" or is_qwen(model):
+    if positions == "keep" or is_mrope(model):
         short_positions = full_positions.gather(-1, index.clamp(min=0).expand(*full_positions.shape[:-2], -1, -1))
     else:
         short_positions = (short_mask.cumsum(-1) - 1).clamp(min=0)
@@ -197,7 +200,7 @@ def test_cached_decoding_equals_recomputation_with_frozen_selection(family, meth
         prompt = batch["input_ids"].shape[1]
         with pruning.freeze():
             for step in range(steps):
-                full = _extend(batch, generated.sequences[:, : prompt + step])
+                full = _extend(batch, generated.sequences[:, : prompt + step], model)
                 logits = model(**with_positions(model, full), use_cache=False).logits
                 assert_close(logits[:, -1], generated.logits[step], rtol=1e-4, atol=1e-4)
 
@@ -268,7 +271,7 @@ def test_sequence_lengths_and_kept_follow_the_budget(family, method, options):
     seen: list[int] = []
     hooks = [
         layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].shape[1]), with_kwargs=True)
-        for layer in model.model.language_model.layers
+        for layer in vtprune.adapter_for(model).decoder_layers
     ]
     keep = 3
     with vtprune.wrap(model, method, keep=keep, **options) as pruning:
@@ -277,7 +280,7 @@ def test_sequence_lengths_and_kept_follow_the_budget(family, method, options):
     for hook in hooks:
         hook.remove()
     record = pruning.last
-    num_layers = len(model.model.language_model.layers)
+    num_layers = len(vtprune.adapter_for(model).decoder_layers)
 
     # Per stage and image: round(scale * keep) tokens (per view with per-crop budgets; never more than the image
     # has), plus LLaVA-NeXT's newlines (always kept); a video keeps its budget per frame.
@@ -296,7 +299,7 @@ def test_sequence_lengths_and_kept_follow_the_budget(family, method, options):
                     for frame in range(part.frames):
                         size = record.items[len(items)]["num_tokens"]
                         # LLaVA-OneVision's newline after the last frame: structural, always kept
-                        newline = int(not is_qwen(model) and frame == part.frames - 1)
+                        newline = int(not is_mrope(model) and frame == part.frames - 1)
                         items.append((sample, min(budget, size - newline) + newline if video_budgeted else size))
         return items
 
@@ -351,7 +354,7 @@ def test_in_llm_pruning_equals_dense_with_dropped_keys_masked(family, layer):
         kwargs["attention_mask"] = mask.masked_fill(dropped[:, None, None, : mask.shape[-1]], torch.finfo(mask.dtype).min)
         return args, kwargs
 
-    layers = model.model.language_model.layers
+    layers = vtprune.adapter_for(model).decoder_layers
     handles = [block.register_forward_pre_hook(hide_dropped, with_kwargs=True) for block in layers[layer:]]
     try:
         dense = model(**batch).logits
@@ -411,7 +414,7 @@ def test_progressive_schedule_with_two_stages(family):
         lengths = pruning.seq_lens
         assert lengths[0] == lengths[1] > lengths[2] == lengths[3]
         with pruning.freeze():
-            full = _extend(batch, generated.sequences[:, : batch["input_ids"].shape[1] + 2])
+            full = _extend(batch, generated.sequences[:, : batch["input_ids"].shape[1] + 2], model)
             logits = model(**with_positions(model, full), use_cache=False).logits
     assert_close(logits[:, -1], generated.logits[2], rtol=1e-4, atol=1e-4)
 
@@ -437,7 +440,7 @@ def test_beam_search_scores_equal_recomputation(family, method, options):
             expanded[key] = value.repeat_interleave(beams, dim=0)
         expanded.update(_repeat_visual_inputs(batch, beams))
         with pruning.freeze():
-            full = _extend(expanded, out.sequences)
+            full = _extend(expanded, out.sequences, model)
             logits = model(**with_positions(model, full), use_cache=False).logits
     logprobs = logits.log_softmax(-1)  # beam search normalises before the processors suppress tokens
     prompt = batch["input_ids"].shape[1]

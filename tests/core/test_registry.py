@@ -47,19 +47,27 @@ def test_methods_refuse_exactly_the_families_they_cannot_serve():
         for family in FAMILIES
         if inapplicable(family, method, options)
     }
-    # Qwen's towers, SigLIP and Pixtral
+    # Qwen's and GLM's towers, SigLIP (also SmolVLM's) and Pixtral
     # (InternVL's tower has one, but its attention is not mapped onto pixel-shuffled tokens yet)
-    no_cls = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_onevision", "gemma3", "mistral3", "internvl")
+    no_cls = (
+        "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_onevision", "gemma3", "mistral3", "internvl", "glm4v",
+        "smolvlm", "paligemma",
+    )  # fmt: skip
     expected = {(m, f) for m, _ in CONFIGS for f in no_cls if vtprune.method_class(m).needs_cls_token}
     # fixed-size views: a lower resolution gives as many tokens
     expected |= {
-        ("downsample", f) for f in ("llava", "llava_next", "llava_onevision", "gemma3", "mistral3", "internvl")
+        ("downsample", f)
+        for f in ("llava", "llava_next", "llava_onevision", "gemma3", "mistral3", "internvl", "smolvlm", "paligemma")
     }
-    # where="before" needs a per-token projector (Qwen and Mistral 3 merge 2x2, Gemma 3 pools 4x4);
+    # where="before" needs a per-token projector (Qwen, GLM and Mistral 3 merge 2x2, InternVL and SmolVLM
+    # pixel-shuffle, Gemma 3 pools 4x4);
     # LLaVA-OneVision's videos are pooled after its projector
     expected |= {
         ("pool", f)
-        for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3", "mistral3", "internvl", "llava_onevision")
+        for f in (
+            "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3", "mistral3", "internvl", "llava_onevision", "glm4v",
+            "smolvlm",
+        )  # fmt: skip
     }
     # schedules that read attention at a linear-attention layer of the tiny hybrid (layers 0 and 2 are linear)
     expected |= {(m, "qwen3_5") for m in ("fastv", "transprune", "pdrop", "sparsevlm")}

@@ -69,5 +69,5 @@ def test_downsample_equals_the_model_fed_the_smaller_image():
 def test_downsample_refuses_clip_towers():
     import pytest
 
-    with pytest.raises(ValueError, match=r"applies to the dynamic-resolution Qwen families .* use 'pool'"):
+    with pytest.raises(ValueError, match=r"applies to the dynamic-resolution M-RoPE families .* use 'pool'"):
         vtprune.wrap(tiny_model("llava"), "downsample", keep=16)

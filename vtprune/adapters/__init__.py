@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from vtprune.adapters.gemma3 import Gemma3Adapter
+from vtprune.adapters.glm4v import Glm4vAdapter
 from vtprune.adapters.hf_clip_vit import HFClipViTAdapter
 from vtprune.adapters.internvl import InternVLAdapter
 from vtprune.adapters.llava import LlavaAdapter
@@ -12,16 +13,18 @@ from vtprune.adapters.llava_next import LlavaNextAdapter
 from vtprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from vtprune.adapters.mistral3 import Mistral3Adapter
 from vtprune.adapters.open_clip_vit import OpenClipViTAdapter
+from vtprune.adapters.paligemma import PaliGemmaAdapter
 from vtprune.adapters.qwen3_5 import Qwen3_5Adapter
 from vtprune.adapters.qwen3_vl import Qwen3VLAdapter
 from vtprune.adapters.qwen_vl import QwenVLAdapter
+from vtprune.adapters.smolvlm import SmolVLMAdapter
 from vtprune.adapters.timm_vit import TimmViTAdapter
 from vtprune.core.adapter import Adapter
 from vtprune.core.vit import ViTAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, QwenVLAdapter, Qwen3VLAdapter, Qwen3_5Adapter,
-    Gemma3Adapter, Mistral3Adapter, InternVLAdapter,
+    Gemma3Adapter, Mistral3Adapter, InternVLAdapter, Glm4vAdapter, SmolVLMAdapter, PaliGemmaAdapter,
 )
 
 
@@ -51,15 +54,21 @@ def adapter_class_for_config(config: object) -> type[Adapter]:
     raise TypeError(f"no FLOPs model for {model_type!r}; supported: {supported}")
 
 
+# families people ask for that are known not to work yet, and why (said in the "unsupported model" error)
+NOT_YET = {
+    "Llama4": "Llama 4's chunked-attention layers have no mask builder here and some of its layers have no RoPE",
+}
+
+
 def find_adapter(model: object) -> Adapter:
     """The adapter for ``model``, or a TypeError listing the supported model classes."""
     if isinstance(model, nn.Module):
         for adapter in ADAPTERS:
             if adapter.matches(model):
                 return adapter(model)
-    raise TypeError(
-        f"unsupported model {type(model).__name__}: vtprune.wrap supports {', '.join(supported_model_classes())}"
-    )
+    name = type(model).__name__
+    reason = next((f" ({why})" for prefix, why in NOT_YET.items() if name.startswith(prefix)), "")
+    raise TypeError(f"unsupported model {name}{reason}: vtprune.wrap supports {', '.join(supported_model_classes())}")
 
 
 __all__ = ["ADAPTERS", "VIT_ADAPTERS", "Adapter", "adapter_class_for_config", "find_adapter", "find_vit_adapter", "supported_model_classes"]

@@ -41,7 +41,7 @@ class Downsample(Method):
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
         if not model.mrope:
             raise ValueError(
-                f"{self.name} applies to the dynamic-resolution Qwen families (Qwen2-VL / Qwen2.5-VL / Qwen3-VL), "
+                f"{self.name} applies to the dynamic-resolution M-RoPE families (Qwen2-VL to Qwen3.5, GLM-4V), "
                 f"whose M-RoPE positions it lays out for the smaller grid, not to {model.family_name} (fixed-size "
                 "views give as many tokens at a lower resolution; Mistral 3's native-resolution path is not written "
                 "yet); use 'pool' there"
