@@ -131,6 +131,7 @@ def model_info(adapter: Adapter) -> ModelInfo:
         layer_types=tuple(adapter.layer_types()),
         per_token_projector=adapter.per_token_projector,
         no_cls_reason=adapter.no_cls_reason,
+        tower_attention=adapter.tower_attention,
     )
 
 
@@ -154,7 +155,7 @@ def checked_stages(config: Method, stages: list[Stage], info: ModelInfo) -> list
             raise ValueError(f"{config.name}: states_from must be a layer before the stage's layer {stage.layer}")
         if stage.query not in ATTENTION_QUERIES:
             raise ValueError(f"{config.name}: query must be one of {ATTENTION_QUERIES}, got {stage.query!r}")
-        for layer in stage.vision_layers:
+        for layer in (*stage.vision_layers, *stage.vision_received):
             if not 0 <= layer < info.vision_layers:
                 raise ValueError(
                     f"{config.name}: vision layer {layer} is outside the vision tower ({info.vision_layers} layers)"

@@ -24,6 +24,7 @@ class LlavaAdapter(Adapter):
     model_types = ("llava",)
     # images per encoder call view: LLaVA-1.5 encodes one square view per image, LLaVA-NeXT a size-dependent number
     views_per_image: ClassVar[int] = 1
+    tower_attention = True
 
     @classmethod
     def vision_shape(cls, config: Any) -> VisionShape:
@@ -107,6 +108,19 @@ class LlavaAdapter(Adapter):
 
     def vision_attention(self, layer: int) -> nn.Module:
         return self._tower_layers()[layer].self_attn
+
+    def vision_attention_segments(
+        self, call: dict[str, Any], module: nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[list[tuple[Tensor, Tensor]], float]:
+        # each view ([CLS] + patches) attends to itself in full
+        hidden = args[0] if args else kwargs["hidden_states"]
+        views, rows, _ = hidden.shape
+        queries = module.q_proj(hidden).view(views, rows, module.num_heads, -1).transpose(1, 2)
+        keys = module.k_proj(hidden).view(views, rows, module.num_heads, -1).transpose(1, 2)
+        return list(zip(queries.unbind(0), keys.unbind(0))), module.scale
+
+    def vision_row_values(self, call: dict[str, Any], values: Tensor) -> Tensor:
+        return values.view(-1, self._patch_grid() ** 2 + 1)
 
     def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
         side = self._patch_grid()

@@ -38,6 +38,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     encoder_methods = ("get_image_features", "get_video_features")
     has_cls_token = False
     cls_position = None
+    # SigLIP's attention is not mapped onto tokens: videos pool 2x2 after the projector, shrunk any-res grids blend
+    tower_attention = False
 
     @classmethod
     def vision_shape(cls, config: Any) -> VisionShape:

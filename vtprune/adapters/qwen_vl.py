@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from transformers.vision_utils import get_vision_window_index
 
 from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk, _to_unit_range
+from vtprune.core.attention import apply_rotary
 from vtprune.core.compat import cache_parameter
 from vtprune.core.layout import GridPart
 from vtprune.core.shape import VisionShape
@@ -39,6 +40,7 @@ class QwenVLAdapter(Adapter):
     has_cls_token = False
     cls_position = None
     per_token_projector = False
+    tower_attention = True
 
     @classmethod
     def vision_shape(cls, config: Any) -> VisionShape:
@@ -118,6 +120,47 @@ class QwenVLAdapter(Adapter):
     def vision_tower(self) -> nn.Module:
         return self.vlm.visual
 
+    def vision_depth(self) -> int:
+        return len(self.vlm.visual.blocks)
+
+    def vision_feature_layer(self) -> int:
+        return self.vision_depth() - 1  # the merger reads the last block's output
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        return self.vlm.visual.blocks[layer].attn
+
+    def vision_attention_segments(
+        self, call: dict[str, Any], module: nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[list[tuple[Tensor, Tensor]], float]:
+        """Every frame of every image in full (Qwen2.5-VL's windows ignored, as HiPrune's authors compute it)."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+        rows, width = hidden.shape
+        # the fused projection's query and key rows only (the values are not needed)
+        bias = module.qkv.bias[: 2 * width] if module.qkv.bias is not None else None
+        qk = F.linear(hidden, module.qkv.weight[: 2 * width], bias)
+        qk = qk.reshape(rows, 2, module.num_heads, -1).permute(1, 2, 0, 3).float()
+        cos, sin = cos.float()[None], sin.float()[None]
+        queries, keys = (apply_rotary(x[None], cos, sin)[0] for x in (qk[0], qk[1]))
+        # a frame's rows stay together in the window order, and frames follow one another
+        lengths = [h * w for t, h, w in self._call_grid(call).tolist() for _ in range(t)]
+        return list(zip(queries.split(lengths, dim=1), keys.split(lengths, dim=1))), module.scaling
+
+    def vision_row_values(self, call: dict[str, Any], values: Tensor) -> Tensor:
+        return self._merged_rows(call, values)[None]
+
+    def _merged_rows(self, call: dict[str, Any], rows: Tensor) -> Tensor:
+        """Per merged token (raster order, the call's images one after another), the mean of the tower rows it
+        merges; the tower holds them in merge groups, Qwen2.5-VL's reordered into windows."""
+        vision = self.vlm.config.vision_config
+        groups = rows.view(-1, vision.spatial_merge_size**2, *rows.shape[1:])
+        if hasattr(vision, "window_size"):  # Qwen2.5-VL's tower runs on windows and reorders its tokens
+            window_index, _ = get_vision_window_index(
+                self._call_grid(call), vision.spatial_merge_size, vision.window_size, vision.patch_size
+            )
+            groups = groups[torch.argsort(window_index.to(groups.device))]
+        return groups.mean(1)
+
     def tower_inputs(self, args: tuple, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         return [{"grid": tuple(row)} for row in grid.tolist()]
@@ -151,14 +194,7 @@ class QwenVLAdapter(Adapter):
         hidden, grid = output.last_hidden_state, self._call_grid(call)
         if hidden is None or grid is None:
             return None
-        vision = self.vlm.config.vision_config
-        groups = hidden.view(-1, vision.spatial_merge_size**2, hidden.shape[-1])
-        if hasattr(vision, "window_size"):  # Qwen2.5-VL's tower runs on windows and reorders its tokens
-            window_index, _ = get_vision_window_index(
-                grid, vision.spatial_merge_size, vision.window_size, vision.patch_size
-            )
-            groups = groups[torch.argsort(window_index.to(groups.device))]
-        return groups.mean(1)[None]
+        return self._merged_rows(call, hidden)[None]
 
     def resample_images(
         self, call: dict[str, Any], target: Callable[[int, int], tuple[int, int]]

@@ -81,6 +81,9 @@ class Adapter:
     # The projector maps each tower token on its own (LLaVA's MLP), so features merged before it can be projected
     # (Adapter.project); False where it pools or merges patches (Qwen's 2x2 merger, Gemma 3's 4x4 pooling).
     per_token_projector: ClassVar[bool] = True
+    # The family maps its tower's attention (every query row) onto the LLM's tokens: vision_attention,
+    # vision_attention_segments and vision_row_values work (Stage.vision_received).
+    tower_attention: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -111,6 +114,11 @@ class Adapter:
     @property
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The language model's last norm, applied to the last decoder layer's output before the LM head."""
+        return self.language_model.norm
 
     @property
     def text_config(self) -> Any:
@@ -230,6 +238,21 @@ class Adapter:
     def vision_attention(self, layer: int) -> nn.Module:
         """The tower's attention module of ``layer`` (with ``q_proj``, ``k_proj``, ``num_heads``, ``scale``)."""
         raise NotImplementedError(f"{self.family} exposes no vision-tower attention")
+
+    def vision_attention_segments(
+        self, call: dict[str, Any], module: nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[list[tuple[Tensor, Tensor]], float]:
+        """From the inputs of one call of :meth:`vision_attention`'s module during encoder call ``call``: the queries
+        and keys (after any RoPE), ``[heads, T, head_dim]`` each, of every run of tower rows that attend to each
+        other in full (a view; a frame of a dynamic-resolution image, its windows ignored), in the tower's row
+        order, and the attention's scale."""
+        raise NotImplementedError(f"{self.display_name or self.family} maps no tower attention onto its tokens")
+
+    def vision_row_values(self, call: dict[str, Any], values: Tensor) -> Tensor:
+        """One value per tower row (in the tower's order, every run of :meth:`vision_attention_segments`) laid out as
+        :meth:`image_sources` indexes the call's tower output, ``[views, T]`` (values of rows merged into one token
+        averaged)."""
+        raise NotImplementedError(f"{self.display_name or self.family} maps no tower attention onto its tokens")
 
     def reducible_tower(self) -> tuple[nn.Module, int]:
         """The vision tower a ViT method (``evit``, ``tome``) may reduce inside this VLM, and how many of its blocks

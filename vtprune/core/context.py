@@ -20,7 +20,9 @@ class ItemView:
     row ``item.sample`` of the current layout. The rest are per current token, where the stage asked for them:
     ``features`` the projected features the LLM received (always), ``encoder_features`` features before the projector,
     ``cls_attention`` ``[len(stage.vision_layers), n]`` head-averaged [CLS] -> token attention of those tower layers
-    (each token scored by its own view's [CLS]), ``encoder_keys`` the head-averaged keys of the last of those layers,
+    (each token scored by its own view's [CLS]), ``received_attention`` ``[len(stage.vision_received), n]`` the
+    head-averaged attention each token receives from every token of its view in those tower layers, ``encoder_keys``
+    the head-averaged keys of the last of the ``vision_layers``,
     ``cls_features`` each view's [CLS] feature before the projector (by view id), ``groups`` the view (crop) of each
     token for per-crop budgets; ``replacement`` / ``replacement_grid`` the features and (rows, cols) of the image
     re-encoded at a lower resolution (``Stage.resample``); ``tower_tokens`` the tokens (original numbering, ascending)
@@ -36,6 +38,7 @@ class ItemView:
     features: Tensor | None = None
     encoder_features: Tensor | None = None
     cls_attention: Tensor | None = None
+    received_attention: Tensor | None = None
     encoder_keys: Tensor | None = None
     cls_features: dict[int, Tensor] | None = None
     replacement: Tensor | None = None
@@ -70,6 +73,7 @@ class Signals:
     attention: Callable[[], Tensor] | None = None
     attention_of: Callable[[Tensor, Tensor], Tensor] | None = None
     query_states: Callable[[], Tensor] | None = None
+    key_states: Callable[[], Tensor] | None = None
 
 
 @dataclass
@@ -79,7 +83,10 @@ class PruneContext:
     ``hidden_states`` is the input of decoder layer ``stage.layer`` (in-LLM stages). ``attention()`` returns the
     head-averaged attention probabilities of the stage's query token(s) to every slot of ``layout``, ``[B, L]``
     (averaged over the query rows too), recomputed from layer ``stage.attention_from``'s queries and keys.
-    ``query_states()`` returns layer ``stage.states_from``'s query states after RoPE, ``[B, L, heads, head_dim]``.
+    ``query_states()`` returns layer ``stage.states_from``'s query states after RoPE, ``[B, L, heads, head_dim]``,
+    ``key_states()`` its key states after its k-norm and RoPE (what its KV cache holds), ``[B, L, kv_heads, head_dim]``.
+    ``final_norm`` is the language model's last norm (the one before the LM head; in-LLM stages), e.g. for
+    similarities in the space the LM head reads.
     ``instruction_embeddings[b]`` holds the LLM input embeddings of sample b's instruction tokens (the text after
     its last image) and ``instruction_ids[b]`` their token ids; ``embed`` maps token ids to LLM input embeddings and
     ``tokenizer`` is the one passed to ``vtprune.wrap`` (or None). ``state`` is what the method's ``observe()`` wrote.
@@ -95,6 +102,7 @@ class PruneContext:
     instruction_embeddings: list[Tensor] | None = None
     embed: Callable[[Tensor], Tensor] | None = None
     tokenizer: Any = None
+    final_norm: Callable[[Tensor], Tensor] | None = None
     signals: Signals = field(default_factory=Signals, repr=False)
     _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
@@ -118,6 +126,9 @@ class PruneContext:
 
     def query_states(self) -> Tensor:
         return self._signal("query_states", "states_from")
+
+    def key_states(self) -> Tensor:
+        return self._signal("key_states", "states_from")
 
     def per_item(self, values: Tensor) -> list[Tensor]:
         """Split a ``[B, L]`` per-slot tensor into one tensor per item (its current tokens, in order)."""

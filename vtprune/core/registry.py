@@ -47,6 +47,8 @@ class ModelInfo:
     per_token_projector: bool = True
     # why [CLS] signals are missing, where has_cls_token is False
     no_cls_reason: str = "towers have no [CLS] token"
+    # the adapter maps the tower's attention (every query row, Stage.vision_received) onto the LLM's tokens
+    tower_attention: bool = False
 
     def scale_layers(
         self, layers: tuple[int, ...], reference_depth: int = 32, *, minimum: int = 1, maximum: int | None = None
@@ -106,6 +108,10 @@ class Stage:
       ``attention_from == layer`` recomputes them from the stage layer's own input (PyramidDrop, TransPrune).
     * ``states_from``: decoder layer whose query states (after RoPE) ``ctx.query_states()`` returns.
     * ``vision_layers``: vision-tower layers whose [CLS] -> token attention each image's ``cls_attention`` holds.
+    * ``vision_received``: vision-tower layers whose *received* attention each image's ``received_attention`` holds:
+      the head-averaged attention a token receives, averaged over every query token of its view (a Qwen image
+      frame, windows ignored), recomputed from the layer's queries and keys (families with
+      ``ModelInfo.tower_attention``).
     * ``encoder_features``: each image's features before the projector (``ItemView.encoder_features``).
     * ``text_embeddings``: the LLM input embeddings of each prompt's instruction (``ctx.instruction_embeddings``).
     * ``modalities``: the kinds of items the stage budgets ("image", "video"; None: all); others keep every token.
@@ -122,6 +128,7 @@ class Stage:
     query: str = "last"
     states_from: int | None = None
     vision_layers: tuple[int, ...] = ()
+    vision_received: tuple[int, ...] = ()
     encoder_features: bool = False
     text_embeddings: bool = False
     resample: bool = False
@@ -131,7 +138,13 @@ class Stage:
     @property
     def needs_vision_call(self) -> bool:
         """True when the vision encoder call must be observed (tower signals, per-view budgets, re-encoding)."""
-        return bool(self.vision_layers) or self.encoder_features or self.per_crop or self.resample or self.tower
+        return (
+            bool(self.vision_layers or self.vision_received)
+            or self.encoder_features
+            or self.per_crop
+            or self.resample
+            or self.tower
+        )
 
 
 @dataclass

@@ -18,6 +18,8 @@ from vtprune.core.layout import Layout
 
 # Query rows are processed in chunks so that "all" never materialises an L x L map per head.
 _QUERY_CHUNK = 128
+# A tower's received attention holds at most this many probabilities at once (64 MiB in fp32).
+_TOWER_CHUNK_ELEMENTS = 1 << 24
 
 
 def query_slots(layout: Layout, query: str) -> tuple[Tensor, Tensor]:
@@ -83,6 +85,18 @@ def rotated_queries(parts: DecoderParts, query_states: Tensor, position_embeddin
     return apply_rotary(q.transpose(1, 2), cos, sin, parts.interleaved_rotary).transpose(1, 2)
 
 
+def rotated_keys(parts: DecoderParts, key_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+    """The key states of the decoder layer described by ``parts`` after its k-norm (if any) and RoPE,
+    ``[B, L, kv_heads, head_dim]``: what its KV cache holds."""
+    attn = parts.attention
+    batch, length, _ = key_states.shape
+    k = key_states.view(batch, length, -1, attn.head_dim)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    cos, sin = position_embeddings
+    return apply_rotary(k.transpose(1, 2), cos, sin, parts.interleaved_rotary).transpose(1, 2)
+
+
 def vit_cls_rows(query_states: Tensor, key_states: Tensor, num_heads: int, scale: float) -> Tensor:
     """Head-averaged attention of token 0 ([CLS]) to every token of a ViT layer, ``[views, T]`` (no mask)."""
     views, tokens, _ = key_states.shape
@@ -90,6 +104,19 @@ def vit_cls_rows(query_states: Tensor, key_states: Tensor, num_heads: int, scale
     k = key_states.reshape(views, tokens, num_heads, -1).transpose(1, 2).float()
     probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # [views, heads, 1, T]
     return probs.mean(1)[:, 0]
+
+
+def vit_received(queries: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """Head-averaged attention each of ``T`` tokens receives, averaged over all ``T`` query tokens, ``[T]`` (fp32),
+    from the queries and keys ``[heads, T, head_dim]`` of tokens that attend to each other in full (no mask). Query
+    rows go in chunks, so a large image's ``T x T`` map is never held whole."""
+    heads, tokens, _ = keys.shape
+    k = keys.float().transpose(1, 2)
+    total = torch.zeros(tokens, dtype=torch.float32, device=keys.device)
+    step = max(1, _TOWER_CHUNK_ELEMENTS // (heads * tokens))
+    for start in range(0, tokens, step):
+        total += torch.softmax(queries[:, start : start + step].float() @ k * scale, dim=-1).sum((0, 1))
+    return total / (heads * tokens)
 
 
 @dataclass
@@ -107,6 +134,8 @@ class ImageSignals:
     # head-averaged keys of tower layers per token, and each view's [CLS] feature (encoder space)
     keys: dict[int, Tensor] = field(default_factory=dict)
     view_cls: dict[int, Tensor] = field(default_factory=dict)
+    # per tower layer, the attention each token receives (mean over heads and over its view's query tokens)
+    received: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def view(self) -> Tensor:
@@ -128,6 +157,7 @@ class ImageSignals:
             torch.cat(features) if all(f is not None for f in features) else None,
             joined([p.keys for p in parts]),
             {view: cls for p in parts for view, cls in p.view_cls.items()},
+            joined([p.received for p in parts]),
         )
 
     def rows(self, start: int, count: int) -> ImageSignals:
@@ -140,6 +170,7 @@ class ImageSignals:
             self.encoder_features[span] if self.encoder_features is not None else None,
             {layer: values[span] for layer, values in self.keys.items()},
             self.view_cls,
+            {layer: values[span] for layer, values in self.received.items()},
         )
 
 
@@ -150,9 +181,10 @@ def align_image_signals(
     encoder_states: Tensor | None,
     keys: dict[int, Tensor] | None = None,
     cls_position: int | None = None,
+    received: dict[int, Tensor] | None = None,
 ) -> list[ImageSignals]:
-    """Per image: pick each token's [CLS] attention, encoder feature and keys from the tower outputs by its source;
-    with ``cls_position``, also each of its views' [CLS] feature."""
+    """Per image: pick each token's [CLS] attention, encoder feature, keys and received attention (``[views, T]``
+    per layer) from the tower outputs by its source; with ``cls_position``, also each of its views' [CLS] feature."""
     signals = []
     for source in sources:
         found = source >= 0
@@ -165,9 +197,10 @@ def align_image_signals(
         cls = {layer: pick(rows) for layer, rows in cls_rows.items()}
         features = pick(encoder_states) if encoder_states is not None else None
         token_keys = {layer: pick(values) for layer, values in (keys or {}).items()}
+        token_received = {layer: pick(values) for layer, values in (received or {}).items()}
         view_cls = {}
         if encoder_states is not None and cls_position is not None:
             for view in torch.unique(source[found] // tokens_per_view).tolist():
                 view_cls[view] = encoder_states[view, cls_position]
-        signals.append(ImageSignals(source, tokens_per_view, cls, features, token_keys, view_cls))
+        signals.append(ImageSignals(source, tokens_per_view, cls, features, token_keys, view_cls, token_received))
     return signals

@@ -24,7 +24,12 @@ from torch import Tensor, nn
 from vtprune.core.adapter import Adapter, VisualChunk
 from vtprune.core.engine.hooks import HookSet
 from vtprune.core.registry import Stage
-from vtprune.core.signals import ImageSignals, align_image_signals, vit_cls_rows
+from vtprune.core.signals import (
+    ImageSignals,
+    align_image_signals,
+    vit_cls_rows,
+    vit_received,
+)
 from vtprune.core.vit import ViTPruning
 
 # Images whose notes may wait for their prefill (generate() encodes images before prefilling).
@@ -54,6 +59,7 @@ class VisionObserver:
         self.tower = tower
         self.target_grid = target_grid
         self.vision_layers = sorted({layer for s in stages for layer in s.vision_layers})
+        self.received_layers = sorted({layer for s in stages for layer in s.vision_received})
         self.active = any(s.needs_vision_call for s in stages)
         self.encoder_features = any(s.encoder_features for s in stages)
         self.resample = any(s.resample for s in stages)
@@ -62,6 +68,9 @@ class VisionObserver:
         self._rows: dict[int, Tensor] | None = None
         self._queries: dict[int, Tensor] = {}
         self._keys: dict[int, Tensor] = {}
+        # per tower layer, during one encoder call: the attention each token receives; and that call's arguments
+        self._received: dict[int, Tensor] = {}
+        self._call: dict[str, Any] = {}
         # a reducing tower's placed features, by id: the tokens their rows stand on (during one encoder call)
         self._placed: dict[int, Tensor] = {}
         # what the tower encoded since the last prefill, per sequence (for the FLOPs record)
@@ -77,10 +86,18 @@ class VisionObserver:
             attn = self.adapter.vision_attention(index)
             hooks.add(attn.q_proj.register_forward_hook(self._query_hook(index)))
             hooks.add(attn.k_proj.register_forward_hook(self._key_hook(index, attn)))
+        for index in self.received_layers:
+            attn = self.adapter.vision_attention(index)
+            hooks.add(attn.register_forward_pre_hook(self._received_hook(index), with_kwargs=True))
         vlm = self.adapter.vlm
         for name in self.adapter.encoder_methods:
             if hasattr(vlm, name):
                 hooks.patch(vlm, name, self._observed(getattr(vlm, name)))
+
+    @property
+    def tower_signals(self) -> bool:
+        """True when a stage reads per-token tower signals ([CLS] rows, received attention, encoder features)."""
+        return bool(self.vision_layers or self.received_layers or self.encoder_features)
 
     def clear(self) -> None:
         self._notes.clear()
@@ -123,21 +140,27 @@ class VisionObserver:
                 if resampled is not None:
                     call, changes = resampled
                     args, kwargs = (), call
-            self._rows, self._queries, self._keys = {}, {}, {}
+            self._rows, self._queries, self._keys, self._received, self._call = {}, {}, {}, {}, call
             try:
                 output = encode(*args, **kwargs)
             finally:
-                rows, keys = self._rows, self._keys
-                self._rows, self._queries, self._keys = None, {}, {}
+                rows, keys, received = self._rows, self._keys, self._received
+                self._rows, self._queries, self._keys, self._received, self._call = None, {}, {}, {}, {}
             start = time.perf_counter()
-            self._note_call(call, output, rows, keys, changes)
+            self._note_call(call, output, rows, keys, received, changes)
             self.seconds += time.perf_counter() - start
             return output
 
         return observed
 
     def _note_call(
-        self, call: dict[str, Any], output: Any, rows: dict[int, Tensor], keys: dict[int, Tensor], changes: Any
+        self,
+        call: dict[str, Any],
+        output: Any,
+        rows: dict[int, Tensor],
+        keys: dict[int, Tensor],
+        received: dict[int, Tensor],
+        changes: Any,
     ) -> None:
         if self.tower is not None:
             self._place_tower_rows(call, output)  # replaces output.pooler_output
@@ -154,7 +177,8 @@ class VisionObserver:
         if sources is not None:
             states = self.adapter.encoder_states(call, output) if self.encoder_features else None
             cls_position = self.adapter.cls_position if states is not None else None
-            for note, signals in zip(notes, align_image_signals(sources[0], sources[1], rows, states, keys, cls_position)):
+            aligned = align_image_signals(sources[0], sources[1], rows, states, keys, cls_position, received)
+            for note, signals in zip(notes, aligned):
                 note.signals = signals
         for dead in [key for key, (ref, _) in self._notes.items() if ref() is None]:
             del self._notes[dead]
@@ -201,6 +225,19 @@ class VisionObserver:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if self._rows is not None:
                 self._queries[index] = output
+
+        return hook
+
+    def _received_hook(self, index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._rows is None:
+                return
+            start = time.perf_counter()
+            with torch.no_grad():
+                segments, scale = self.adapter.vision_attention_segments(self._call, module, args, kwargs)
+                values = torch.cat([vit_received(q, k, scale) for q, k in segments])
+                self._received[index] = self.adapter.vision_row_values(self._call, values)
+            self.seconds += time.perf_counter() - start
 
         return hook
 

@@ -156,13 +156,13 @@ class PrefillPlanner:
             for spec, item_id in zip(chunk.items, item_ids):
                 if signals is not None:
                     vision[item_id] = signals.rows(spec.start, spec.count)
-                elif (self.observer.vision_layers or self.observer.encoder_features) and note is None:
+                elif self.observer.tower_signals and note is None:
                     raise ValueError(
                         f"{self.runner.method.name} needs the vision tower's signals of every image, but this "
                         f"{chunk.modality} was encoded outside the wrapped model (precomputed mm_encoder_outputs); "
                         "pass pixel_values instead"
                     )
-                elif self.observer.vision_layers or self.observer.encoder_features:
+                elif self.observer.tower_signals:
                     raise ValueError(
                         f"{self.runner.method.name} needs the vision tower's signals per token, which "
                         f"{self.adapter.display_name} cannot align with this {chunk.modality}'s tokens"

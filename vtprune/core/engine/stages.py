@@ -15,7 +15,7 @@ from vtprune.core.engine.state import Prefill, item_tokens
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.record import ForwardRecord, StageRecord
 from vtprune.core.registry import Merged, Method, ModelInfo, Stage, top_budget
-from vtprune.core.signals import mean_attention, rotated_queries
+from vtprune.core.signals import mean_attention, rotated_keys, rotated_queries
 
 
 class StageRunner:
@@ -52,6 +52,7 @@ class StageRunner:
             instruction_embeddings=current.instruction_embeddings,
             embed=self.adapter.vlm.get_input_embeddings(),
             tokenizer=self.tokenizer,
+            final_norm=self.adapter.final_norm if stage.layer is not None else None,  # in-LLM stages only
         )
         scores: list[Tensor | None] = [None] * len(views)
         current.merges = {}
@@ -123,9 +124,11 @@ class StageRunner:
         else:  # one budget per view (per-crop accounting)
             group_budgets = {g: min(b, int((selectable & (groups == g)).sum())) for g, b in budgets.items()}
             budget = sum(group_budgets.values())
-        cls_attention = None
+        cls_attention = received_attention = None
         if stage.vision_layers:
             cls_attention = torch.stack([signals.cls_attention[layer] for layer in stage.vision_layers])[:, tokens]
+        if stage.vision_received:
+            received_attention = torch.stack([signals.received[layer] for layer in stage.vision_received])[:, tokens]
         replacement, replacement_grid = current.replacements.get(item.index, (None, None))
         # rows of the features the LLM received that hold these tokens
         rows = torch.searchsorted(item_tokens(current.segments[0], item), tokens)
@@ -143,6 +146,7 @@ class StageRunner:
                 else None
             ),
             cls_attention=cls_attention,
+            received_attention=received_attention,
             encoder_keys=(
                 signals.keys[stage.vision_layers[-1]].to(slots.device)[tokens] if stage.vision_layers else None
             ),
@@ -167,6 +171,7 @@ class StageRunner:
             )
         if stage.states_from is not None:
             signals.query_states = lambda: self.query_states(current, stage)
+            signals.key_states = lambda: self.key_states(current, stage)
         return signals
 
     def attention(
@@ -198,6 +203,11 @@ class StageRunner:
         captured = captured_at(current, stage.states_from, current.layout)
         parts = self.adapter.decoder_parts(stage.states_from)
         return rotated_queries(parts, captured["q"], captured["position_embeddings"])
+
+    def key_states(self, current: Prefill, stage: Stage) -> Tensor:
+        captured = captured_at(current, stage.states_from, current.layout)
+        parts = self.adapter.decoder_parts(stage.states_from)
+        return rotated_keys(parts, captured["k"], captured["position_embeddings"])
 
 
 def captured_at(current: Prefill, layer: int, layout: Layout) -> dict[str, Any]:
