@@ -73,6 +73,12 @@ CONFIGS = [
     ("sparsevlm", {}),
     ("sparsevlm", {"recycle": False}),
     ("downsample", {}),
+    ("dart", {}),
+    ("dart", {"layer": 3, "pivot_text": 0, "positions": "renumber"}),
+    ("vispruner", {}),
+    ("hiprune", {}),
+    ("hiprune", {"buffer": "grid", "alpha": 0.5}),
+    ("visiondrop", {}),
 ]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in CONFIGS]
 

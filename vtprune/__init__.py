@@ -22,6 +22,7 @@ from vtprune.core.registry import (
     register_method,
 )
 from vtprune.methods import (
+    DART,
     VTCCLS,
     DivPrune,
     Downsample,
@@ -29,6 +30,7 @@ from vtprune.methods import (
     EViT,
     FastV,
     FasterVLM,
+    HiPrune,
     MMTok,
     Pool,
     PyramidDrop,
@@ -37,7 +39,9 @@ from vtprune.methods import (
     ToMe,
     TransPrune,
     Uniform,
+    VisionDrop,
     VisionZip,
+    VisPruner,
 )
 
 __version__ = "0.1.0"
@@ -63,11 +67,13 @@ __all__ = [
     "PruneContext",
     "ItemView",
     "Pruning",
+    "DART",
     "DivPrune",
     "Downsample",
     "EntropyPrune",
     "FastV",
     "FasterVLM",
+    "HiPrune",
     "MMTok",
     "Pool",
     "PyramidDrop",
@@ -76,5 +82,7 @@ __all__ = [
     "TransPrune",
     "Uniform",
     "VTCCLS",
+    "VisionDrop",
+    "VisPruner",
     "VisionZip",
 ]

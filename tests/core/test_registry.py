@@ -23,8 +23,8 @@ def test_method_configs_round_trip_through_json():
         assert data["method"] == config.name
         assert vtprune.Method.from_dict(data) == config
     llm = [
-        "divprune", "downsample", "entropyprune", "fastervlm", "fastv", "mmtok", "pdrop", "pool", "random", "sparsevlm", "transprune", "uniform",
-        "visionzip", "vtc_cls",
+        "dart", "divprune", "downsample", "entropyprune", "fastervlm", "fastv", "hiprune", "mmtok", "pdrop", "pool", "random",
+        "sparsevlm", "transprune", "uniform", "visiondrop", "visionzip", "vispruner", "vtc_cls",
     ]  # fmt: skip
     assert vtprune.list_methods("llm") == llm
     assert vtprune.list_methods("vit") == ["evit", "tome"]
@@ -68,6 +68,10 @@ def test_methods_refuse_exactly_the_families_they_cannot_serve():
             "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3", "mistral3", "internvl", "llava_onevision", "glm4v",
             "smolvlm",
         )  # fmt: skip
+    }
+    # HiPrune reads the tower's attention of every query row, mapped onto tokens where the adapter can
+    expected |= {
+        ("hiprune", f) for f in ("llava_onevision", "gemma3", "mistral3", "internvl", "smolvlm", "paligemma")
     }
     # schedules that read attention at a linear-attention layer of the tiny hybrid (layers 0 and 2 are linear)
     expected |= {(m, "qwen3_5") for m in ("fastv", "transprune", "pdrop", "sparsevlm")}

@@ -1,5 +1,6 @@
 """Pruning methods: one module per method, each registering its class in the core registry when imported."""
 
+from vtprune.methods.dart import DART
 from vtprune.methods.divprune import DivPrune
 from vtprune.methods.downsample import Downsample
 from vtprune.methods.dtop import DToPSegmenter
@@ -7,6 +8,7 @@ from vtprune.methods.entropyprune import EntropyPrune
 from vtprune.methods.evit import EViT
 from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
+from vtprune.methods.hiprune import HiPrune
 from vtprune.methods.mmtok import MMTok
 from vtprune.methods.pdrop import PyramidDrop
 from vtprune.methods.pool import Pool
@@ -15,10 +17,13 @@ from vtprune.methods.sparsevlm import SparseVLM
 from vtprune.methods.tome import ToMe
 from vtprune.methods.transprune import TransPrune
 from vtprune.methods.uniform import Uniform
+from vtprune.methods.visiondrop import VisionDrop
+from vtprune.methods.vispruner import VisPruner
 from vtprune.methods.visionzip import VisionZip
 from vtprune.methods.vtc_cls import VTCCLS
 
 __all__ = [
+    "DART",
     "DivPrune",
     "Downsample",
     "DToPSegmenter",
@@ -26,6 +31,7 @@ __all__ = [
     "EntropyPrune",
     "FastV",
     "FasterVLM",
+    "HiPrune",
     "MMTok",
     "Pool",
     "PyramidDrop",
@@ -35,5 +41,7 @@ __all__ = [
     "TransPrune",
     "Uniform",
     "VTCCLS",
+    "VisionDrop",
+    "VisPruner",
     "VisionZip",
 ]
