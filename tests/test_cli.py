@@ -18,6 +18,19 @@ def test_tour_prints_kept_tokens_and_sequence_lengths():
     assert "44 44 44 44" in result.output  # random/uniform prune before the LLM
 
 
+def test_tour_covers_every_family():
+    from vtprune.testing import FAMILIES
+    from vtprune.tour import PROMPTS
+
+    from vtprune.cli import MODEL_HELP
+
+    assert set(PROMPTS) == set(FAMILIES) and all(family in MODEL_HELP for family in FAMILIES)
+    result = runner.invoke(app, ["tour", "--family", "glm4v,smolvlm,paligemma", "--methods", "fastv"])
+    assert result.exit_code == 0, result.output
+    for name in ("Glm4vForConditionalGeneration", "SmolVLMForConditionalGeneration", "PaliGemmaForConditionalGeneration"):
+        assert name in result.output
+
+
 def test_tour_rejects_bad_arguments():
     result = runner.invoke(app, ["tour", "--family", "gpt"])
     assert result.exit_code != 0 and "unknown family gpt" in _text(result.output)

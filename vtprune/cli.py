@@ -149,7 +149,7 @@ def dtop_command(
 MODEL_HELP = (
     "A checkpoint path or hub id (loaded with from_pretrained and its processor), or an embedded random model: "
     "tiny:<family> (llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5, gemma3, "
-    "mistral3, internvl), "
+    "mistral3, internvl, glm4v, smolvlm, paligemma), "
     "shaped:llava (LLaVA-1.5-shaped, 576 image tokens)."
 )
 

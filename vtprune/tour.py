@@ -24,6 +24,10 @@ PROMPTS = {
     "gemma3": [[6, Image(), 9], [3, Image(), 4, Image(), 5]],
     "mistral3": [[6, Image((64, 64)), 9], [3, Image((32, 64)), 4, Image((48, 32)), 5]],
     "internvl": [[6, Image((32, 64)), 9], [3, Image((32, 32)), 4, Image((64, 64)), 5]],
+    # GLM-4V's forward takes no images and videos in one call
+    "glm4v": [[6, Image((32, 32)), 9], [3, Image((16, 24)), 4, Image((16, 16)), 5]],
+    "smolvlm": [[6, Image((32, 64)), 9], [3, Image(), 4, Image((64, 64)), 5]],
+    "paligemma": [[6, Image(), 9], [3, Image(), 4, Image(), 5]],
 }
 
 
@@ -45,7 +49,7 @@ def run_tour(
         batch = make_batch(model, PROMPTS[family])
         with torch.no_grad():
             dense_length = model(**batch).logits.shape[1]
-        layers = len(model.model.language_model.layers)
+        layers = len(vtprune.adapter_for(model).decoder_layers)
         table = Table(title=f"{type(model).__name__} (tiny, random weights) - keep={keep} per image")
         table.add_column("method")
         table.add_column("pruned at")
