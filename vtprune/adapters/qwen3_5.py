@@ -16,7 +16,7 @@ from typing import Any
 
 from vtprune.adapters.qwen3_vl import Qwen3VLAdapter
 from vtprune.core.adapter import DecoderParts
-from vtprune.core.shape import VisionShape
+from vtprune.core.shape import ExpertsShape, LanguageShape, VisionShape, language_shape
 
 
 class Qwen3_5Adapter(Qwen3VLAdapter):
@@ -32,10 +32,38 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
 
     @classmethod
     def vision_shape(cls, config: Any) -> VisionShape:
-        raise NotImplementedError(
-            "Qwen3.5 has no FLOPs model yet: its Gated DeltaNet linear-attention layers are not counted by "
-            "vtprune.eval.flops (pruning itself works)"
+        """Qwen3-VL's tower (learned position grid, 2-D RoPE, plain two-matrix MLP) and its 2x2 patch merger, without
+        deepstack: one merger."""
+        vision = config.vision_config
+        merged = vision.hidden_size * vision.spatial_merge_size**2
+        return VisionShape(
+            encoder_input="grid",
+            layers=vision.depth,
+            hidden=vision.hidden_size,
+            intermediate=vision.intermediate_size,
+            patch=vision.patch_size,
+            temporal_patch=vision.temporal_patch_size,
+            merge=vision.spatial_merge_size,
+            projector_in=merged,
+            projector_hidden=merged,
+            projector_out=vision.out_hidden_size,
         )
+
+    @classmethod
+    def language_shape(cls, config: Any) -> LanguageShape:
+        """The hybrid decoder, for FLOPs: Gated DeltaNet layers (from the config's ``linear_*`` fields), full-attention
+        layers whose ``q_proj`` emits ``[query | gate]`` (twice the query width) and, on Qwen3.5-MoE, every layer's
+        MoE block (router, routed experts, shared expert and its gate) in place of the dense MLP."""
+        text = config.get_text_config()
+        experts = None
+        if getattr(text, "num_experts", None):
+            experts = ExpertsShape(
+                experts=text.num_experts,
+                per_token=text.num_experts_per_tok,
+                intermediate=text.moe_intermediate_size,
+                shared_intermediate=getattr(text, "shared_expert_intermediate_size", None) or 0,
+            )
+        return dataclasses.replace(language_shape(text), gated_query=True, experts=experts)
 
     def decoder_parts(self, layer: int) -> DecoderParts:
         block = self.decoder_layers[layer]

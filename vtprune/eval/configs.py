@@ -4,6 +4,7 @@ Sizes as published on the Hugging Face hub for llava-hf/llava-1.5-7b-hf, llava-h
 llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf, Qwen/Qwen2-VL-7B-Instruct,
 Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen3-VL-8B-Instruct, OpenGVLab/InternVL3-8B-hf and google/gemma-3-12b-it (written from their config.json
 files, not downloaded here; the parameter counts in tests/eval/test_flops.py check them against the model cards).
+``qwen3.5-9b`` is reconstructed instead (its config.json was not at hand): see the comment at its entry.
 """
 
 from __future__ import annotations
@@ -78,6 +79,28 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
                        image_size=[448, 448], patch_size=[14, 14], attention_bias=True),
         "text": dict(QWEN2_7B_TEXT, vocab_size=151674, rope_scaling=None),
     },  # fmt: skip
+    # Qwen3.5-9B, reconstructed: the text and vision sizes are transformers' Qwen3_5TextConfig / Qwen3_5VisionConfig
+    # defaults, which their docstring calls "the Qwen3.5-9B style configuration" (32 layers of width 4096, 3 Gated
+    # DeltaNet layers to 1 gated full-attention layer, 16 query / 4 KV heads of 256, linear attention 16 key / 32
+    # value heads of 128, conv kernel 4, MLP 12288, vocabulary 248320; a 27-block, 1152-wide tower with patch 16);
+    # third-party summaries of the checkpoint give the same text sizes. Assumed, not verified against the hub's
+    # config.json: untied embeddings (the config default; a third-party GGUF summary's 8.95 B text parameters match
+    # the 7.94 B decoder + 1.02 B LM head built here), the merger's output width equal to the text width 4096
+    # (the vision default 3584 could not feed a 4096-wide decoder), and the rotary settings (64 of 256 head dims
+    # rotated in interleaved M-RoPE sections [11, 11, 10], theta 1e7, 262144 positions: third-party summaries;
+    # neither FLOPs nor the parameter count depend on them).
+    "qwen3.5-9b": {
+        "family": "qwen3_5",
+        "vision": dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304),
+        "text": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
+                     num_key_value_heads=4, head_dim=256, vocab_size=248320, max_position_embeddings=262144,
+                     layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 8, linear_num_key_heads=16,
+                     linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+                     linear_conv_kernel_dim=4, tie_word_embeddings=False,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [11, 11, 10],
+                                      "mrope_interleaved": True, "partial_rotary_factor": 0.25}),
+    },  # fmt: skip
     "gemma-3-12b": {
         "family": "gemma3",
         "vision": dict(SIGLIP_SO400M, num_hidden_layers=27, image_size=896),
@@ -137,6 +160,10 @@ def reference_config(name: str) -> Any:
         from transformers import Qwen3VLConfig
 
         return Qwen3VLConfig(text_config=dict(spec["text"]), vision_config=dict(spec["vision"]), **special)
+    if family == "qwen3_5":  # its own special-token ids are the config's defaults
+        from transformers import Qwen3_5Config
+
+        return Qwen3_5Config(text_config=dict(spec["text"]), vision_config=dict(spec["vision"]), tie_word_embeddings=False)
     config_class = Qwen2VLConfig if family == "qwen2_vl" else Qwen2_5_VLConfig
     return config_class(text_config=dict(spec["text"]), vision_config=dict(spec["vision"]), **special)
 

@@ -3,14 +3,19 @@
 Counted as multiply-adds x 2 (one multiply-add = 2 FLOPs), over every matrix product the model runs: the vision
 tower (patch embedding, attention projections, attention scores and values, MLP), the projector or patch merger,
 each decoder layer (q/k/v/o projections, ``Q K^T`` and ``A V`` with the real query and key lengths of that layer,
-the gated MLP) and the LM head. Norms, activations, softmax and RoPE are not counted (they are O(n d), not
-O(n d^2)); neither is the quadratic term halved for causality, because SDPA / eager kernels compute the full
-``n x n`` product (FlashAttention skips about half of it; the difference is printed where it matters). This is
-what ``torch.utils.flop_counter.FlopCounterMode`` counts, and the tests hold the two within 2 %.
+the gated MLP or the MoE block's router, routed and shared experts) and the LM head. Qwen3.5's Gated DeltaNet
+layers count their projections, causal conv1d and the gated delta rule's products, chunked in prefill, recurrent
+in decode (:class:`~vtprune.core.shape.LinearAttentionShape` has the formulas and what they leave out). Norms,
+activations, softmax and RoPE are not counted (they are O(n d), not O(n d^2)); neither is the quadratic term
+halved for causality, because SDPA / eager kernels compute the full ``n x n`` product (FlashAttention skips about
+half of it; the difference is printed where it matters). This is what ``torch.utils.flop_counter.FlopCounterMode``
+counts, and the tests hold the two within 2 % (equal without attention-scored pruning), but for one term:
+FlopCounterMode misses the Gated DeltaNet's recurrent decode step (written as broadcast products), counted here.
 
 Token counts come from a wrapped model's last record (:func:`prefill_flops`, per sample, real tokens only) or
 from a method's schedule for a what-if estimate (:func:`schedule_flops`). Configs of full-size models need no
-weights: :data:`REFERENCE_CONFIGS` builds LLaVA-1.5-7B/13B, LLaVA-NeXT-7B, Qwen2-VL-7B and Qwen2.5-VL-7B.
+weights: :data:`REFERENCE_CONFIGS` builds LLaVA-1.5-7B/13B, LLaVA-NeXT-7B, Qwen2-VL-7B, Qwen2.5-VL-7B, Qwen3-VL-8B,
+Qwen3.5-9B and others.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ def model_shape(model_or_config: Any) -> ModelShape:
 
     config = getattr(model_or_config, "config", model_or_config)
     adapter = adapter_class_for_config(config)
-    return ModelShape(config.model_type, language_shape(config.get_text_config()), adapter.vision_shape(config))
+    # a family whose decoder the text config does not fully describe (Qwen3.5's gated queries, its MoE block) says so
+    family_language = getattr(adapter, "language_shape", None)
+    language = family_language(config) if family_language else language_shape(config.get_text_config())
+    return ModelShape(config.model_type, language, adapter.vision_shape(config))
 
 
 @dataclass
@@ -60,13 +68,16 @@ def llm_flops(
     """(FLOPs per decoder layer, LM head FLOPs, FLOPs of one decoded token) for per-sample token counts per layer.
 
     ``tokens_per_layer[l][b]``: tokens of sample b entering layer l (the prefill's queries and keys there, and the
-    KV-cache length that layer keeps). ``logits_rows[b]``: rows the LM head computes (all tokens in a forward,
-    1 in ``generate``); default all.
+    KV-cache length that layer keeps; a linear-attention layer keeps a fixed-size state instead). ``logits_rows[b]``:
+    rows the LM head computes (all tokens in a forward, 1 in ``generate``); default all. Per sample: a padded batch's
+    padding is not counted (nor, for a linear layer, the chunks its padding may add).
     """
-    layers = [sum(shape.layer_flops(n, n) for n in counts) for counts in tokens_per_layer]
+    layers = [
+        sum(shape.layer_flops(n, n, layer) for n in counts) for layer, counts in enumerate(tokens_per_layer)
+    ]
     rows = logits_rows if logits_rows is not None else tokens_per_layer[-1]
     decode = sum(
-        shape.layer_flops(1, shape.decode_keys(layer, n + 1))
+        shape.layer_flops(1, shape.decode_keys(layer, n + 1), layer)
         for layer, counts in enumerate(tokens_per_layer)
         for n in counts
     )
