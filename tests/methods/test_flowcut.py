@@ -200,6 +200,14 @@ def test_tower_selects_what_the_authors_loop_selects(deep_llava):
     assert rows == handle.last.seq_lens[:7] == [65, 65, 53, 53, 39, 39, 13]  # adaptive cuts at blocks 1 and 3
     assert torch.equal(handle.last.origin, expected_origin)
     assert_close(hidden, expected, atol=1e-5, rtol=1e-4)
+    # images encoded in one call cut the larger of their amounts at each step (the authors' batched rule), so alone
+    # each takes its own path to the same final count
+    alone = []
+    with torch.no_grad(), wrap_vit(tower, HFClipViTAdapter(tower, feature_blocks=7), "flowcut", keep=12) as handle:
+        for image in pixels:
+            tower(image[None])
+            alone.append(handle.last.seq_lens[:7])
+    assert alone == [[65, 65, 58, 58, 42, 42, 13], [65, 65, 53, 53, 43, 43, 13]]
 
 
 @pytest.mark.parametrize("positions", ["renumber", "keep"])

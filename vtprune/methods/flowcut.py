@@ -75,7 +75,6 @@ from vtprune.kernels import gather_tokens
 
 AUTHORS_EMA = 0.5  # weight of the scores accumulated so far (``0.5*cumulative_scores + 0.5*scores``)
 AUTHORS_EVERY = 2  # prune where the blocks left before the read block are even (``if not rpl % 2``)
-AUTHORS_KEEP = 128  # ``flowcut(model, target_num=128)``
 STATE_KEY = "flowcut_scores"  # the accumulated scores of the alive patch rows in ReduceContext.state
 
 
