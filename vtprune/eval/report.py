@@ -75,25 +75,33 @@ class Report:
         return table
 
     def plot(self, path: str | Path) -> Path:
-        """TFLOPs and prefill latency against visual tokens kept, one line per method (dense as a marker)."""
+        """Prefill FLOPs (GFLOPs or TFLOPs by their size) and prefill latency against visual tokens kept, one line
+        per method in its :func:`~vtprune.eval.style.method_style` (dense as a black star)."""
         from matplotlib.figure import Figure  # not pyplot: no global backend switch in the user's session
 
-        figure = Figure(figsize=(11, 4))
+        from vtprune.eval.style import budget_axis, flops_unit, method_styles, plain_numbers
+
+        figure = Figure(figsize=(11, 4), layout="constrained")
         axes = figure.subplots(1, 2)
         dense = next((row for row in self.rows if row["method"] == "dense"), None)
-        methods = dict.fromkeys(row["method"] for row in self.rows if row["method"] != "dense")
-        for axis, key, label in ((axes[0], "tflops_prefill", "prefill TFLOPs"), (axes[1], "prefill_ms", "prefill ms")):
+        methods = list(dict.fromkeys(row["method"] for row in self.rows if row["method"] != "dense"))
+        styles = method_styles(methods)
+        unit, factor = flops_unit(row.get("tflops_prefill") for row in self.rows)
+        panels = ((axes[0], "tflops_prefill", f"prefill {unit}", factor), (axes[1], "prefill_ms", "prefill ms", 1.0))
+        for axis, key, label, scale in panels:
             for method in methods:
-                points = sorted((r["visual_tokens"], r[key]) for r in self.rows if r["method"] == method)
-                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+                points = sorted((r["visual_tokens"], r[key] * scale) for r in self.rows if r["method"] == method)
+                axis.plot([p[0] for p in points], [p[1] for p in points], **styles[method].line(), label=method)
             if dense is not None:
-                axis.scatter([dense["visual_tokens"]], [dense[key]], color="black", marker="*", s=120, label="dense")
+                axis.scatter([dense["visual_tokens"]], [dense[key] * scale], color="black", marker="*", s=120,
+                             label="dense", zorder=3)  # fmt: skip
             axis.set_xlabel("visual tokens kept per image")
+            budget_axis(axis, [row["visual_tokens"] for row in self.rows])
             axis.set_ylabel(label)
+            plain_numbers(axis.yaxis)
             axis.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         figure.suptitle(self.context.get("title", "vtprune cost report"))
-        figure.tight_layout()
         path = Path(path)
         figure.savefig(path, dpi=120)
         return path

@@ -1,4 +1,5 @@
-"""Tables and plots of a sweep's ``results.jsonl``: score against TFLOPs (Pareto front per method) and kept tokens."""
+"""Tables and plots of a sweep's ``results.jsonl``: score against prefill FLOPs (Pareto front per method) and
+kept tokens."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vtprune.eval.style import budget_axis, flops_unit, method_styles, plain_numbers
 from vtprune.eval.sweep import DENSE, read_results
 
 SUMMARY_FILE = "summary.csv"
@@ -93,40 +95,49 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def plot(records: list[dict[str, Any]], path: str | Path, title: str = "vtprune sweep") -> Path:
-    """Per task: score vs prefill TFLOPs (each method's points, its Pareto front drawn as a line, dense as a star)
-    and score vs visual tokens kept per image."""
+    """Per task: score vs prefill FLOPs (each method's points, its Pareto front drawn as a line, dense as a star)
+    and score vs visual tokens kept per image. Each method keeps its colour and marker of
+    :func:`vtprune.eval.style.method_style` in every plot; FLOPs read in GFLOPs or TFLOPs by their size."""
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     tasks = list(dict.fromkeys(r["task"] for r in records))
-    figure = Figure(figsize=(12, 4.2 * max(1, len(tasks))))
+    methods = list(dict.fromkeys(r["method"] for r in records if r["method"] != DENSE))
+    styles = method_styles(methods)
+    unit, factor = flops_unit(r["tflops"] for r in records)
+    columns = 1 + (len(methods) + 1) // 24  # legend columns beside the panels
+    figure = Figure(figsize=(12 + 1.6 * columns, 4.2 * max(1, len(tasks))), layout="constrained")
     axes = figure.subplots(max(1, len(tasks)), 2, squeeze=False)
-    colours = {}
     for row, task in zip(axes, tasks):
         mine = [r for r in records if r["task"] == task]
-        methods = list(dict.fromkeys(r["method"] for r in mine if r["method"] != DENSE))
         dense = next((r for r in mine if r["method"] == DENSE), None)
-        for method in methods:
+        for method in dict.fromkeys(r["method"] for r in mine if r["method"] != DENSE):
+            style = styles[method]
             points = [r for r in mine if r["method"] == method and r["tflops"] is not None]
-            colour = colours.setdefault(method, f"C{len(colours) % 10}")
-            row[0].scatter([p["tflops"] for p in points], [p["score"] for p in points], color=colour, alpha=0.5, s=22)
-            front = pareto_front([(p["tflops"], p["score"]) for p in points])
-            row[0].plot([c for c, _ in front], [s for _, s in front], color=colour, marker="o", label=method)
+            costs = [p["tflops"] * factor for p in points]
+            row[0].scatter(costs, [p["score"] for p in points], **style.points(), alpha=0.35, s=26, linewidths=0)
+            front = pareto_front([(c, p["score"]) for c, p in zip(costs, points)])
+            row[0].plot([c for c, _ in front], [s for _, s in front], **style.line(), markersize=6, label=method)
             by_tokens = sorted((p["visual_tokens"], p["score"]) for p in points if p["visual_tokens"] is not None)
-            row[1].plot([t for t, _ in by_tokens], [s for _, s in by_tokens], color=colour, marker="o", label=method)
+            row[1].plot([t for t, _ in by_tokens], [s for _, s in by_tokens], **style.line(), markersize=6)
         if dense is not None:
-            row[0].scatter([dense["tflops"]], [dense["score"]], color="black", marker="*", s=160, label="dense", zorder=3)
-            row[1].axhline(dense["score"], color="black", linestyle="--", linewidth=1, label="dense")
+            if dense["tflops"] is not None:
+                row[0].scatter([dense["tflops"] * factor], [dense["score"]], color="black", marker="*", s=160, zorder=3)
+            row[1].axhline(dense["score"], color="black", linestyle="--", linewidth=1)
         metric = mine[0]["metric"] if mine else ""
-        row[0].set_xlabel("prefill TFLOPs per sample")
-        row[0].ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))  # tiny models: 2e-4, not 0.000200
+        row[0].set_xlabel(f"prefill {unit} per sample")
+        plain_numbers(row[0].xaxis)
         row[1].set_xlabel("visual tokens kept per image")
-        row[1].set_xscale("log", base=2)
+        budget_axis(row[1], [r["visual_tokens"] for r in mine if r["method"] != DENSE])
         for axis in row:
             axis.set_ylabel(f"{task}: {metric}")
             axis.grid(alpha=0.3)
-        row[0].legend(fontsize=8)
+    handles = [Line2D([], [], **styles[m].line(), label=m) for m in methods]
+    if any(r["method"] == DENSE for r in records):
+        handles.append(Line2D([], [], color="black", marker="*", markersize=11, linestyle="--", label="dense"))
+    figure.legend(handles=handles, loc="outside right upper", fontsize=8, ncols=columns, title="method",
+                  title_fontsize=8)  # fmt: skip
     figure.suptitle(title)
-    figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=120)
     return path
