@@ -107,31 +107,52 @@ def evaluate_thresholds(
     return rows
 
 
-def plot_exits(model: DToPSegmenter, pixels: Tensor, images: Tensor, labels: Tensor, thresh: float, path: Path) -> Path:
+def plot_exits(
+    model: DToPSegmenter, pixels: Tensor, images: Tensor, labels: Tensor, thresh: float, path: Path,
+    class_names: Sequence[str] | None = None,
+) -> Path:  # fmt: skip
     """A picture per scene: the image, the true classes, DToP's classes at ``thresh``, and the block after which
-    each token stopped (darker = earlier). ``pixels`` are the ``[n, H, W, 3]`` uint8 images behind ``images``."""
-    from matplotlib.colors import ListedColormap
+    each token stopped (darker = earlier), with legends for the classes shown and the exit blocks.
+    ``pixels`` are the ``[n, H, W, 3]`` uint8 images behind ``images``; ``class_names`` default to the digit
+    scenes' (background, then digits 0-9)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap, to_hex
     from matplotlib.figure import Figure  # not pyplot: no global backend switch in the user's session
+    from matplotlib.patches import Patch
 
     with torch.no_grad():
         result = model(images, thresh=thresh)
     predicted = result.labels(tuple(labels.shape[-2:]))
-    stops = result.exit_block.unflatten(1, model.grid)
     depth = len(model.backbone.blocks)
-    classes = ListedColormap(["#202020", *[f"C{c}" for c in range(model.classes - 1)]])
-    figure = Figure(figsize=(8, 2.1 * len(images)))
+    # each token's exit as its stage's index: one flat colour per exit block, viridis from dark (early) to light
+    stage_of = torch.full((depth,), len(model.stages) - 1, dtype=torch.long)
+    stage_of[torch.tensor(model.stages)] = torch.arange(len(model.stages))
+    stops = stage_of[result.exit_block].unflatten(1, model.grid)
+    exit_colours = [to_hex(colormaps["viridis"](b / max(depth - 1, 1))) for b in model.stages]
+    exit_names = [f"after block {b + 1}" for b in model.stages[:-1]] + [f"ran all {depth} blocks"]
+    exits = ListedColormap(exit_colours)
+    names = list(class_names) if class_names is not None else ["background", *map(str, range(model.classes - 1))]
+    class_colours = ["#202020", *[f"C{c % 10}" for c in range(model.classes - 1)]]
+    classes = ListedColormap(class_colours)
+    figure = Figure(figsize=(8, 2.1 * len(images) + 0.9), layout="constrained")
     axes = figure.subplots(len(images), 4, squeeze=False)
     for row, panels in enumerate(axes):
         exited = int((result.exit_block[row] < depth - 1).sum())
         shown = [(pixels[row], "image", {}),
                  (labels[row], "truth", {"cmap": classes, "vmin": 0, "vmax": model.classes - 1}),
                  (predicted[row], f"DToP {thresh:g}", {"cmap": classes, "vmin": 0, "vmax": model.classes - 1}),
-                 (stops[row] + 1, f"exit block ({exited} early)", {"cmap": "viridis", "vmin": 1, "vmax": depth})]  # fmt: skip
+                 (stops[row], f"exit block ({exited} early)",
+                  {"cmap": exits, "vmin": -0.5, "vmax": len(model.stages) - 0.5})]  # fmt: skip
         for axis, (picture, title, style) in zip(panels, shown):
             axis.imshow(picture, interpolation="nearest", **style)
             axis.set_title(title, fontsize=8)
             axis.set_axis_off()
-    figure.tight_layout()
+    present = sorted(set(torch.cat([labels.flatten(), predicted.flatten()]).tolist()))
+    class_handles = [Patch(facecolor=class_colours[c], label=names[c] if c < len(names) else str(c)) for c in present]
+    exit_handles = [Patch(facecolor=colour, label=name) for colour, name in zip(exit_colours, exit_names)]
+    figure.legend(handles=class_handles, loc="outside lower left", ncols=min(6, len(class_handles)), fontsize=7,
+                  title="class (truth, DToP)", title_fontsize=7)  # fmt: skip
+    figure.legend(handles=exit_handles, loc="outside lower right", fontsize=7, title="exit block", title_fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     return path
