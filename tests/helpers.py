@@ -79,6 +79,8 @@ CONFIGS = [
     ("hiprune", {}),
     ("hiprune", {"buffer": "grid", "alpha": 0.5}),
     ("visiondrop", {}),
+    ("vflowopt", {}),
+    ("vflowopt", {"cell": 3.0, "ratios": (0.8, 0.5), "positions": "keep"}),
 ]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in CONFIGS]
 

@@ -7,6 +7,7 @@
 """
 
 from vtprune.api import adapter_for, report, unwrap, wrap
+from vtprune.core.compose import Compose
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.handle import Pruning
 from vtprune.core.vit import ViTMethod, ViTPruning
@@ -30,6 +31,7 @@ from vtprune.methods import (
     EViT,
     FastV,
     FasterVLM,
+    FlowCut,
     HiPrune,
     MMTok,
     Pool,
@@ -39,6 +41,7 @@ from vtprune.methods import (
     ToMe,
     TransPrune,
     Uniform,
+    VFlowOpt,
     VisionDrop,
     VisionZip,
     VisPruner,
@@ -47,6 +50,7 @@ from vtprune.methods import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Compose",
     "wrap",
     "unwrap",
     "adapter_for",
@@ -56,6 +60,7 @@ __all__ = [
     "ViTMethod",
     "ViTPruning",
     "EViT",
+    "FlowCut",
     "ToMe",
     "method_class",
     "register_method",
@@ -82,6 +87,7 @@ __all__ = [
     "TransPrune",
     "Uniform",
     "VTCCLS",
+    "VFlowOpt",
     "VisionDrop",
     "VisPruner",
     "VisionZip",

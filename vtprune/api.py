@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
@@ -10,6 +11,7 @@ from vtprune.adapters import find_adapter, find_vit_adapter
 from vtprune.core.adapter import Adapter
 from vtprune.core.budget import BUDGET_CONVENTIONS, Keep, validate_keep
 from vtprune.core.compat import MASK_BUILDERS, SOFTMAX_ATTENTION, check_transformers_version
+from vtprune.core.compose import Compose, check_keeps
 from vtprune.core.engine import PruningEngine
 from vtprune.core.handle import WRAPPED_ATTRIBUTE, Pruning
 from vtprune.core.registry import (
@@ -28,7 +30,7 @@ from vtprune.core.vit import ViTMethod, ViTPruning, wrap_vit
 def wrap(
     model: nn.Module,
     method: str | Method | ViTMethod,
-    keep: Keep,
+    keep: Keep | tuple[Keep, ...],
     *,
     budget: str = "final",
     tokenizer: Any = None,
@@ -43,7 +45,8 @@ def wrap(
             ``ViTPruning`` handle). A ViT method on LLaVA-1.5 reduces its CLIP tower the same way, and the LLM
             receives ``keep`` visual tokens per image, each on the patch its tower row stands for.
         method: a registered method name (see :func:`list_methods`) or a method config such as ``vtprune.FastV()``.
-        keep: visual tokens kept per image (int >= 1) or the fraction of each image's tokens kept (float in (0, 1]).
+        keep: visual tokens kept per image (int >= 1) or the fraction of each image's tokens kept (float in (0, 1]);
+            for a composed method (``"divprune+random"``, :class:`~vtprune.core.compose.Compose`) one per part.
         budget: what ``keep`` counts: ``"final"`` (default) the visual tokens the LLM finally sees per image;
             ``"average"`` the equivalent average over all decoder layers, as in-LLM papers report (SparseVLM,
             PyramidDrop, EntropyPrune). The same for pruning before the LLM.
@@ -53,7 +56,8 @@ def wrap(
     The returned :class:`~vtprune.core.handle.Pruning` reports what each forward kept and undoes the wrap with
     ``unwrap()``; it is also a context manager.
     """
-    keep = validate_keep(keep)
+    keeps = tuple(keep) if isinstance(keep, (tuple, list)) else None  # one budget per part of a composition
+    keep = validate_keep(keeps[-1] if keeps else keep)
     check_transformers_version()  # warns once outside the tested range; never refuses
     vit = find_vit_adapter(model)
     if vit is not None:
@@ -73,9 +77,17 @@ def wrap(
     tower = None
     if _is_vit_method(method):
         tower = _wrap_tower(adapter, method, keep, options)
-        config: Method = TowerReduction(vit=tower.method)
+        # a ViT method may say how its kept tokens are numbered in the LLM (FlowCut: as its authors' LLaVA, closed up)
+        config: Method = TowerReduction(vit=tower.method, positions=getattr(tower.method, "positions", "keep"))
     else:
         config = make_method(method, **options)
+    if keeps is not None:
+        if not isinstance(config, Compose):
+            raise ValueError(
+                f"keep={keeps}: one budget per part applies to composed methods (e.g. 'divprune+random'); "
+                f"{config.name} takes one keep"
+            )
+        config = dataclasses.replace(config, keeps=check_keeps(config.label, keeps, len(config.parts)))
     try:
         info = model_info(adapter)
         stages = checked_stages(config, config.stages(info, keep), info)
@@ -155,7 +167,7 @@ def checked_stages(config: Method, stages: list[Stage], info: ModelInfo) -> list
             raise ValueError(f"{config.name}: states_from must be a layer before the stage's layer {stage.layer}")
         if stage.query not in ATTENTION_QUERIES:
             raise ValueError(f"{config.name}: query must be one of {ATTENTION_QUERIES}, got {stage.query!r}")
-        for layer in (*stage.vision_layers, *stage.vision_received):
+        for layer in (*stage.vision_layers, *stage.vision_received, *(layer for layer, _ in stage.vision_maps)):
             if not 0 <= layer < info.vision_layers:
                 raise ValueError(
                     f"{config.name}: vision layer {layer} is outside the vision tower ({info.vision_layers} layers)"

@@ -24,12 +24,12 @@ def test_method_configs_round_trip_through_json():
         assert vtprune.Method.from_dict(data) == config
     llm = [
         "dart", "divprune", "downsample", "entropyprune", "fastervlm", "fastv", "hiprune", "mmtok", "pdrop", "pool", "random",
-        "sparsevlm", "transprune", "uniform", "visiondrop", "visionzip", "vispruner", "vtc_cls",
+        "sparsevlm", "transprune", "uniform", "vflowopt", "visiondrop", "visionzip", "vispruner", "vtc_cls",
     ]  # fmt: skip
     assert vtprune.list_methods("llm") == llm
-    assert vtprune.list_methods("vit") == ["evit", "tome"]
+    assert vtprune.list_methods("vit") == ["evit", "flowcut", "tome"]
     assert vtprune.list_methods("trained") == ["dtop"]
-    assert vtprune.list_methods() == sorted([*llm, "evit", "tome", "dtop"])  # one registry, every kind
+    assert vtprune.list_methods() == sorted([*llm, "evit", "flowcut", "tome", "dtop"])  # one registry, every kind
     assert vtprune.method_kind("tome") == "vit" and vtprune.method_kind("nope") is None
     with pytest.raises(ValueError, match=r"kind must be one of \['llm', 'trained', 'vit'\], got 'vlm'"):
         vtprune.list_methods("vlm")
@@ -69,9 +69,9 @@ def test_methods_refuse_exactly_the_families_they_cannot_serve():
             "smolvlm",
         )  # fmt: skip
     }
-    # HiPrune reads the tower's attention of every query row, mapped onto tokens where the adapter can
+    # HiPrune and VFlowOpt read the tower's attention of every query row, mapped onto tokens where the adapter can
     expected |= {
-        ("hiprune", f) for f in ("llava_onevision", "gemma3", "mistral3", "internvl", "smolvlm", "paligemma")
+        (m, f) for m in ("hiprune", "vflowopt") for f in ("gemma3", "mistral3", "internvl", "smolvlm", "paligemma")
     }
     # schedules that read attention at a linear-attention layer of the tiny hybrid (layers 0 and 2 are linear)
     expected |= {(m, "qwen3_5") for m in ("fastv", "transprune", "pdrop", "sparsevlm")}

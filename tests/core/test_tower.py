@@ -16,7 +16,7 @@ from vtprune.core.vit import wrap_vit
 from vtprune.eval.flops import prefill_flops
 from vtprune.testing import IMAGE_TOKEN, Image, make_batch, tiny_model
 
-METHODS = ["tome", "evit"]
+METHODS = ["tome", "evit", "flowcut"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,9 @@ def test_llm_receives_the_towers_rows_on_their_patches(llava, method):
     batch = make_batch(llava, [[5, Image(), 7, Image(), 4]])
     with torch.no_grad():
         expected, patches = _by_hand(llava, batch, method, keep=16)
-        with vtprune.wrap(llava, method, keep=16) as pruning:
+        # the reference keeps original positions (FlowCut renumbers by default, as its authors insert fewer tokens)
+        options = {"positions": "keep"} if method == "flowcut" else {}
+        with vtprune.wrap(llava, method, keep=16, **options) as pruning:
             logits = llava(**batch).logits
             kept = pruning.kept[0][0]  # stage 0, sample 0: visual tokens numbered across its images
             assert pruning.method.name == method and pruning.last.seq_lens[0] == 16 + 2 * 16

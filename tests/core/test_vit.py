@@ -57,7 +57,7 @@ def images():
 
 
 @pytest.mark.parametrize("tower", sorted(TOWERS))
-@pytest.mark.parametrize("method", ["evit", "tome"])
+@pytest.mark.parametrize("method", ["evit", "tome", "flowcut"])
 def test_keep_all_is_the_dense_tower_and_unwrap_restores_it(tower, method, images):
     model = TOWERS[tower]()
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_keep_all_is_the_dense_tower_and_unwrap_restores_it(tower, method, image
 
 
 @pytest.mark.parametrize("tower", sorted(TOWERS))
-@pytest.mark.parametrize("method", ["evit", "tome"])
+@pytest.mark.parametrize("method", ["evit", "tome", "flowcut"])
 def test_reduction_follows_the_budget_and_batch_equals_each_image_alone(tower, method, images):
     model = TOWERS[tower]()
     with torch.no_grad(), vtprune.wrap(model, method, keep=16) as handle:
@@ -105,7 +105,7 @@ def test_schedules():
 
 def test_bad_inputs_name_the_parameter(images):
     model = _timm()
-    with pytest.raises(ValueError, match=r"unknown ViT method 'fastv' \('fastv' prunes a VLM's visual tokens: wrap a VLM with it\); methods for vision transformers: evit, tome"):
+    with pytest.raises(ValueError, match=r"unknown ViT method 'fastv' \('fastv' prunes a VLM's visual tokens: wrap a VLM with it\); methods for vision transformers: evit, flowcut, tome"):
         vtprune.wrap(model, "fastv", keep=8)
     with pytest.raises(ValueError, match="keep"):
         vtprune.wrap(model, "tome", keep=0)

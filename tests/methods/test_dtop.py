@@ -262,7 +262,7 @@ def test_wrapping_with_dtop_points_to_the_segmenter():
 
     vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
                             embed_dim=32, num_heads=2)  # fmt: skip
-    with pytest.raises(ValueError, match=r"DToPSegmenter, not a wrap\); methods for vision transformers: evit, tome"):
+    with pytest.raises(ValueError, match=r"DToPSegmenter, not a wrap\); methods for vision transformers: evit, flowcut, tome"):
         vtprune.wrap(vit, "dtop", keep=4)
     with pytest.raises(ValueError, match="DToPSegmenter, not a wrap"):
         vtprune.method_class("dtop")

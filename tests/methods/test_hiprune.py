@@ -20,7 +20,7 @@ from vtprune.core.layout import GridPart, Layout, VisualItem
 from vtprune.core.registry import ModelInfo
 from vtprune.methods.hiprune import HiPrune, neighbours
 
-APPLIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v")
+APPLIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v")
 TINY = ModelInfo(
     family="llava", num_layers=4, has_cls_token=True, mrope=False, vision_layers=3, vision_feature_layer=1,
     tower_attention=True,

@@ -19,8 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk, pixel_shuffle_groups
-from vtprune.core.layout import GridPart
+from vtprune.core.adapter import (
+    Adapter,
+    VisualChunk,
+    pixel_shuffle_groups,
+    tiled_chunks,
+)
 from vtprune.core.shape import VisionShape
 
 
@@ -80,15 +84,7 @@ class InternVLAdapter(Adapter):
                 f"InternVL: the prompt's image placeholder runs {runs} do not split into the {len(tiles)} encoded "
                 f"tiles of {per_tile} tokens each; the processor and the model disagree"
             )
-        side = int(per_tile**0.5)
-        chunks, first = [], 0
-        for run in runs:
-            count = run // per_tile
-            grids = tuple(GridPart(tile * per_tile, side, side, side) for tile in range(count))
-            parts = tiles[first : first + count]
-            chunks.append(VisualChunk("image", torch.cat(parts), [ItemSpec(0, run, grids)], parts=list(parts)))
-            first += count
-        return chunks
+        return tiled_chunks(tiles, [run // per_tile for run in runs])
 
     def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
         # every tile is one view of its own tokens

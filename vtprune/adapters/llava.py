@@ -122,6 +122,12 @@ class LlavaAdapter(Adapter):
     def vision_row_values(self, call: dict[str, Any], values: Tensor) -> Tensor:
         return values.view(-1, self._patch_grid() ** 2 + 1)
 
+    def vision_pixel_patches(self, args: tuple, kwargs: dict[str, Any]) -> tuple[Tensor, int]:
+        pixels = args[0] if args else kwargs["pixel_values"]  # [views, C, H, W], one square view per row block
+        size = self.vlm.config.vision_config.patch_size
+        patches = pixels.unfold(2, size, size).unfold(3, size, size)  # [views, C, rows, cols, p, p]
+        return patches.permute(0, 2, 3, 1, 4, 5).flatten(1, 2), int(self.has_cls_token)
+
     def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
         side = self._patch_grid()
         per_view = side * side + 1  # [CLS] first

@@ -38,8 +38,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     encoder_methods = ("get_image_features", "get_video_features")
     has_cls_token = False
     cls_position = None
-    # SigLIP's attention is not mapped onto tokens: videos pool 2x2 after the projector, shrunk any-res grids blend
-    tower_attention = False
+    # SigLIP's attention maps onto image tokens and, pooled as the features are, onto video frames' tokens; an
+    # any-res grid shrunk by interpolation has no per-token signals (image_sources returns None)
+    tower_attention = True
 
     @classmethod
     def vision_shape(cls, config: Any) -> VisionShape:
@@ -83,6 +84,15 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if any(not bool((s == s.round()).all()) for s in sources):
             return None  # an any-res grid shrunk by interpolation: its tokens blend several patches
         return [s.round().long() for s in sources], per_view
+
+    def vision_row_values(self, call: dict[str, Any], values: Tensor) -> Tensor:
+        """Per view, the values of its rows (no [CLS]); a video's frames pooled 2x2 as the model pools them."""
+        side = self._patch_grid()
+        values = values.view(-1, side * side)
+        if call.get("pixel_values_videos") is None:
+            return values
+        pooled = self._pooled_side()
+        return F.interpolate(values.view(-1, 1, side, side), size=[pooled, pooled], mode="bilinear").flatten(1)
 
     def _video_sources(self, call: dict[str, Any]) -> tuple[list[Tensor], int]:
         """Each frame is one "view" of pooled tokens (see :meth:`encoder_states`); the final newline has none."""

@@ -3,8 +3,8 @@ reduction. The attention is ``nn.MultiheadAttention``; vtprune computes it from 
 
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from vtprune.core.vit import ViTAdapter, ViTInfo
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from vtprune.adapters.qwen3_vl import Qwen3VLAdapter
 from vtprune.core.adapter import DecoderParts
-from vtprune.core.shape import ExpertsShape, LanguageShape, VisionShape, language_shape
+from vtprune.core.shape import ExpertsShape, LanguageShape, language_shape
 
 
 class Qwen3_5Adapter(Qwen3VLAdapter):
@@ -29,25 +29,6 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         "Qwen3_5MoeModel",
     )
     model_types = ("qwen3_5", "qwen3_5_moe")
-
-    @classmethod
-    def vision_shape(cls, config: Any) -> VisionShape:
-        """Qwen3-VL's tower (learned position grid, 2-D RoPE, plain two-matrix MLP) and its 2x2 patch merger, without
-        deepstack: one merger."""
-        vision = config.vision_config
-        merged = vision.hidden_size * vision.spatial_merge_size**2
-        return VisionShape(
-            encoder_input="grid",
-            layers=vision.depth,
-            hidden=vision.hidden_size,
-            intermediate=vision.intermediate_size,
-            patch=vision.patch_size,
-            temporal_patch=vision.temporal_patch_size,
-            merge=vision.spatial_merge_size,
-            projector_in=merged,
-            projector_hidden=merged,
-            projector_out=vision.out_hidden_size,
-        )
 
     @classmethod
     def language_shape(cls, config: Any) -> LanguageShape:

@@ -56,8 +56,9 @@ class Qwen3VLAdapter(QwenVLAdapter):
             projector_in=merged,
             projector_hidden=merged,
             projector_out=vision.out_hidden_size,
-            # one merger per deepstack block besides the final one, each as large as the final merger
-            projectors=1 + len(vision.deepstack_visual_indexes),
+            # one merger per deepstack block besides the final one, each as large as the final merger (none on
+            # Qwen3.5, built on this adapter)
+            projectors=1 + len(getattr(vision, "deepstack_visual_indexes", None) or ()),
         )
 
     def _chunk_extras(self, output: Any, index: int) -> dict[str, list[Tensor]]:

@@ -23,12 +23,11 @@ from torch import Tensor, nn
 
 from vtprune.core.adapter import (
     Adapter,
-    ItemSpec,
     VisualChunk,
     _to_unit_range,
     pixel_shuffle_groups,
+    tiled_chunks,
 )
-from vtprune.core.layout import GridPart
 from vtprune.core.shape import VisionShape
 
 
@@ -95,14 +94,7 @@ class SmolVLMAdapter(Adapter):
                 f"{self.display_name}: the prompt's placeholder runs ({sum(images)} crops of {per_crop} tokens) do not "
                 f"match the {len(crops)} encoded crops; the processor and the model disagree"
             )
-        side = int(per_crop**0.5)
-        chunks, first = [], 0
-        for count in images:
-            parts = crops[first : first + count]
-            grids = tuple(GridPart(crop * per_crop, side, side, side) for crop in range(count))
-            chunks.append(VisualChunk("image", torch.cat(parts), [ItemSpec(0, count * per_crop, grids)], parts=list(parts)))
-            first += count
-        return chunks
+        return tiled_chunks(crops, images)
 
     def _crops_per_image(self, inputs: dict[str, Any]) -> list[int]:
         """Crops of each image in prompt order: runs of placeholders up to one after ``<global-img>`` (see the

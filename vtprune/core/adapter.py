@@ -82,7 +82,7 @@ class Adapter:
     # (Adapter.project); False where it pools or merges patches (Qwen's 2x2 merger, Gemma 3's 4x4 pooling).
     per_token_projector: ClassVar[bool] = True
     # The family maps its tower's attention (every query row) onto the LLM's tokens: vision_attention,
-    # vision_attention_segments and vision_row_values work (Stage.vision_received).
+    # vision_attention_segments and vision_row_values work (Stage.vision_received, Stage.vision_maps).
     tower_attention: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
@@ -254,12 +254,20 @@ class Adapter:
         averaged)."""
         raise NotImplementedError(f"{self.display_name or self.family} maps no tower attention onto its tokens")
 
+    def vision_pixel_patches(self, args: tuple, kwargs: dict[str, Any]) -> tuple[Tensor, int]:
+        """From the arguments of a call of :meth:`vision_tower`: the pixel patch each tower row embeds, ``[views, P, C,
+        p, p]`` (as the tower receives them, normalised), and how many rows of each view come before them without
+        pixels ([CLS]); :meth:`vision_row_values` lays the rows out (Stage.pixel_maps)."""
+        raise NotImplementedError(f"{self.display_name or self.family} maps no pixel patches onto its tokens")
+
     def reducible_tower(self) -> tuple[nn.Module, int]:
         """The vision tower a ViT method (``evit``, ``tome``) may reduce inside this VLM, and how many of its blocks
         feed the features the VLM reads; a ValueError where the family's encoder output cannot take fewer rows."""
+        from vtprune.core.registry import list_methods
+
         raise ValueError(
-            f"ViT-side methods (evit, tome) reduce the CLIP tower of LLaVA-1.5 only, not {self.display_name}'s vision "
-            "encoder; use an LLM-side method there (vtprune methods)"
+            f"ViT-side methods ({', '.join(list_methods('vit'))}) reduce the CLIP tower of LLaVA-1.5 only, not "
+            f"{self.display_name}'s vision encoder; use an LLM-side method there (vtprune methods)"
         )
 
     def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
@@ -412,6 +420,20 @@ class Adapter:
             else:
                 flat[name] = value
         return flat
+
+
+def tiled_chunks(tiles: list[Tensor], tiles_per_image: list[int]) -> list[VisualChunk]:
+    """One image chunk per ``tiles_per_image`` consecutive square tiles (InternVL's tiles, SmolVLM's crops), its
+    item one square grid per tile, tower signals looked up per tile."""
+    chunks, first = [], 0
+    for count in tiles_per_image:
+        parts = tiles[first : first + count]
+        per_tile = parts[0].shape[0]
+        side = int(per_tile**0.5)
+        grids = tuple(GridPart(tile * per_tile, side, side, side) for tile in range(count))
+        chunks.append(VisualChunk("image", torch.cat(parts), [ItemSpec(0, count * per_tile, grids)], parts=list(parts)))
+        first += count
+    return chunks
 
 
 def pixel_shuffle_groups(shuffle: Callable[[Tensor], Tensor], patches_per_side: int, flat: bool = False) -> Tensor:

@@ -21,7 +21,9 @@ class ItemView:
     ``features`` the projected features the LLM received (always), ``encoder_features`` features before the projector,
     ``cls_attention`` ``[len(stage.vision_layers), n]`` head-averaged [CLS] -> token attention of those tower layers
     (each token scored by its own view's [CLS]), ``received_attention`` ``[len(stage.vision_received), n]`` the
-    head-averaged attention each token receives from every token of its view in those tower layers, ``encoder_keys``
+    head-averaged attention each token receives from every token of its view in those tower layers, ``vision_maps``
+    ``[len(stage.vision_maps), n]`` and ``pixel_maps`` ``[len(stage.pixel_maps), n]`` the values the stage's tower-
+    and pixel-map functions gave each token's rows (see :class:`Stage`), ``encoder_keys``
     the head-averaged keys of the last of the ``vision_layers``,
     ``cls_features`` each view's [CLS] feature before the projector (by view id), ``groups`` the view (crop) of each
     token for per-crop budgets; ``replacement`` / ``replacement_grid`` the features and (rows, cols) of the image
@@ -39,6 +41,8 @@ class ItemView:
     encoder_features: Tensor | None = None
     cls_attention: Tensor | None = None
     received_attention: Tensor | None = None
+    vision_maps: Tensor | None = None
+    pixel_maps: Tensor | None = None
     encoder_keys: Tensor | None = None
     cls_features: dict[int, Tensor] | None = None
     replacement: Tensor | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -112,6 +113,14 @@ class Stage:
       the head-averaged attention a token receives, averaged over every query token of its view (a Qwen image
       frame, windows ignored), recomputed from the layer's queries and keys (families with
       ``ModelInfo.tower_attention``).
+    * ``vision_maps``: ``(tower layer, fn)`` pairs: ``fn(queries, keys, scale)`` maps the queries and keys
+      ``[heads, T, head_dim]`` (after any RoPE) of each run of ``T`` tower rows that attend to each other in full (a
+      view; a Qwen image frame, windows ignored) to one value per row ``[T]``; each image's ``vision_maps`` holds
+      them per token (rows merged into one token averaged), on the same families as ``vision_received``. Equal
+      pairs are computed once per encoder call, so ``fn`` should compare by value (e.g. a frozen dataclass).
+    * ``pixel_maps``: functions mapping the pixel patches ``[P, C, p, p]`` each view's tower rows embed (as the tower
+      receives them, normalised) to one value per patch ``[P]``; each image's ``pixel_maps`` holds them per token
+      (families whose adapter implements ``vision_pixel_patches``: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision).
     * ``encoder_features``: each image's features before the projector (``ItemView.encoder_features``).
     * ``text_embeddings``: the LLM input embeddings of each prompt's instruction (``ctx.instruction_embeddings``).
     * ``modalities``: the kinds of items the stage budgets ("image", "video"; None: all); others keep every token.
@@ -129,17 +138,23 @@ class Stage:
     states_from: int | None = None
     vision_layers: tuple[int, ...] = ()
     vision_received: tuple[int, ...] = ()
+    vision_maps: tuple[tuple[int, Callable[[Tensor, Tensor, float], Tensor]], ...] = ()
+    pixel_maps: tuple[Callable[[Tensor], Tensor], ...] = ()
     encoder_features: bool = False
     text_embeddings: bool = False
     resample: bool = False
     tower: bool = False
     modalities: tuple[str, ...] | None = None
+    # which part of a composed method (vtprune.Compose) the stage belongs to, and that part's position
+    # convention (None: the method's own)
+    part: int = 0
+    positions: str | None = None
 
     @property
     def needs_vision_call(self) -> bool:
         """True when the vision encoder call must be observed (tower signals, per-view budgets, re-encoding)."""
         return (
-            bool(self.vision_layers or self.vision_received)
+            bool(self.vision_layers or self.vision_received or self.vision_maps or self.pixel_maps)
             or self.encoder_features
             or self.per_crop
             or self.resample
@@ -335,7 +350,14 @@ def method_class(name: str, kind: str | tuple[str, ...] = "llm") -> type:
 
 
 def make_method(method: str | Any, kind: str | tuple[str, ...] = "llm", **options: Any) -> Any:
-    """A method config from a registered name or a config object (of ``kind``), ``options`` filling its fields."""
+    """A method config from a registered name or a config object (of ``kind``), ``options`` filling its fields; a
+    composed name (``"divprune+random"``, ``"compose"``) gives a :class:`~vtprune.core.compose.Compose`."""
+    if isinstance(method, str) and "llm" in _kinds(kind) and ("+" in method or method == "compose"):
+        from vtprune.core.compose import (
+            compose_by_name,  # the composition is built on this registry
+        )
+
+        return compose_by_name(method, **options)
     if isinstance(method, str):
         cls, base = method_class(method, kind), None
     elif dataclasses.is_dataclass(method) and getattr(method, "kind", None) in _kinds(kind):

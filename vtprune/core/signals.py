@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,6 +19,8 @@ from vtprune.core.layout import Layout
 
 # Query rows are processed in chunks so that "all" never materialises an L x L map per head.
 _QUERY_CHUNK = 128
+# The key of a Stage.pixel_maps function's values among an image's tower signals: (PIXELS, fn).
+PIXELS = "pixels"
 # A tower's received attention holds at most this many probabilities at once (64 MiB in fp32).
 _TOWER_CHUNK_ELEMENTS = 1 << 24
 
@@ -134,8 +137,9 @@ class ImageSignals:
     # head-averaged keys of tower layers per token, and each view's [CLS] feature (encoder space)
     keys: dict[int, Tensor] = field(default_factory=dict)
     view_cls: dict[int, Tensor] = field(default_factory=dict)
-    # per tower layer, the attention each token receives (mean over heads and over its view's query tokens)
-    received: dict[int, Tensor] = field(default_factory=dict)
+    # per tower layer, the attention each token receives (mean over heads and over its view's query tokens); per
+    # (layer, fn) of Stage.vision_maps and (PIXELS, fn) of Stage.pixel_maps, the values those gave each token
+    received: dict[Any, Tensor] = field(default_factory=dict)
 
     @property
     def view(self) -> Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
@@ -49,8 +49,14 @@ class ReduceContext:
     sizes: Tensor  # [B, N] patches each row stands for (prefix rows: 1)
     origin: Tensor  # [B, N] long: each row's representative among the rows entering the first block
     prefix: int
-    target: int  # patch rows (excluding prefix) to leave after this block
+    # patch rows (excluding prefix) to leave after this block; a method that sizes its own steps (FlowCut) may
+    # leave more at a block, never fewer, and reaches it at the schedule's last block
+    target: int
     proportional: bool = False  # the block's attention added log(size) to the keys
+    values: Tensor | None = None  # [B, H, N, d] the block's values
+    info: ViTInfo | None = None  # the tower (``info.depth``: blocks the schedule spans)
+    # the method's own scratch for this forward (e.g. scores accumulated over blocks), empty at the first block
+    state: dict[str, Any] = field(default_factory=dict)
 
     def cls_attention(self) -> Tensor:
         """Head-averaged attention of the first prefix token ([CLS]) to the patch rows, ``[B, N - prefix]``,
@@ -85,7 +91,8 @@ class ViTMethod:
         raise NotImplementedError
 
     def reduce(self, ctx: ReduceContext) -> Reduced:
-        """The new rows (``ctx.prefix + ctx.target`` of them), their sizes and representatives."""
+        """The new rows (``ctx.prefix + ctx.target`` of them, or more where the method sizes its own steps), their
+        sizes and representatives."""
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
@@ -155,6 +162,7 @@ class ViTPruning:
         self.plan = method.schedule(self.info, self.final)
         self.last = ViTRecord([])
         self._sizes: Tensor | None = None
+        self._state: dict[str, Any] = {}  # ReduceContext.state of the forward in flight
         self._blocks = adapter.blocks()
         for index, block in enumerate(self._blocks):
             block.forward = types.MethodType(_block_forward(self, index), block)
@@ -186,6 +194,7 @@ def _block_forward(handle: ViTPruning, index: int) -> Any:
         if index == 0:
             handle._sizes = x.new_ones(x.shape[:2], dtype=torch.float32)
             handle.last = ViTRecord([], torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1))
+            handle._state = {}
         sizes = handle._sizes
         handle.last.seq_lens.append(x.shape[1])
         norm1, scale1, norm2, mlp, scale2 = adapter.pieces(block)
@@ -196,7 +205,9 @@ def _block_forward(handle: ViTPruning, index: int) -> Any:
         x = x + _drop(block, 1)(scale1(adapter.attention_out(block, heads_out.transpose(1, 2).flatten(2))))
         target = handle.plan.get(index)
         if target is not None and target < x.shape[1] - prefix:
-            ctx = ReduceContext(index, x, k, q, sizes, handle.last.origin, prefix, target, proportional)
+            ctx = ReduceContext(
+                index, x, k, q, sizes, handle.last.origin, prefix, target, proportional, v, handle.info, handle._state
+            )
             x, sizes, origin = method.reduce(ctx)
             if origin.shape != x.shape[:2]:
                 raise RuntimeError(f"{method.name}: reduce returned {x.shape[1]} rows but {origin.shape[1]} origins")

@@ -8,6 +8,7 @@ from vtprune.methods.entropyprune import EntropyPrune
 from vtprune.methods.evit import EViT
 from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
+from vtprune.methods.flowcut import FlowCut
 from vtprune.methods.hiprune import HiPrune
 from vtprune.methods.mmtok import MMTok
 from vtprune.methods.pdrop import PyramidDrop
@@ -17,6 +18,7 @@ from vtprune.methods.sparsevlm import SparseVLM
 from vtprune.methods.tome import ToMe
 from vtprune.methods.transprune import TransPrune
 from vtprune.methods.uniform import Uniform
+from vtprune.methods.vflowopt import VFlowOpt
 from vtprune.methods.visiondrop import VisionDrop
 from vtprune.methods.vispruner import VisPruner
 from vtprune.methods.visionzip import VisionZip
@@ -31,6 +33,7 @@ __all__ = [
     "EntropyPrune",
     "FastV",
     "FasterVLM",
+    "FlowCut",
     "HiPrune",
     "MMTok",
     "Pool",
@@ -41,6 +44,7 @@ __all__ = [
     "TransPrune",
     "Uniform",
     "VTCCLS",
+    "VFlowOpt",
     "VisionDrop",
     "VisPruner",
     "VisionZip",

@@ -49,10 +49,10 @@ Choices that are ours (the authors' code leaves them open or we deviate):
 * Candidates beyond a view's budget (only possible for alpha near 1, where the authors' code fails) are cut,
   buffers before anchors.
 
-Families: LLaVA-1.5, LLaVA-NeXT (CLIP towers), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and GLM-4V (their towers'
-attention mapped onto merged tokens as the authors do for Qwen2.5-VL). LLaVA-OneVision, Gemma 3, Mistral 3 and
-InternVL raise a clear error: their towers have the signal, but vtprune does not map it onto their (pooled,
-pixel-shuffled or merged) tokens.
+Families: LLaVA-1.5, LLaVA-NeXT (CLIP towers), LLaVA-OneVision (SigLIP; video frames pooled 2x2 as their features,
+CLIP's layer rule), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and GLM-4V (their towers' attention mapped onto merged
+tokens as the authors do for Qwen2.5-VL). Gemma 3, Mistral 3, InternVL, SmolVLM and PaliGemma raise a clear error:
+their towers have the signal, but vtprune does not map it onto their (pooled, pixel-shuffled or merged) tokens.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ class HiPrune(Method):
         if not model.tower_attention or model.vision_layers == 0:
             raise ValueError(
                 f"{self.name} ranks tokens by the attention they receive inside the vision tower, which vtprune maps "
-                f"onto the tokens of LLaVA-1.5, LLaVA-NeXT, the Qwen-VL families and GLM-4V, not {model.family_name}'s"
+                f"onto the tokens of LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, the Qwen-VL families and GLM-4V, not "
+                f"{model.family_name}'s"
             )
         layers = sorted({self.object_layer_of(model) - 1, model.vision_feature_layer})
         return [Stage(layer=None, vision_received=tuple(layers))]

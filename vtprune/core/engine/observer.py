@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vtprune.core.adapter import Adapter, VisualChunk
 from vtprune.core.engine.hooks import HookSet
 from vtprune.core.registry import Stage
 from vtprune.core.signals import (
+    PIXELS,
     ImageSignals,
     align_image_signals,
     vit_cls_rows,
@@ -59,7 +61,16 @@ class VisionObserver:
         self.tower = tower
         self.target_grid = target_grid
         self.vision_layers = sorted({layer for s in stages for layer in s.vision_layers})
-        self.received_layers = sorted({layer for s in stages for layer in s.vision_received})
+        # per tower layer, the (key, fn) of each map of its attention: received attention under the layer's index,
+        # Stage.vision_maps under (layer, fn); Stage.pixel_maps' functions of the tower's pixel patches
+        self._maps: dict[int, dict[Any, Callable[[Tensor, Tensor, float], Tensor]]] = {}
+        for stage in stages:
+            for layer in stage.vision_received:
+                self._maps.setdefault(layer, {})[layer] = vit_received
+            for layer, fn in stage.vision_maps:
+                self._maps.setdefault(layer, {})[layer, fn] = fn
+        self.received_layers = sorted(self._maps)
+        self.pixel_maps = list(dict.fromkeys(fn for stage in stages for fn in stage.pixel_maps))
         self.active = any(s.needs_vision_call for s in stages)
         self.encoder_features = any(s.encoder_features for s in stages)
         self.resample = any(s.resample for s in stages)
@@ -96,8 +107,8 @@ class VisionObserver:
 
     @property
     def tower_signals(self) -> bool:
-        """True when a stage reads per-token tower signals ([CLS] rows, received attention, encoder features)."""
-        return bool(self.vision_layers or self.received_layers or self.encoder_features)
+        """True when a stage reads per-token tower signals ([CLS] rows, attention or pixel maps, encoder features)."""
+        return bool(self.vision_layers or self.received_layers or self.pixel_maps or self.encoder_features)
 
     def clear(self) -> None:
         self._notes.clear()
@@ -220,6 +231,15 @@ class VisionObserver:
     def _on_tower_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # generate() encodes before prefill: keep what the tower saw for the next prefill's record
         self.tower_inputs.extend(self.adapter.tower_inputs(args, kwargs))
+        if self._rows is not None and self.pixel_maps:
+            start = time.perf_counter()
+            with torch.no_grad():
+                patches, leading = self.adapter.vision_pixel_patches(args, kwargs)
+                for fn in self.pixel_maps:
+                    values = torch.stack([fn(view) for view in patches])  # [views, patches]
+                    values = F.pad(values, (leading, 0))  # rows without pixels ([CLS]) carry 0
+                    self._received[PIXELS, fn] = self.adapter.vision_row_values(self._call, values.flatten())
+            self.seconds += time.perf_counter() - start
 
     def _query_hook(self, index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -235,8 +255,9 @@ class VisionObserver:
             start = time.perf_counter()
             with torch.no_grad():
                 segments, scale = self.adapter.vision_attention_segments(self._call, module, args, kwargs)
-                values = torch.cat([vit_received(q, k, scale) for q, k in segments])
-                self._received[index] = self.adapter.vision_row_values(self._call, values)
+                for key, fn in self._maps[index].items():
+                    values = torch.cat([fn(q, k, scale) for q, k in segments])
+                    self._received[key] = self.adapter.vision_row_values(self._call, values)
             self.seconds += time.perf_counter() - start
 
         return hook

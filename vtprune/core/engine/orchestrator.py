@@ -242,7 +242,7 @@ class PruningEngine:
             with self._timed(current.record.overhead, "select"):
                 keep = self.runner.run(current, stage_index, stage, hidden=hidden, position_embeddings=position_embeddings)
             if keep is not None:
-                shorter = current.layout.compact(keep, renumber=self.planner.renumber, first_layer=index)
+                shorter = current.layout.compact(keep, renumber=self.planner.renumbers(stage), first_layer=index)
                 hidden = gather_tokens(hidden, shorter.source.clamp(min=0), check=False)
                 current.layout = shorter
                 current.segments.append(shorter)

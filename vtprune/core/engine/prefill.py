@@ -21,7 +21,7 @@ from vtprune.core.engine.stages import StageRunner
 from vtprune.core.engine.state import Prefill, Schedule, item_tokens
 from vtprune.core.layout import Layout, VisualItem, padding_side_of
 from vtprune.core.record import ForwardRecord
-from vtprune.core.registry import Merged
+from vtprune.core.registry import Merged, Stage
 from vtprune.core.signals import ImageSignals, query_slots
 from vtprune.kernels import gather_tokens
 
@@ -45,7 +45,6 @@ class PrefillPlanner:
         self.runner = runner
         self.schedule = schedule
         self.timed = timed
-        self.renumber = runner.method.positions == "renumber" and not adapter.mrope
         self.wants_text = any(s.text_embeddings for s in schedule.stages)
         self._warned_whole = False
 
@@ -126,13 +125,17 @@ class PrefillPlanner:
         set_cache(inputs, cache, self.adapter.cache_parameter)
         return current, inputs
 
+    def renumbers(self, stage: Stage) -> bool:
+        """Whether pruning at ``stage`` closes the position gaps (M-RoPE families keep their 3-D ids)."""
+        return (stage.positions or self.runner.method.positions) == "renumber" and not self.adapter.mrope
+
     def _pre_llm_stage(self, current: Prefill, inputs: dict[str, Any]) -> dict[str, Any]:
         stage_index, stage = current.pending.pop(0)
         items, features = current.items, current.features
         with self.timed(current.record.overhead, "select"):
             keep = self.runner.run(current, stage_index, stage)
         if keep is not None:
-            shorter = current.layout.compact(keep, renumber=self.renumber, first_layer=0)
+            shorter = current.layout.compact(keep, renumber=self.renumbers(stage), first_layer=0)
             inputs = self._shorten_prompt(inputs, shorter)
             current.features = {item.index: features[item.index][item_tokens(shorter, item)] for item in items}
             current.layout = shorter

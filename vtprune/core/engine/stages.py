@@ -15,7 +15,7 @@ from vtprune.core.engine.state import Prefill, item_tokens
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.record import ForwardRecord, StageRecord
 from vtprune.core.registry import Merged, Method, ModelInfo, Stage, top_budget
-from vtprune.core.signals import mean_attention, rotated_keys, rotated_queries
+from vtprune.core.signals import PIXELS, mean_attention, rotated_keys, rotated_queries
 
 
 class StageRunner:
@@ -124,11 +124,15 @@ class StageRunner:
         else:  # one budget per view (per-crop accounting)
             group_budgets = {g: min(b, int((selectable & (groups == g)).sum())) for g, b in budgets.items()}
             budget = sum(group_budgets.values())
-        cls_attention = received_attention = None
+        cls_attention = received_attention = vision_maps = pixel_maps = None
         if stage.vision_layers:
             cls_attention = torch.stack([signals.cls_attention[layer] for layer in stage.vision_layers])[:, tokens]
         if stage.vision_received:
             received_attention = torch.stack([signals.received[layer] for layer in stage.vision_received])[:, tokens]
+        if stage.vision_maps:
+            vision_maps = torch.stack([signals.received[key] for key in stage.vision_maps])[:, tokens]
+        if stage.pixel_maps:
+            pixel_maps = torch.stack([signals.received[PIXELS, fn] for fn in stage.pixel_maps])[:, tokens]
         replacement, replacement_grid = current.replacements.get(item.index, (None, None))
         # rows of the features the LLM received that hold these tokens
         rows = torch.searchsorted(item_tokens(current.segments[0], item), tokens)
@@ -147,6 +151,8 @@ class StageRunner:
             ),
             cls_attention=cls_attention,
             received_attention=received_attention,
+            vision_maps=vision_maps,
+            pixel_maps=pixel_maps,
             encoder_keys=(
                 signals.keys[stage.vision_layers[-1]].to(slots.device)[tokens] if stage.vision_layers else None
             ),
