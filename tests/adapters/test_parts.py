@@ -39,7 +39,7 @@ def test_decoder_parts_are_the_modules_each_layer_runs(family):
         assert set(adapter.layer_types()) == {"sliding_attention", "full_attention"}
 
 
-@pytest.mark.parametrize("family", [family for family in FAMILIES if family != "qwen3_5"])  # no FLOPs model yet
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_adapter_describes_its_tower_for_flops(family):
     model = tiny_model(family)
     assert adapter_class_for_config(model.config) is type(vtprune.adapter_for(model))

@@ -130,6 +130,8 @@ def test_full_size_configs_build_on_meta_without_weights():
     # Qwen3.5-9B (reconstructed, see vtprune/eval/configs.py): 9.41 B on meta with untied embeddings (0.46 B tower,
     # 7.94 B decoder, 1.02 B LM head); the model card's total is not checked here
     assert round(parameters["qwen3.5-9b"], 2) == 9.41
+    # what meta builds from transformers' GLM-4.1V-9B defaults (0.89 B tower); the model card is not checked here
+    assert round(parameters["glm-4.1v-9b"], 2) == 10.29
     language = model_shape(meta_model("qwen3.5-9b")).language
     assert language.linear_attention.count(True) == 24 and language.gated_query  # 3 Gated DeltaNet : 1 full
     assert round(parameters["llava-1.5-7b"], 2) == 7.06 and round(parameters["llava-1.5-13b"], 2) == 13.35

@@ -101,6 +101,19 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
                      rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [11, 11, 10],
                                       "mrope_interleaved": True, "partial_rotary_factor": 0.25}),
     },  # fmt: skip
+    # GLM-4.1V-9B: transformers' Glm4vConfig defaults, which its docstring gives as the GLM-4.1V-9B-Thinking
+    # configuration (40 layers of 4096, 32 heads / 2 KV heads, MLP 13696, vocabulary 151552; a 24-block, 1536-wide
+    # tower with patch 14 merging to 4096); the rotary settings (theta 10000, M-RoPE sections [8, 12, 12] over half
+    # of each 128-wide head) are assumed, and neither FLOPs nor the parameter count depend on them.
+    "glm-4.1v-9b": {
+        "family": "glm4v",
+        "vision": dict(depth=24, hidden_size=1536, intermediate_size=13696, num_heads=12, out_hidden_size=4096,
+                       patch_size=14, image_size=336, spatial_merge_size=2, temporal_patch_size=2),
+        "text": dict(hidden_size=4096, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=32,
+                     num_key_value_heads=2, vocab_size=151552, max_position_embeddings=65536,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12],
+                                      "partial_rotary_factor": 0.5}),
+    },  # fmt: skip
     "gemma-3-12b": {
         "family": "gemma3",
         "vision": dict(SIGLIP_SO400M, num_hidden_layers=27, image_size=896),
@@ -160,6 +173,10 @@ def reference_config(name: str) -> Any:
         from transformers import Qwen3VLConfig
 
         return Qwen3VLConfig(text_config=dict(spec["text"]), vision_config=dict(spec["vision"]), **special)
+    if family == "glm4v":  # its own special-token ids are the config's defaults
+        from transformers import Glm4vConfig
+
+        return Glm4vConfig(text_config=dict(spec["text"]), vision_config=dict(spec["vision"]))
     if family == "qwen3_5":  # its own special-token ids are the config's defaults
         from transformers import Qwen3_5Config
 
