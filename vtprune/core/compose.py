@@ -71,7 +71,9 @@ class Compose(Method):
                     f"compositions or ViT methods), got {type(part).__name__}"
                 )
         if positions is not None and positions not in POSITION_CONVENTIONS:
-            raise ValueError(f"{COMPOSE}: positions must be None (each part's own) or one of {POSITION_CONVENTIONS}, got {positions!r}")
+            raise ValueError(
+                f"{COMPOSE}: positions must be None (each part's own) or one of {POSITION_CONVENTIONS}, got {positions!r}"
+            )
         self.positions = positions
         self.keeps = tuple(keeps)
         if self.keeps:
