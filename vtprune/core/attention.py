@@ -51,6 +51,19 @@ def split_query(query_states: Tensor, head_dim: int, gated: bool = False) -> Ten
     return query_states.view(batch, length, -1, head_dim)
 
 
+def normed_queries(attn: nn.Module, query_states: Tensor, gated: bool = False) -> Tensor:
+    """A layer's ``q_proj`` output as ``[B, T, heads, head_dim]`` after its q-norm (if any), before RoPE."""
+    q = split_query(query_states, attn.head_dim, gated)
+    return attn.q_norm(q) if getattr(attn, "q_norm", None) is not None else q
+
+
+def normed_keys(attn: nn.Module, key_states: Tensor) -> Tensor:
+    """A layer's ``k_proj`` output as ``[B, T, kv_heads, head_dim]`` after its k-norm (if any), before RoPE."""
+    batch, length, _ = key_states.shape
+    k = key_states.view(batch, length, -1, attn.head_dim)
+    return attn.k_norm(k) if getattr(attn, "k_norm", None) is not None else k
+
+
 def attention_rows(
     attn: nn.Module,
     query_rows: Tensor,
@@ -73,17 +86,10 @@ def attention_rows(
     bidirectional block (``blocks [B, L]``, -1 = none: Gemma 3's images, PaliGemma's prefix), exactly like the
     layer's own mask. Logits are soft-capped where the layer does (Gemma 2's ``attn_logit_softcapping``).
     """
-    head_dim = attn.head_dim
-    batch, length, _ = key_states.shape
+    length = key_states.shape[1]
     cos, sin = position_embeddings
-    q = split_query(query_rows, head_dim, gated_query)
-    k = key_states.view(batch, length, -1, head_dim)
-    if getattr(attn, "q_norm", None) is not None:
-        q = attn.q_norm(q)
-    if getattr(attn, "k_norm", None) is not None:
-        k = attn.k_norm(k)
-    q = q.transpose(1, 2).float()
-    k = k.transpose(1, 2).float()
+    q = normed_queries(attn, query_rows, gated_query).transpose(1, 2).float()
+    k = normed_keys(attn, key_states).transpose(1, 2).float()
 
     cos, sin = cos.float(), sin.float()
     row_index = query_slots[..., None].expand(-1, -1, cos.shape[-1])

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from vtprune.core.adapter import DecoderParts
-from vtprune.core.attention import apply_rotary, attention_rows, split_query
+from vtprune.core.attention import apply_rotary, attention_rows, normed_keys, normed_queries
 from vtprune.core.layout import Layout
 
 # Query rows are processed in chunks so that "all" never materialises an L x L map per head.
@@ -80,10 +80,7 @@ def mean_attention(
 def rotated_queries(parts: DecoderParts, query_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
     """The query states of the decoder layer described by ``parts`` after its q-norm (if any) and RoPE,
     ``[B, L, heads, head_dim]``."""
-    attn = parts.attention
-    q = split_query(query_states, attn.head_dim, parts.gated_query)
-    if getattr(attn, "q_norm", None) is not None:
-        q = attn.q_norm(q)
+    q = normed_queries(parts.attention, query_states, parts.gated_query)
     cos, sin = position_embeddings
     return apply_rotary(q.transpose(1, 2), cos, sin, parts.interleaved_rotary).transpose(1, 2)
 
@@ -91,11 +88,7 @@ def rotated_queries(parts: DecoderParts, query_states: Tensor, position_embeddin
 def rotated_keys(parts: DecoderParts, key_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
     """The key states of the decoder layer described by ``parts`` after its k-norm (if any) and RoPE,
     ``[B, L, kv_heads, head_dim]``: what its KV cache holds."""
-    attn = parts.attention
-    batch, length, _ = key_states.shape
-    k = key_states.view(batch, length, -1, attn.head_dim)
-    if getattr(attn, "k_norm", None) is not None:
-        k = attn.k_norm(k)
+    k = normed_keys(parts.attention, key_states)
     cos, sin = position_embeddings
     return apply_rotary(k.transpose(1, 2), cos, sin, parts.interleaved_rotary).transpose(1, 2)
 
