@@ -15,11 +15,10 @@ A video's frames are separate runs of placeholders, each after its timestamp tex
 
 from __future__ import annotations
 
-import itertools
+import collections
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from vtprune.adapters.qwen_vl import QwenVLAdapter
@@ -74,23 +73,20 @@ class Qwen3VLAdapter(QwenVLAdapter):
         positions = inputs.get("position_ids")
         if positions is None or positions.ndim != 3:
             return [None] * len(counts)
-        mask = self.input_placeholders(inputs)[modality]
-        rows, cols = mask.nonzero(as_tuple=True)
-        # a new run starts where the previous placeholder is not the slot just before, or in another sample
-        starts = torch.ones_like(cols, dtype=torch.bool)
-        starts[1:] = (cols[1:] != cols[:-1] + 1) | (rows[1:] != rows[:-1])
+        runs = collections.deque(self.placeholder_runs(inputs, modality))
         grids: list[tuple[int, int, int] | None] = []
-        start = 0
         for count in counts:
-            run_starts = (starts[start : start + count].nonzero().squeeze(1) + start).tolist() + [start + count]
-            shapes = set()
-            for begin, end in itertools.pairwise(run_starts):
-                thw = positions[-3:, rows[begin:end], cols[begin:end]]
+            left, shapes, frames = count, set(), 0
+            while left > 0 and runs:
+                sample, begin, length = runs.popleft()
+                if length > left:  # a run shared with the next entry: split where its rows end
+                    runs.appendleft((sample, begin + left, length - left))
+                    length = left
+                thw = positions[-3:, sample, begin : begin + length]
                 height, width = int(thw[1].unique().numel()), int(thw[2].unique().numel())
-                shapes.add((height, width) if height * width == end - begin else None)
-            frames = len(run_starts) - 1
-            grids.append((frames, *shapes.pop()) if len(shapes) == 1 and None not in shapes else None)
-            start += count
+                shapes.add((height, width) if height * width == length else None)
+                left, frames = left - length, frames + 1
+            grids.append((frames, *shapes.pop()) if left == 0 and len(shapes) == 1 and None not in shapes else None)
         return grids
 
     def follow_kept_rows(self, patch: Callable[[Any, str, Any], None], rows_now: Callable[[], Tensor | None]) -> None:
