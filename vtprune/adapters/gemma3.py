@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers.masking_utils import (
@@ -26,7 +25,7 @@ from transformers.masking_utils import (
 )
 from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
-from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk
+from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk, whole_views
 from vtprune.core.compat import build_mask
 from vtprune.core.layout import GridPart
 from vtprune.core.shape import VisionShape
@@ -79,9 +78,7 @@ class Gemma3Adapter(Adapter):
 
     def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
         # each image is one view; its tokens are the pooled cells in raster order (see encoder_states)
-        per_view = self._side() ** 2
-        views = call["pixel_values"].shape[0]
-        return [torch.arange(view * per_view, (view + 1) * per_view) for view in range(views)], per_view
+        return whole_views(call["pixel_values"].shape[0], self._side() ** 2)
 
     def encoder_states(self, call: dict[str, Any], output: Any) -> Tensor | None:
         """The tower's last states average-pooled onto the token grid, as the projector pools them before its

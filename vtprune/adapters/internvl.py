@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from vtprune.core.adapter import (
@@ -24,6 +23,7 @@ from vtprune.core.adapter import (
     VisualChunk,
     pixel_shuffle_groups,
     tiled_chunks,
+    whole_views,
 )
 from vtprune.core.shape import VisionShape
 
@@ -89,8 +89,7 @@ class InternVLAdapter(Adapter):
     def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
         # every tile is one view of its own tokens
         tiles = self.encoder_rows(output)
-        per_tile = tiles[0].shape[0]
-        return [torch.arange(tile * per_tile, (tile + 1) * per_tile) for tile in range(len(tiles))], per_tile
+        return whole_views(len(tiles), tiles[0].shape[0])
 
     def encoder_states(self, call: dict[str, Any], output: Any) -> Tensor | None:
         """Per tile, the mean of the tower states each token concatenates (its 2x2 patch group)."""

@@ -26,7 +26,7 @@ from transformers.masking_utils import (
     create_sliding_window_causal_mask,
 )
 
-from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk
+from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk, whole_views
 from vtprune.core.layout import GridPart
 from vtprune.core.shape import VisionShape
 
@@ -71,9 +71,7 @@ class PaliGemmaAdapter(Adapter):
         ]
 
     def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
-        per_view = self._side() ** 2  # each image is one view, every patch a token
-        views = call["pixel_values"].shape[0]
-        return [torch.arange(view * per_view, (view + 1) * per_view) for view in range(views)], per_view
+        return whole_views(call["pixel_values"].shape[0], self._side() ** 2)  # every patch a token
 
     def encoder_states(self, call: dict[str, Any], output: Any) -> Tensor | None:
         return output.last_hidden_state

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from vtprune.core.adapter import (
@@ -27,6 +26,7 @@ from vtprune.core.adapter import (
     _to_unit_range,
     pixel_shuffle_groups,
     tiled_chunks,
+    whole_views,
 )
 from vtprune.core.shape import VisionShape
 
@@ -118,8 +118,7 @@ class SmolVLMAdapter(Adapter):
         return images
 
     def image_sources(self, call: dict[str, Any], output: Any) -> tuple[list[Tensor], int] | None:
-        crops, per_crop = self.encoder_rows(output), self._tokens_per_crop  # every crop is one view of its tokens
-        return [torch.arange(crop * per_crop, (crop + 1) * per_crop) for crop in range(len(crops))], per_crop
+        return whole_views(len(self.encoder_rows(output)), self._tokens_per_crop)  # every crop is one view
 
     def encoder_states(self, call: dict[str, Any], output: Any) -> Tensor | None:
         """Per crop, the mean of the tower states each token concatenates (its patch group)."""

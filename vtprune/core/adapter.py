@@ -422,6 +422,12 @@ class Adapter:
         return flat
 
 
+def whole_views(views: int, tokens: int) -> tuple[list[Tensor], int]:
+    """:meth:`Adapter.image_sources` where every view of an encoder call is one entry of ``tokens`` tokens in
+    raster order (Gemma 3's and PaliGemma's images, InternVL's tiles, SmolVLM's crops)."""
+    return [torch.arange(view * tokens, (view + 1) * tokens) for view in range(views)], tokens
+
+
 def tiled_chunks(tiles: list[Tensor], tiles_per_image: list[int]) -> list[VisualChunk]:
     """One image chunk per ``tiles_per_image`` consecutive square tiles (InternVL's tiles, SmolVLM's crops), its
     item one square grid per tile, tower signals looked up per tile."""

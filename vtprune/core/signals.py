@@ -14,7 +14,12 @@ import torch
 from torch import Tensor
 
 from vtprune.core.adapter import DecoderParts
-from vtprune.core.attention import apply_rotary, attention_rows, normed_keys, normed_queries
+from vtprune.core.attention import (
+    apply_rotary,
+    attention_rows,
+    normed_keys,
+    normed_queries,
+)
 from vtprune.core.layout import Layout
 
 # Query rows are processed in chunks so that "all" never materialises an L x L map per head.
