@@ -41,6 +41,8 @@ def test_a_composition_equals_its_parts_run_by_hand_in_sequence():
     with vtprune.wrap(model, "fastv", keep=8, layer=2) as fastv:
         by_hand = model(**short, mm_encoder_outputs={"image": pooled([features])}).logits
     assert torch.equal(second, first[fastv.kept[0][0]])  # original numbering
+    # each part's scores are recorded as they are alone (the engine asks the part itself)
+    assert_close(composed.last.stages[1].scores_per_item[0], fastv.last.stages[0].scores_per_item[0])
     assert_close(logits, by_hand, rtol=1e-5, atol=1e-5)
 
 

@@ -26,12 +26,10 @@ from torch import Tensor
 from vtprune.core.budget import Keep, validate_keep
 from vtprune.core.registry import (
     POSITION_CONVENTIONS,
-    Merged,
     Method,
     ModelInfo,
     Stage,
     make_method,
-    top_budget,
 )
 
 COMPOSE = "compose"
@@ -131,13 +129,8 @@ class Compose(Method):
             if layer in layers:
                 method.observe(state.setdefault(index, {}), layer, part, inputs, output, layout)
 
-    def select(self, ctx: Any) -> list[Tensor | Merged]:
-        index = ctx.stage.part
-        method = self.parts[index]
-        own = dataclasses.replace(ctx, state=ctx.state.setdefault(index, {}))
-        if type(method).select is Method.select:
-            return top_budget(own.items, method.score(own))
-        return method.select(own)
+    def scorer(self, stage: Stage, state: dict) -> tuple[Method, dict]:
+        return self.parts[stage.part], state.setdefault(stage.part, {})
 
     def target_grid(self, rows: int, cols: int, budget: int) -> tuple[int, int]:
         resampling = [part for part in self.parts if hasattr(part, "target_grid")]

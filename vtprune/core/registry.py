@@ -223,6 +223,11 @@ class Method:
         """Decoder layers whose sub-layer inputs and outputs :meth:`observe` should see during prefill."""
         return ()
 
+    def scorer(self, stage: Stage, state: dict) -> tuple[Method, dict]:
+        """The method that ranks ``stage``'s tokens and the ``state`` it reads: itself and the forward's state, or a
+        composition's part and that part's own state."""
+        return self, state
+
     def observe(self, state: dict, layer: int, part: str, inputs: Tensor, output: Tensor, layout: Layout) -> None:
         """Called during prefill for each layer of :meth:`observed_layers` and ``part`` in ("attention", "mlp") with the
         sub-layer's (normalised) input and its output before the residual add; ``state`` is ``ctx.state`` later."""

@@ -40,6 +40,7 @@ class StageRunner:
         """Select at one stage; returns the slots to keep, or None when nothing is dropped."""
         layout = current.layout
         views = [self.item_view(current, order, item, stage_index, stage) for order, item in enumerate(current.items)]
+        method, state = self.method.scorer(stage, current.state)
         ctx = PruneContext(
             signals=self.signals(current, stage, hidden, position_embeddings),
             stage=stage,
@@ -47,7 +48,7 @@ class StageRunner:
             layout=layout,
             items=views,
             hidden_states=hidden,
-            state=current.state,
+            state=state,
             instruction_ids=current.instruction_ids,
             instruction_embeddings=current.instruction_embeddings,
             embed=self.adapter.vlm.get_input_embeddings(),
@@ -60,11 +61,11 @@ class StageRunner:
             selections = replay(self.frozen, stage_index, views)
             # merged features depend on prompt tokens only, so the recorded ones are what a rerun would compute
             current.merges = dict(self.frozen.stages[stage_index].merges)
-        elif type(self.method).select is Method.select:
-            scores = self.method.score(ctx)
+        elif type(method).select is Method.select:
+            scores = method.score(ctx)
             selections = top_budget(views, scores)
         else:
-            selections = self.method.select(ctx)
+            selections = method.select(ctx)
         for i, (view, chosen) in enumerate(zip(views, selections)):
             if isinstance(chosen, Merged):
                 selections[i] = chosen.indices
