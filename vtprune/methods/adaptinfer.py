@@ -1,0 +1,308 @@
+"""AdaptInfer — Zhang, Zhu, Li, Tao, Liu, Liu, "AdaptInfer: Adaptive Token Pruning for Vision-Language Model Inference
+with Dynamical Text Guidance" (arXiv 2508.06084, submitted to ICLR 2026), https://github.com/weiczh02/AdaptInfer-base
+(``llava/model/language_model/score.py::attn_postprocess_topk_with_t2t_weighting``, ``modelling_sparse_llama.py``;
+the Qwen2-VL port ``qwen2_vl/pruning.py::select_visual_tokens``).
+
+Text-guided progressive pruning inside the LLM. At each pruning layer l (0-based; the authors' LLaVA-1.5-7B
+``pruning_loc`` 1 / 10 / 20 of 32, scaled to other depths), from layer l's attention probabilities ``A_h`` (per head
+h) over the instruction's text tokens T (every token after the image: the question and the answer template):
+
+1. text prior, per head: ``S_h = A_h[T, T] + A_h[T, T]^T - diag(A_h[T, T])`` and ``w_h[t] = sum_i S_h[i, t]``, i.e.
+   the attention text token t receives from the text plus the attention it pays to the text (its own counted once);
+   unnormalised, as in the authors' code;
+2. vision score ``s[v] = sum_h sum_t w_h[t] * A_h[t, v]``: text->vision attention weighted per head by the prior;
+3. each image keeps its top-k tokens by ``s``; layer l's output (the input of layer l + 1) is pruned.
+
+The rows are recomputed from layer l's captured queries and keys for just the instruction rows
+(``ctx.attention_heads``), so the model runs with SDPA / FlashAttention throughout; the authors materialise the full
+eager map at those layers. Positions are renumbered contiguously, as the authors' truncated ``position_ids`` do.
+
+:func:`find_inflection_layers` is the offline analysis the paper's schedule comes from: per decoder layer, the
+distribution of the same weighted text->vision score over the visual tokens and its change from the previous layer
+(Jensen-Shannon divergence); the layers of the largest changes are candidate pruning layers.
+
+Choices that are ours (the paper and code leave them open, or we deviate), stated so results can be compared:
+
+* Budget schedule. The authors' LLaVA tables give counts per stage in their average-token accounting (128: 290 / 72
+  / 18, 64: 133 / 27 / 3, 48: 80 / 24 / 2; Qwen2-VL: ratios of the current count per stage, e.g. 0.5 / 0.6 / 0.3).
+  Here ``keep`` is the final count (or, with ``budget="average"``, vtprune's average accounting) and each earlier
+  stage keeps ``ratio`` (4) times the next: 16 / 4 / 1 x keep, the shape of the authors' 128 profile (290 / 72 / 18 ~
+  16 : 4 : 1), so ``keep=18`` gives 288 / 72 / 18. Their 64 / 48 profiles end at 3 / 2 tokens, too steep to be a
+  fixed shape for every budget.
+* Default layers: the authors' LLaVA schedule (1, 10, 20 of 32) scaled for every family; their Qwen2-VL-2B port uses
+  (0, 9, 19) of 28 (pass ``layers=(0, 9, 19)``). The paper calls these "inflection locations" but does not list
+  them; :func:`find_inflection_layers` measures candidates on a given model.
+* Scores and top-k per sample and per image (the authors' code is batch-1, one image: ``mask[0]``); the text rows
+  are the tokens after the sample's last image (text between two images does not rate them).
+* The authors' ``k = min(count, tokens - 1)`` always drops at least one token; here a budget at least the image's
+  size keeps it whole (``keep=1.0`` equals the unpruned model).
+* Heads are summed in fp32 (the authors' fp16); the ranking is the same up to rounding.
+* Token recycling (SparseVLM's merge, ``s_flag``) is off in the authors' code and not implemented.
+
+Families: every family whose decoder vtprune can prune inside (the signal is the LLM's own attention); Qwen3.5's
+linear-attention layers are refused by the engine like every in-LLM method.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from vtprune.core.budget import Keep
+from vtprune.core.context import PruneContext
+from vtprune.core.registry import Method, ModelInfo, Stage, register_method
+from vtprune.core.signals import query_slots
+
+AUTHORS_LAYERS, REFERENCE_DEPTH = (1, 10, 20), 32
+DEFAULT_RATIO = 4.0
+
+
+def text_prior(text_attention: Tensor) -> Tensor:
+    """The authors' text-token importance per head: ``[..., T, T]`` text->text attention (rows: queries) to
+    ``[..., T]``, the symmetrised map ``A + A^T - diag(A)`` summed over its rows (received + paid - self)."""
+    diagonal = torch.diagonal(text_attention, dim1=-2, dim2=-1)
+    return text_attention.sum(-2) + text_attention.sum(-1) - diagonal
+
+
+def weighted_vision_scores(attention: Tensor, rows: Tensor, real: Tensor) -> Tensor:
+    """Per sample, ``sum_h sum_t w_h[t] * A_h[t, slot]`` for every slot, ``[B, L]``.
+
+    ``attention [B, heads, R, L]`` holds the probabilities of the text rows at slots ``rows [B, R]`` (``real``
+    marks the rows that exist; their rows are zero otherwise); ``w`` is :func:`text_prior` of the text->text block.
+    """
+    batch, heads, count, _ = attention.shape
+    columns = rows[:, None, None, :].expand(batch, heads, count, count)
+    text = attention.gather(-1, columns) * real[:, None, None, :].to(attention.dtype)
+    prior = text_prior(text) * real[:, None, :].to(attention.dtype)  # [B, heads, R]
+    return torch.einsum("bhr,bhrl->bl", prior, attention)
+
+
+@register_method
+@dataclass
+class AdaptInfer(Method):
+    """Prune after ``layers`` (0-based; default 1/10/20 of 32, scaled) by text-prior-weighted text->vision attention."""
+
+    name = "adaptinfer"
+    summary = "text->vision attention weighted by a text->text prior, after layers 1 / 10 / 20 of 32"
+    paper = "Zhang et al., arXiv 2508.06084 (weiczh02/AdaptInfer-base)"
+
+    layers: tuple[int, ...] | None = None
+    ratio: float = DEFAULT_RATIO
+    positions: str = "renumber"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+            if not self.layers:
+                raise ValueError(f"{self.name}: layers must name at least one decoder layer, got ()")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not self.ratio >= 1:
+            raise ValueError(
+                f"{self.name}: ratio must be a number >= 1 (each stage keeps ratio x the next), got {self.ratio!r}"
+            )
+
+    def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
+        if self.layers is None:  # 0-based layers whose output is pruned, so at most the second to last
+            layers = model.scale_layers(AUTHORS_LAYERS, REFERENCE_DEPTH, minimum=0, maximum=model.num_layers - 2)
+        else:
+            layers = list(self.layers)
+        if layers != sorted(set(layers)):
+            raise ValueError(f"{self.name}: layers must increase, got {layers}")
+        for layer in layers:
+            model.check_layer(self.name, "layers", layer, minimum=0)
+            model.check_layer(self.name, "layers (+1, where the drop happens)", layer + 1, minimum=1)
+        count = len(layers)
+        # scored with layer l's own attention and dropped from its output = at the input of layer l + 1, from l's Q/K
+        return [
+            Stage(layer=layer + 1, scale=float(self.ratio) ** (count - 1 - i), attention_from=layer)
+            for i, layer in enumerate(layers)
+        ]
+
+    def score(self, ctx: PruneContext) -> list[Tensor]:
+        rows, real = query_slots(ctx.layout, "instruction")
+        return ctx.per_item(weighted_vision_scores(ctx.attention_heads(rows, real), rows, real))
+
+
+# -- offline analysis ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InflectionReport:
+    """Per decoder layer (NaN where not measured: layers without softmax attention, the shift of the first one):
+    ``vision_share`` the mean share of the instruction rows' attention (over heads) that lands on visual tokens;
+    ``shift`` the Jensen-Shannon divergence (nats) between this layer's and the previous measured layer's weighted
+    vision-score distributions (mean over samples with images); ``inflection_layers`` the chosen layers, ascending
+    (pass them as ``AdaptInfer(layers=...)``)."""
+
+    vision_share: list[float]
+    shift: list[float]
+    inflection_layers: list[int]
+    plot: Path | None = None
+    scores: list[Tensor] = field(default_factory=list, repr=False)
+
+
+def jensen_shannon(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence (nats) between distributions along the last dim (0 <= JS <= ln 2)."""
+    mixture = (p + q) / 2
+
+    def kl(a: Tensor) -> Tensor:
+        return torch.where(a > 0, a * (a.clamp_min(1e-30) / mixture.clamp_min(1e-30)).log(), 0.0).sum(-1)
+
+    return (kl(p) + kl(q)) / 2
+
+
+def pick_inflections(shift: list[float], count: int, last: int) -> list[int]:
+    """The ``count`` layers of largest ``shift`` among layers ``<= last``, local maxima first (a change that is
+    larger than both neighbours'), then the largest of the rest; ascending."""
+    candidates = [i for i, value in enumerate(shift) if i <= last and not math.isnan(value)]
+
+    def value(i: int) -> float:
+        return shift[i] if 0 <= i < len(shift) and not math.isnan(shift[i]) else -math.inf
+
+    peaks = [i for i in candidates if value(i) >= value(i - 1) and value(i) >= value(i + 1)]
+    ranked = sorted(peaks, key=value, reverse=True) + sorted(set(candidates) - set(peaks), key=value, reverse=True)
+    return sorted(ranked[:count])
+
+
+@torch.no_grad()
+def find_inflection_layers(
+    model: nn.Module, inputs: dict, plot: str | Path | None = None, count: int = 3
+) -> InflectionReport:
+    """Measure how the text-guided attention on the visual tokens shifts across decoder layers.
+
+    Runs ``model`` once on ``inputs`` (a batch with at least one image, e.g. from its processor), recomputes every
+    softmax-attention layer's instruction rows from its queries and keys, scores the visual tokens as
+    :class:`AdaptInfer` does, and returns per layer the vision share, the shift of the score distribution from the
+    previous layer, and the ``count`` layers of largest shift (local maxima first; at most the second to last layer,
+    since AdaptInfer prunes a layer's output). A PNG of both curves is written to ``plot`` if given.
+    """
+    from vtprune.api import adapter_for
+    from vtprune.core.attention import attention_rows, gather_rows
+    from vtprune.core.compat import SOFTMAX_ATTENTION
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"find_inflection_layers: count must be an int >= 1, got {count!r}")
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers
+    captured = _capture_queries_keys(model, adapter, inputs)
+
+    ids = inputs.get("input_ids")
+    visual = torch.zeros(ids.shape if ids is not None else inputs["inputs_embeds"].shape[:2], dtype=torch.bool)
+    for mask in adapter.input_placeholders(inputs).values():
+        visual = visual.to(mask.device) | mask
+    if not visual.any():
+        raise ValueError("find_inflection_layers needs inputs with at least one image")
+    valid = inputs.get("attention_mask")
+    valid = torch.ones_like(visual) if valid is None else valid.bool()
+    blocks = adapter.bidirectional_blocks(inputs, visual)
+    slots = torch.arange(visual.shape[1], device=visual.device).expand_as(visual)
+    last_visual = torch.where(visual, slots, -1).max(1).values
+    text = valid & (slots > last_visual[:, None]) & (last_visual[:, None] >= 0)
+    counts = text.sum(1)
+    rows = torch.argsort((~text).to(torch.int8), dim=1, stable=True)[:, : max(int(counts.max()), 1)]
+    real = torch.arange(rows.shape[1], device=rows.device)[None] < counts[:, None]
+    imaged = (visual.any(1) & (counts > 0)).nonzero().squeeze(1)
+    if imaged.numel() == 0:
+        raise ValueError("find_inflection_layers needs text after the image (the instruction rates the image)")
+
+    measured = [i for i, layer_type in enumerate(adapter.layer_types()) if layer_type in SOFTMAX_ATTENTION]
+    share, shift = [math.nan] * len(layers), [math.nan] * len(layers)
+    distributions: dict[int, list[Tensor]] = {}
+    scores: list[Tensor] = [torch.empty(0)] * len(layers)
+    for index in measured:
+        parts = adapter.decoder_parts(index)
+        q, k, rotary = captured[index]["q"], captured[index]["k"], captured[index]["rotary"]
+        rotary = tuple(table.expand(q.shape[0], *table.shape[1:]) for table in rotary)  # [1, L, r] without position_ids
+        probs = attention_rows(
+            parts.attention, gather_rows(q, rows), k, rotary, rows, valid, parts.gated_query,
+            parts.interleaved_rotary, blocks,
+        ) * real[:, None, :, None]  # fmt: skip
+        score = weighted_vision_scores(probs, rows, real)
+        scores[index] = score.cpu()
+        on_visual = (probs * visual[:, None, None, :]).sum(-1)  # [B, heads, R]
+        share[index] = float(torch.stack([on_visual[b, :, real[b]].mean() for b in imaged.tolist()]).mean())
+        distributions[index] = [_normalised(score[b][visual[b]]) for b in imaged.tolist()]
+    for previous, index in itertools.pairwise(measured):
+        pairs = zip(distributions[previous], distributions[index])
+        shift[index] = float(torch.stack([jensen_shannon(p, q) for p, q in pairs]).mean())
+    chosen = pick_inflections(shift, count, len(layers) - 2)
+    report = InflectionReport(share, shift, chosen, scores=scores)
+    if plot is not None:
+        report.plot = _plot_shift(report, Path(plot), type(model).__name__)
+    return report
+
+
+def _normalised(values: Tensor) -> Tensor:
+    values = values.float().clamp_min(0)
+    total = values.sum()
+    return values / total if total > 0 else torch.full_like(values, 1 / max(values.numel(), 1))
+
+
+def _capture_queries_keys(model: nn.Module, adapter, inputs: dict) -> dict[int, dict[str, Tensor]]:
+    """Every decoder layer's ``q_proj`` / ``k_proj`` outputs and its ``position_embeddings`` from one forward (the
+    hooks of ``vtprune.eval.collapse.find_collapse_layer``, plus the keys)."""
+    captured: dict[int, dict[str, Tensor]] = {}
+
+    def keep(index: int, name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            captured.setdefault(index, {})[name] = output
+
+        return hook
+
+    def keep_rotary(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.setdefault(index, {})["rotary"] = kwargs["position_embeddings"]
+
+        return hook
+
+    hooks = []
+    try:
+        for index, layer in enumerate(adapter.decoder_layers):
+            parts = adapter.decoder_parts(index)
+            hooks.append(parts.query.register_forward_hook(keep(index, "q")))
+            hooks.append(parts.key.register_forward_hook(keep(index, "k")))
+            hooks.append(layer.register_forward_pre_hook(keep_rotary(index), with_kwargs=True))
+        model(**inputs, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def _plot_shift(report: InflectionReport, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.5, 4.2))
+    shifted = [i for i, value in enumerate(report.shift) if not math.isnan(value)]
+    axes.plot(shifted, [report.shift[i] for i in shifted], marker="o", color="tab:blue", label="shift (JS divergence)")
+    for n, layer in enumerate(report.inflection_layers):
+        axes.axvline(layer, color="tab:red", linestyle="--", label="inflection layers" if n == 0 else None)
+    axes.set_xlabel("decoder layer")
+    axes.set_ylabel("JS divergence from previous layer")
+    share_axes = axes.twinx()
+    measured = [i for i, value in enumerate(report.vision_share) if not math.isnan(value)]
+    share_axes.plot(
+        measured, [report.vision_share[i] for i in measured], marker="s", color="tab:green", label="text->vision share"
+    )
+    share_axes.set_ylabel("instruction attention on visual tokens")
+    handles = axes.get_legend_handles_labels()
+    extra = share_axes.get_legend_handles_labels()
+    # below the axes, so it never hides a curve
+    axes.legend(
+        handles[0] + extra[0], handles[1] + extra[1], loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3,
+        fontsize="small", frameon=False,
+    )  # fmt: skip
+    axes.set_title(f"Text-guided attention shift per layer - {title}")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
