@@ -48,8 +48,42 @@ def test_report_cli_writes_table_json_csv_and_plot(tmp_path):
     assert data["context"]["model"] == "tiny:llava"
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert len(rows) == 5 and float(rows[4]["tflops_prefill"]) < float(rows[0]["tflops_prefill"])
+    # timing honesty: how many runs each figure comes from, their min / median / max, and the noise verdict
+    assert "1 timed run after 0 warm-up" in _text(result.output) and "spread is unknown" in _text(result.output)
+    assert {(row["repeats"], row["warmup"]) for row in data["rows"]} == {(1, 0)}
+    assert data["rows"][1]["prefill_ms_min"] == data["rows"][1]["prefill_ms"] == data["rows"][1]["prefill_ms_max"]
+    assert "noisy" in data["context"] and {"prefill_ms_min", "prefill_ms_max", "noisy"} <= set(rows[0])
     with PILImage.open(out / "report.png") as png:
         assert png.size[0] > 800
+
+
+def test_report_cli_warns_when_the_dense_control_disagrees_with_itself(tmp_path, monkeypatch):
+    """The issue's CPU runs: dense pruned / born-short 1.51 (identical work) must not pass silently."""
+    from vtprune.eval import report as report_module
+    from vtprune.eval.latency import Timing
+
+    real_measure = report_module.measure
+
+    def steady(*args, **kwargs):  # the model runs (its record is needed), but every run takes the same time
+        measured = real_measure(*args, **kwargs)
+        for name, ms in (("vision_ms", 2.0), ("prefill_ms", 10.0), ("llm_prefill_ms", 7.55),
+                         ("decode_ms_per_token", 1.0), ("end_to_end_ms", 20.0)):  # fmt: skip
+            setattr(measured, name, Timing([ms] * 3))
+        return measured
+
+    monkeypatch.setattr(report_module, "measure", steady)
+    monkeypatch.setattr(report_module, "time_language_model", lambda *a, **k: Timing([5.0] * 3))  # 7.55 / 5 = 1.51
+    out = tmp_path / "rep"
+    args = ["report", "--model", "tiny:llava", "--methods", "fastv", "--keep", "16", "--out", str(out),
+            "--repeats", "3", "--warmup", "0", "--new-tokens", "2"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = _text(result.output)
+    assert "3 timed runs after 0 warm-up" in text and "WARNING: timings are NOISY" in text
+    assert "more --repeats" in text and "--warmup" in text and "quiet machine" in text
+    data = json.loads((out / "report.json").read_text())
+    assert data["context"]["noisy"] is True and data["rows"][0]["noisy"] is True
+    assert data["rows"][0]["repeats"] == 3 and not data["rows"][1]["noisy"]
 
 
 @pytest.mark.parametrize(

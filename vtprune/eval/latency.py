@@ -6,6 +6,7 @@ are CUDA events around the work (the host waits only at the end of a measurement
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -36,6 +37,19 @@ class Timing:
     @property
     def high(self) -> float:
         return max(self.samples) if self.samples else float("nan")
+
+    @property
+    def repeats(self) -> int:
+        """How many timed runs the figures come from."""
+        return len(self.samples)
+
+    @property
+    def spread(self) -> float:
+        """``(max - min) / median``: how far repeated runs of identical work disagree (NaN under two runs, where
+        nothing says how noisy the timer is)."""
+        if len(self.samples) < 2 or self.median <= 0:
+            return float("nan")
+        return (self.high - self.low) / self.median
 
 
 class Stopwatch:
@@ -100,6 +114,17 @@ def kv_cache_bytes(cache: Any) -> int:
     return total
 
 
+def timing_fields(name: str, timing: Timing) -> dict[str, float | None]:
+    """``{name: median, name_min, name_max, name_spread}``: how a timing is written into a report row (an unknown
+    spread, under two runs, as None: JSON readers other than Python's reject NaN)."""
+    spread = timing.spread
+    return {name: timing.median, f"{name}_min": timing.low, f"{name}_max": timing.high,
+            f"{name}_spread": None if math.isnan(spread) else spread}  # fmt: skip
+
+
+TIMINGS = ("vision_ms", "prefill_ms", "llm_prefill_ms", "decode_ms_per_token", "end_to_end_ms")
+
+
 @dataclass
 class Measurement:
     """One model on one batch: every time in ms; ``decode_tokens_per_s`` over the batch; memory in bytes."""
@@ -113,6 +138,7 @@ class Measurement:
     peak_memory_bytes: int | None
     batch: int
     new_tokens: int
+    warmup: int | None = None  # untimed runs before the timed ones (None: not recorded)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -120,12 +146,11 @@ class Measurement:
         return self.batch * 1e3 / per_token if per_token > 0 else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in ("vision_ms", "prefill_ms", "llm_prefill_ms", "decode_ms_per_token", "end_to_end_ms"):
-            timing = getattr(self, name)
-            out[name] = timing.median
-            out[f"{name}_min"] = timing.low
-            out[f"{name}_max"] = timing.high
+        """Each timing's median under its own name, with ``_min``, ``_max`` and ``_spread`` beside it;
+        ``repeats`` / ``warmup`` say how many runs were timed and discarded."""
+        out: dict[str, Any] = {"repeats": self.decode_ms_per_token.repeats, "warmup": self.warmup}
+        for name in TIMINGS:
+            out.update(timing_fields(name, getattr(self, name)))
         out.update(
             decode_tokens_per_s=self.decode_tokens_per_s,
             kv_cache_bytes=self.kv_cache_bytes,
@@ -181,8 +206,9 @@ def measure(
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     batch = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
     return Measurement(
-        Timing(vision), Timing(prefill), Timing(llm), Timing(decode), Timing(total), cache_bytes, peak, batch, new_tokens
-    )
+        Timing(vision), Timing(prefill), Timing(llm), Timing(decode), Timing(total), cache_bytes, peak, batch,
+        new_tokens, warmup,
+    )  # fmt: skip
 
 
 @torch.no_grad()

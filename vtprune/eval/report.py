@@ -1,4 +1,11 @@
-"""Cost reports: analytical FLOPs and measured latency of a model under several methods and budgets."""
+"""Cost reports: analytical FLOPs and measured latency of a model under several methods and budgets.
+
+Every timing is the median of ``repeats`` runs with its min and max beside it, and a row is flagged "noisy" when the
+runs disagree: a timing's spread ``(max - min) / median`` above :data:`SPREAD_LIMIT`, or (dense row only) the
+control ``pruned / born-short`` outside :data:`CONTROL_BAND`. The dense control times identical work twice (the
+language model inside the dense forward, then alone on the same lengths), so anything far from 1.00 is the machine,
+not the method: on a busy CPU it came out 1.38, 1.51 and 0.80 in three runs.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,20 @@ import torch
 from torch import nn
 
 from vtprune.eval.flops import FlopsReport, model_shape, prefill_flops
-from vtprune.eval.latency import measure, time_language_model
+from vtprune.eval.latency import TIMINGS, Timing, measure, time_language_model, timing_fields
+
+SPREAD_LIMIT = 0.2  # (max - min) / median of one timing's repeated runs above this: the row is noisy
+CONTROL_BAND = (0.9, 1.1)  # the dense row's pruned / born-short (identical work) outside this: the report is noisy
+# the measured timings a row carries (each with _min, _max, _spread): the model's, then the born-short control's
+ROW_TIMINGS = (*TIMINGS, "born_short_llm_ms")
+# table cells that show min-max under the median; decode tok/s takes its range from decode ms per token
+RANGED = {"vision_ms", "prefill_ms", "end_to_end_ms", "decode_tokens_per_s"}
+ADVICE = (
+    f"Noisy = a timing's repeated runs spread more than {SPREAD_LIMIT:.0%} ((max - min) / median), or the dense "
+    f"control pruned / born-short (identical work, ideally 1.00) lies outside {CONTROL_BAND[0]:g}-"
+    f"{CONTROL_BAND[1]:g}: differences between rows smaller than that are the machine, not the method. Rerun with "
+    "more --repeats (e.g. 10) and --warmup (e.g. 3) on a quiet machine (no other jobs; on a GPU, nothing else on it)."
+)
 
 # (row key, table header, scale): the terminal table is a digest; JSON and CSV hold every field unscaled
 COLUMNS = (
@@ -33,7 +53,32 @@ COLUMNS = (
     ("peak_memory_mb", "peak\nMB", None),
     ("speedup_vs_predicted", "realized /\npredicted", None),
     ("pruned_vs_born_short", "pruned /\nborn-short", None),
+    ("noisy", "timing", None),
 )
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def noise_reasons(row: dict[str, Any]) -> list[str]:
+    """Why ``row``'s timings cannot be trusted (empty when they can): every timing whose spread exceeds
+    :data:`SPREAD_LIMIT`, and for the dense row a ``pruned / born-short`` control outside :data:`CONTROL_BAND`.
+    Reads only the row's fields, so rows loaded back from report.json are judged the same way."""
+    reasons = []
+    for name in ROW_TIMINGS:
+        spread = row.get(f"{name}_spread")
+        if _finite(spread) and spread > SPREAD_LIMIT:
+            reasons.append(f"{name} spread {spread:.0%}")
+    ratio = row.get("pruned_vs_born_short")
+    if row.get("method") == "dense" and _finite(ratio) and not CONTROL_BAND[0] <= ratio <= CONTROL_BAND[1]:
+        low, high = CONTROL_BAND
+        reasons.append(f"dense pruned / born-short {ratio:.2f} (identical work: should be {low:g}-{high:g})")
+    return reasons
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["method"] if row.get("keep") is None else f"{row['method']}@{row['keep']}"
 
 
 @dataclass
@@ -43,8 +88,30 @@ class Report:
     rows: list[dict[str, Any]] = field(default_factory=list)
     context: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def noisy(self) -> bool:
+        """Whether any row's timings are noisy (see :func:`noise_reasons`): then no row's timing should be trusted
+        to the last tens of per cent."""
+        return any(noise_reasons(row) for row in self.rows)
+
+    def noise(self) -> list[str]:
+        """One line per noisy row: ``"fastv@64: prefill_ms spread 35%, vision_ms spread 22%"``."""
+        return [f"{_label(row)}: {', '.join(reasons)}" for row in self.rows if (reasons := noise_reasons(row))]
+
+    def repeats(self) -> tuple[int | None, int | None]:
+        """(timed runs, warm-up runs) per row: the fewest any row really has, else what the context asked for
+        (None where neither says)."""
+        counts = [row["repeats"] for row in self.rows if row.get("repeats") is not None]
+        warmups = [row["warmup"] for row in self.rows if row.get("warmup") is not None]
+        repeats = min(counts) if counts else self.context.get("repeats")
+        return repeats, min(warmups) if warmups else self.context.get("warmup")
+
     def to_dict(self) -> dict[str, Any]:
-        return {"context": self.context, "rows": self.rows}
+        """``{"context": ..., "rows": ...}``; the context says whether the report is noisy, why, and by which rule."""
+        rule = (f"noisy: a timing's (max - min) / median > {SPREAD_LIMIT:.0%}, or the dense row's pruned / "
+                f"born-short outside {CONTROL_BAND[0]:g}-{CONTROL_BAND[1]:g}")  # fmt: skip
+        context = {**self.context, "noisy": self.noisy, "noise": self.noise(), "noise_rule": rule}
+        return {"context": context, "rows": self.rows}
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -61,16 +128,39 @@ class Report:
         return path
 
     def table(self) -> Any:
+        """A rich ``Table``: each timing as its median with min-max under it, a "timing" column saying ok / noisy,
+        and a caption with the repeat counts and, when noisy, a warning saying why and what to do."""
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=self.context.get("title", "vtprune cost report"))
+        repeats, warmup = self.repeats()
+        runs = f"{repeats} timed run{'s' if repeats != 1 else ''}" if repeats is not None else "the timed runs"
+        caption = Text(f"ms and tok/s: median, under it min–max of {runs}"
+                       + (f" after {warmup} warm-up" if warmup is not None else "")
+                       + "; report.json / report.csv hold every timing's min, median, max and spread")  # fmt: skip
+        if repeats is not None and repeats < 2:
+            caption.append("\nOne timed run: the spread is unknown, so noise cannot be told from speed; use "
+                           "--repeats 3 or more.", style="yellow")  # fmt: skip
+        if self.noisy:
+            caption.append("\nWARNING: timings are NOISY. ", style="bold red")
+            caption.append(ADVICE, style="red")
+            for line in self.noise():
+                caption.append(f"\n  {line}", style="red")
+        table = Table(title=self.context.get("title", "vtprune cost report"), caption=caption,
+                      caption_justify="left")  # fmt: skip
         for _, header, _ in COLUMNS:
             table.add_column(header, justify="right")
         for row in self.rows:
-            cells = []
+            cells: list[Any] = []
             for key, _, scale in COLUMNS:
                 value = row.get(key)
-                cells.append(_format(value * scale if scale is not None and value is not None else value))
+                text = _format(value * scale if scale is not None and value is not None else value)
+                if key == "noisy":
+                    text = "noisy" if noise_reasons(row) else "ok"
+                    cells.append(Text(text, style="bold red" if text == "noisy" else "green"))
+                    continue
+                span = _range(row, key) if key in RANGED else None
+                cells.append(text if span is None else Text(text).append(f"\n{span}", style="dim"))
             table.add_row(*cells)
         return table
 
@@ -87,24 +177,64 @@ class Report:
         methods = list(dict.fromkeys(row["method"] for row in self.rows if row["method"] != "dense"))
         styles = method_styles(methods)
         unit, factor = flops_unit(row.get("tflops_prefill") for row in self.rows)
-        panels = ((axes[0], "tflops_prefill", f"prefill {unit}", factor), (axes[1], "prefill_ms", "prefill ms", 1.0))
+        repeats, _ = self.repeats()
+        runs = f"{repeats} runs" if repeats is not None else "runs"
+        panels = ((axes[0], "tflops_prefill", f"prefill {unit}", factor),
+                  (axes[1], "prefill_ms", f"prefill ms (median, bars: min-max of {runs})", 1.0))  # fmt: skip
         for axis, key, label, scale in panels:
             for method in methods:
                 points = sorted((r["visual_tokens"], r[key] * scale) for r in self.rows if r["method"] == method)
                 axis.plot([p[0] for p in points], [p[1] for p in points], **styles[method].line(), label=method)
+                if key == "prefill_ms":
+                    _error_bars(axis, [r for r in self.rows if r["method"] == method], key, styles[method].colour)
             if dense is not None:
                 axis.scatter([dense["visual_tokens"]], [dense[key] * scale], color="black", marker="*", s=120,
                              label="dense", zorder=3)  # fmt: skip
+                if key == "prefill_ms":
+                    _error_bars(axis, [dense], key, "black")
             axis.set_xlabel("visual tokens kept per image")
             budget_axis(axis, [row["visual_tokens"] for row in self.rows])
             axis.set_ylabel(label)
             plain_numbers(axis.yaxis)
             axis.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
-        figure.suptitle(self.context.get("title", "vtprune cost report"))
+        title = self.context.get("title", "vtprune cost report")
+        if self.noisy:  # the picture travels without the table: it carries the warning itself
+            figure.suptitle(f"{title}\nNOISY timings (repeated runs disagree; see report.json): rerun with more "
+                            "--repeats / --warmup on a quiet machine", color="#b00000")  # fmt: skip
+        else:
+            figure.suptitle(title)
         path = Path(path)
         figure.savefig(path, dpi=120)
         return path
+
+
+def _error_bars(axis: Any, rows: list[dict[str, Any]], key: str, colour: str) -> None:
+    """Min-max bars of ``key`` at each row's visual tokens (rows without a measured range draw none)."""
+    ranged = [r for r in rows if _finite(r.get(f"{key}_min")) and _finite(r.get(f"{key}_max"))]
+    if ranged:
+        x = [r["visual_tokens"] for r in ranged]
+        y = [r[key] for r in ranged]
+        below = [max(r[key] - r[f"{key}_min"], 0.0) for r in ranged]
+        above = [max(r[f"{key}_max"] - r[key], 0.0) for r in ranged]
+        axis.errorbar(x, y, yerr=[below, above], fmt="none", ecolor=colour, capsize=3, linewidth=1)
+
+
+def _range(row: dict[str, Any], key: str) -> str | None:
+    """``"min-max"`` of a timing cell (decode tok/s from decode ms per token: the slowest token gives the lowest
+    rate), or None when the row has no range (one timed run has none worth printing)."""
+    if row.get("repeats") is not None and row["repeats"] < 2:
+        return None
+    if key == "decode_tokens_per_s":
+        slow, fast, batch = row.get("decode_ms_per_token_max"), row.get("decode_ms_per_token_min"), row.get("batch")
+        if not (_finite(slow) and _finite(fast) and _finite(batch)) or fast <= 0:
+            return None
+        low, high = batch * 1e3 / slow, batch * 1e3 / fast
+    else:
+        low, high = row.get(f"{key}_min"), row.get(f"{key}_max")
+        if not (_finite(low) and _finite(high)):
+            return None
+    return f"{_format(float(low))}–{_format(float(high))}"  # an en dash: a minus sign would read as a sign
 
 
 def _format(value: Any) -> str:
@@ -118,7 +248,7 @@ def _format(value: Any) -> str:
 
 
 def _row(
-    method: str, keep: Any, record: Any, flops: FlopsReport, measured: Any, dense: dict[str, Any] | None, born: float
+    method: str, keep: Any, record: Any, flops: FlopsReport, measured: Any, dense: dict[str, Any] | None, born: Timing
 ) -> dict[str, Any]:
     final = record.stages[-1].kept_per_item if record.stages else None
     visual = [k.numel() for k in final] if final is not None else [i["num_tokens"] for i in record.items]
@@ -137,13 +267,15 @@ def _row(
         **timings,
         "kv_cache_mb": measured.kv_cache_bytes / 2**20,
         "peak_memory_mb": measured.peak_memory_bytes / 2**20 if measured.peak_memory_bytes is not None else None,
-        "born_short_llm_ms": born,
-        "pruned_vs_born_short": timings["llm_prefill_ms"] / born if born > 0 else None,
+        **timing_fields("born_short_llm_ms", born),
+        "pruned_vs_born_short": timings["llm_prefill_ms"] / born.median if born.median > 0 else None,
     }
     if dense is not None:
         predicted = dense["tflops_prefill"] / row["tflops_prefill"]
         realized = dense["prefill_ms"] / row["prefill_ms"]
         row.update(predicted_speedup=predicted, realized_speedup=realized, speedup_vs_predicted=realized / predicted)
+    reasons = noise_reasons(row)
+    row.update(noisy=bool(reasons), noise=", ".join(reasons))
     return row
 
 
@@ -177,11 +309,11 @@ def build_report(
     timing = dict(new_tokens=new_tokens, warmup=warmup, repeats=repeats, generate_kwargs=options)
     modules = dict(vision_tower=adapter.vision_tower(), language_model=adapter.language_model)
 
-    def born_short(record: Any) -> float:
+    def born_short(record: Any) -> Timing:
         return time_language_model(
             adapter.language_model, record.tokens_per_layer[-1], shape.language.hidden,
             device=parameter.device, dtype=parameter.dtype, warmup=warmup, repeats=repeats,
-        ).median  # fmt: skip
+        )  # fmt: skip
 
     def flops_of(record: Any) -> FlopsReport:
         return prefill_flops(model, record, record.encoder_inputs, logits_rows=[1] * batch)  # generate: last row
@@ -199,7 +331,10 @@ def build_report(
         "torch": torch.__version__,
         "flops": "multiply-adds x 2; prefill for generate (LM head on the last row); full n x n attention",
         "budget": budget,
-        "timing": f"median of {repeats} after {warmup} warm-up; prefill = one cached forward; decode from generate",
+        "timing": f"median (min, max) of {repeats} after {warmup} warm-up; prefill = one cached forward; decode "
+                  "from generate",
+        "repeats": repeats,
+        "warmup": warmup,
     }
     report = Report(rows, context)
     if on_row is not None:
