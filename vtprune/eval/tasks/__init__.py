@@ -21,7 +21,11 @@ from typing import Any
 from vtprune.data.digit_grids import generate, normalise_answer, render
 
 HERE = Path(__file__).resolve().parent
-DATA_FILES = {"vtprune_digits": HERE / "digits_test.jsonl", "vtprune_digits_yesno": HERE / "digits_yesno_test.jsonl"}
+DATA_FILES = {
+    "vtprune_digits": HERE / "digits_test.jsonl",
+    "vtprune_digits_yesno": HERE / "digits_yesno_test.jsonl",
+    "vtprune_digits_icl": HERE / "digits_icl_test.jsonl",  # few-shot, several images per document (tasks/icl.py)
+}
 LOCAL_TASKS = tuple(DATA_FILES)
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
 _FUNCTIONS = "vtprune.eval.tasks"
@@ -70,6 +74,35 @@ doc_to_target: answer
 metric_list:
   - metric: acc
     aggregation: mean
+    higher_is_better: true
+lmms_eval_specific_kwargs:
+  default:
+    post_prompt: {post_prompt}
+metadata:
+  version: 1.0
+""",
+    "vtprune_digits_icl": """task: vtprune_digits_icl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function {functions}.icl.doc_to_visual
+doc_to_text: !function {functions}.icl.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 8
+  temperature: 0
+  do_sample: false
+  until: ["\\n"]
+process_results: !function {functions}.icl.process_results
+metric_list:
+  - metric: accuracy
+    aggregation: mean
+    higher_is_better: true
+  - metric: type_accuracy
+    aggregation: !function {functions}.type_averaged
     higher_is_better: true
 lmms_eval_specific_kwargs:
   default:
