@@ -45,8 +45,19 @@ def test_text_prior_is_attention_received_plus_paid_within_the_text():
     assert_close(text_prior(text), symmetric.sum(0))  # the authors' symmetrised map, summed over rows
 
 
+def test_the_prior_can_overturn_the_plain_text_mean():
+    # slots 0-1 image, 2-3 text (A, B); B attends mostly to itself, so it weighs 0.65 against A's 0.15
+    probs = torch.tensor([[[[0.60, 0.30, 0.10, 0.00], [0.10, 0.25, 0.05, 0.60]]]])
+    rows, real = torch.tensor([[2, 3]]), torch.ones(1, 2, dtype=torch.bool)
+    assert_close(text_prior(probs[..., 2:]), torch.tensor([[[0.15, 0.65]]]))
+    scores = weighted_vision_scores(probs, rows, real)[0, :2]
+    assert_close(scores, torch.tensor([0.15 * 0.60 + 0.65 * 0.10, 0.15 * 0.30 + 0.65 * 0.25]))
+    assert int(scores.argmax()) == 1  # the plain mean over the text rows prefers token 0 (0.35 vs 0.275)
+    assert int(probs[0, 0, :, :2].mean(0).argmax()) == 0
+
+
 def test_vision_score_is_the_prior_weighted_sum_over_text_rows_and_heads():
-    # slots: 0-3 image, 4-6 text; two heads whose priors differ, so head averaging first would change the order
+    # slots: 0-3 image, 4-6 text; two heads with their own priors
     torch.manual_seed(0)
     attention = torch.softmax(torch.randn(1, 2, 3, 7), -1)
     rows, real = torch.tensor([[4, 5, 6]]), torch.ones(1, 3, dtype=torch.bool)

@@ -39,8 +39,10 @@ Choices that are ours (the paper and code leave them open, or we deviate), state
 * Heads are summed in fp32 (the authors' fp16); the ranking is the same up to rounding.
 * Token recycling (SparseVLM's merge, ``s_flag``) is off in the authors' code and not implemented.
 
-Families: every family whose decoder vtprune can prune inside (the signal is the LLM's own attention); Qwen3.5's
-linear-attention layers are refused by the engine like every in-LLM method.
+Families: every family vtprune can prune inside (the signal is the LLM's own attention). Qwen3.5 is refused with
+the default layers, which fall on its linear-attention (Gated DeltaNet) layers that have no attention map to read
+(as PyramidDrop / FastV / SparseVLM); ``layers`` naming its full-attention layers (e.g. from
+:func:`find_inflection_layers`, which measures only those) work.
 """
 
 from __future__ import annotations
@@ -124,6 +126,8 @@ class AdaptInfer(Method):
         ]
 
     def score(self, ctx: PruneContext) -> list[Tensor]:
+        """Per image, :func:`weighted_vision_scores` of its tokens, from the stage layer's per-head attention rows of
+        the sample's instruction (the text after its last image)."""
         rows, real = query_slots(ctx.layout, "instruction")
         return ctx.per_item(weighted_vision_scores(ctx.attention_heads(rows, real), rows, real))
 
@@ -181,6 +185,7 @@ def find_inflection_layers(
     previous layer, and the ``count`` layers of largest shift (local maxima first; at most the second to last layer,
     since AdaptInfer prunes a layer's output). A PNG of both curves is written to ``plot`` if given.
     """
+    # imported here: vtprune.api imports the method registry, which imports this module
     from vtprune.api import adapter_for
     from vtprune.core.attention import attention_rows, gather_rows
     from vtprune.core.compat import SOFTMAX_ATTENTION
