@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from vtprune.methods.dtop import DToPSegmenter
+
+if TYPE_CHECKING:  # rich is only needed by callers that pass a progress bar or a console
+    from rich.console import Console
+    from rich.progress import Progress
 
 
 def confusion(pred: Tensor, target: Tensor, classes: int) -> Tensor:
@@ -38,14 +43,18 @@ def mean_iou(matrix: Tensor) -> float:
     return float(iou_per_class(matrix).nanmean())
 
 
-def flops_per_image(model: DToPSegmenter, images: Tensor, thresh: float) -> list[int]:
-    """FLOPs of each image's forward alone at ``thresh``."""
+def flops_per_image(
+    model: DToPSegmenter, images: Tensor, thresh: float, on_image: Callable[[], None] | None = None
+) -> list[int]:
+    """FLOPs of each image's forward alone at ``thresh``; ``on_image()`` runs after each (progress)."""
     counts = []
     with torch.no_grad():
         for image in images:
             with FlopCounterMode(display=False) as counter:
                 model(image[None], thresh=thresh)
             counts.append(counter.get_total_flops())
+            if on_image is not None:
+                on_image()
     return counts
 
 
@@ -60,14 +69,28 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 def evaluate_thresholds(
     model: DToPSegmenter, images: Tensor, labels: Tensor, thresholds: Sequence[float], *, batch: int = 50,
-    flop_images: int | None = None, out: Path | None = None,
+    flop_images: int | None = None, out: Path | None = None, progress: Progress | None = None,
+    console: Console | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """One row per threshold: mIoU on ``(images [n, 3, H, W], labels [n, H, W])``, mean GFLOPs per image (over the
     first ``flop_images``; all by default), the share of token-blocks run, and tokens exited per stage.
 
     With ``out``, rows are appended to that JSON-lines file as they finish and thresholds already there (for the same
     images and the same weights) are read back instead of recomputed.
+
+    Feedback for long runs (the CLI's defaults take minutes on a CPU): ``progress``, a rich ``Progress``, gets one
+    task advanced per image scored and per image FLOP-counted over every threshold still to run; ``console`` (by
+    default ``progress.console``; nothing is printed without either) gets a line per finished threshold (mIoU,
+    GFLOPs, seconds) and one saying which thresholds were reused from ``out``.
     """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if flop_images is not None and flop_images < 1:
+        raise ValueError(f"flop_images must be >= 1 (or None for all images), got {flop_images}")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} label maps")
+    if console is None and progress is not None:
+        console = progress.console  # printing through the live display keeps the bar below the lines
     weights = weights_fingerprint(model)
     counted = images[: flop_images or len(images)]
     done: dict[float, dict[str, Any]] = {}
@@ -76,11 +99,24 @@ def evaluate_thresholds(
             row = json.loads(line)
             if (row.get("images"), row.get("flop_images"), row.get("weights")) == (len(images), len(counted), weights):
                 done[row["thresh"]] = row
+    pending = [thresh for thresh in dict.fromkeys(thresholds) if thresh not in done]
+    reused = [thresh for thresh in dict.fromkeys(thresholds) if thresh in done]
+    if console is not None and reused:
+        console.print(f"reusing {len(reused)} of {len(set(thresholds))} thresholds from {out} "
+                      f"({', '.join(f'{t:g}' for t in reused)}); delete it to recompute")  # fmt: skip
+    # one unit per image scored (batched) plus one per image FLOP-counted (one by one, about 5x slower per image on
+    # a CPU): the FLOP count is most of the wait, so it must move the bar too
+    task = None
+    if progress is not None and pending:
+        task = progress.add_task("DToP", total=len(pending) * (len(images) + len(counted)))
     rows, depth = [], len(model.backbone.blocks)
     for thresh in thresholds:
         if thresh in done:
             rows.append(done[thresh])
             continue
+        started = time.perf_counter()
+        if task is not None:
+            progress.update(task, description=f"DToP thresh {thresh:g}: mIoU")
         matrix = torch.zeros(model.classes, model.classes, dtype=torch.long)
         token_blocks, dense_blocks, exits = 0.0, 0.0, torch.zeros(depth, dtype=torch.long)
         with torch.no_grad():
@@ -91,7 +127,12 @@ def evaluate_thresholds(
                 token_blocks += float(result.rows.sum())
                 dense_blocks += float(result.rows[:, 0].sum()) * depth  # every row enters the first block
                 exits += torch.bincount(result.exit_block.flatten(), minlength=depth)
-        flops = flops_per_image(model, counted, thresh)
+                if task is not None:
+                    progress.advance(task, len(images[start : start + batch]))
+        if task is not None:
+            progress.update(task, description=f"DToP thresh {thresh:g}: FLOPs")
+        # positional: callers (and tests) may stand in for flops_per_image with a plain function
+        flops = flops_per_image(model, counted, thresh, (lambda: progress.advance(task)) if task is not None else None)
         row = {
             "thresh": thresh, "images": len(images), "miou": mean_iou(matrix),
             "gflops": sum(flops) / len(flops) / 1e9, "flop_images": len(counted),
@@ -100,10 +141,15 @@ def evaluate_thresholds(
             "iou_per_class": [round(float(v), 4) for v in iou_per_class(matrix)], "weights": weights,
         }  # fmt: skip
         rows.append(row)
+        done[thresh] = row  # a threshold listed twice is computed once
         if out is not None:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             with open(out, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
+        if console is not None:
+            seconds = time.perf_counter() - started
+            console.print(f"thresh {thresh:g}: mIoU {row['miou']:.4f}, {row['gflops']:.4f} GFLOPs/image, "
+                          f"{row['token_blocks']:.1%} token-blocks run, {seconds:.1f} s")  # fmt: skip
     return rows
 
 
