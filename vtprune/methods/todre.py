@@ -95,8 +95,8 @@ def max_sum_diverse(features: Tensor, count: int) -> Tensor:
     for _ in range(count - 1):
         choice = int(total.argmax())
         picked.append(choice)
-        total += distance[choice]
-        total[picked] = float("-inf")
+        total += distance[choice]  # rows already picked stay at -inf
+        total[choice] = float("-inf")
     return torch.tensor(picked, dtype=torch.long, device=features.device)
 
 
