@@ -32,7 +32,10 @@ Choices that are ours (the paper's rules could not be read), each also marked wh
   the last image only). No decoder layer has run, so the cost is that of pre-LLM pruning; positions close the gaps
   as pre-LLM pruners do (``positions="renumber"``; M-RoPE families keep their 3-D ids).
 * The image's text is the text *after* it (in ICL prompts a demonstration's question and answer follow its image),
-  alignment is the max cosine over its text tokens, and the weight is ``alpha = 0.5``.
+  alignment is the max cosine over its text tokens, and the weight is ``alpha = 0.5``. The span is every real
+  non-image token there, so it includes marker tokens around images (Qwen's ``<|vision_end|>`` /
+  ``<|vision_start|>``, Gemma 3's ``<end_of_image>``) and chat-template words; a max over tokens lets the question's
+  words dominate wherever they align better.
 * Budgets stay per image at both stages (each image keeps its budget), where "contextually adaptive" could also
   mean moving budget between images; the engine caps every image at its own budget, so moving budget would need
   sample-level budgets in the core.
