@@ -131,7 +131,7 @@ def test_keep_all_is_the_dense_model():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_runs_on_every_family(family):
+def test_the_preset_and_find_horizon_run_on_every_family(family):
     model = tiny_model(family)
     batch = make_batch(model, samples_for(family)[:2])
     with vtprune.wrap(model, "infohorizon", keep=3) as pruning:
@@ -141,6 +141,12 @@ def test_runs_on_every_family(family):
     assert out.shape[1] == batch["input_ids"].shape[1] + 2
     seq = pruning.last.seq_lens
     assert seq[2] < seq[1] <= batch["input_ids"].shape[1]  # DivPrune shortened the prompt, random again at layer 2
+
+    one = make_batch(model, samples_for(family)[1:2])  # two images (an image and a video on Qwen-VL)
+    report = find_horizon(model, one, layers=[0, 2], max_tokens=3, batch_size=3)
+    assert report.information.shape == (2, 3) and bool(report.information.isfinite().all())
+    assert float(report.information.min()) > -1e-12  # a KL divergence
+    assert len(report.tokens) == 3 and max(report.tokens) < int(visual_mask(one).sum())
 
 
 def test_config_round_trips_and_per_part_budgets_override_early_scale():
@@ -250,7 +256,7 @@ def test_find_horizon_writes_the_plot_and_leaves_the_model_unwrapped(tmp_path):
     model = tiny_model("llava")
     batch = make_batch(model, [[4, Image(), 6]])
     dense = model(**batch).logits
-    report = find_horizon(model, batch, plot=tmp_path / "horizon.png", max_tokens=8)
+    report = find_horizon(model, batch, plot=tmp_path / "horizon.png", max_tokens=4)
     assert report.plot == tmp_path / "horizon.png" and report.plot.stat().st_size > 10_000
     assert report.layers == [0, 1, 2, 3] and len(report.mean) == len(report.max) == 4
     assert not hasattr(model, "_vtprune_pruning")
