@@ -13,6 +13,7 @@ import vtprune
 import vtprune.methods.adaptinfer  # registers "adaptinfer" (not yet imported by vtprune.methods)
 from tests.helpers import (
     FAMILIES,
+    Image,
     inapplicable,
     make_batch,
     samples_for,
@@ -129,6 +130,7 @@ def _reference(attention: torch.Tensor, batch: dict, sample: int, keep: int) -> 
     image_slots = visual.nonzero().squeeze(1).tolist()
     text = [p for p in range(image_slots[-1] + 1, visual.numel()) if real[p]]
     heads = attention.shape[1]
+    attention = attention.detach()
     score = torch.zeros(visual.numel())
     for h in range(heads):
         for t in text:
@@ -137,16 +139,25 @@ def _reference(attention: torch.Tensor, batch: dict, sample: int, keep: int) -> 
                 weight += float(attention[sample, h, u, t]) + float(attention[sample, h, t, u])
             weight -= float(attention[sample, h, t, t])
             score += weight * attention[sample, h, t]
-    images = torch.tensor(image_slots).split(64)
+    images, run = [], [image_slots[0]]
+    for slot in image_slots[1:]:  # each image is one run of consecutive placeholders
+        if slot != run[-1] + 1:
+            images.append(run)
+            run = []
+        run.append(slot)
+    images.append(run)
     return [score[slots].topk(keep).indices.sort().values for slots in images]
 
 
-def test_matches_a_plain_reference_from_eager_attention():
-    """One stage after layer 1 (0-based) on SDPA; the reference reads layer 1's eager attention maps."""
-    eager = tiny_model("llava", attn_implementation="eager")
-    batch = with_positions(eager, make_batch(eager, samples_for("llava")[:2]))
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_matches_a_plain_reference_from_eager_attention(family):
+    """One stage after layer 1 (0-based) on SDPA; the reference reads layer 1's eager attention maps (1-D RoPE with
+    left padding, and M-RoPE)."""
+    eager = tiny_model(family, attn_implementation="eager")
+    samples = [[4, Image((16, 16)), 6], [2, Image((24, 16)), 3, Image((32, 16)), 5]]  # images only: one run each
+    batch = with_positions(eager, make_batch(eager, samples))
     attention = eager(**batch, output_attentions=True).attentions[1].float()
-    model = tiny_model("llava")
+    model = tiny_model(family)
     with vtprune.wrap(model, "adaptinfer", keep=5, layers=(1,)) as pruning:
         model(**batch)
     kept = iter(pruning.last.stages[0].kept_per_item)
