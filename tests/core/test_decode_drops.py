@@ -61,7 +61,7 @@ def masked_recomputation(model, batch: dict, sequences: torch.Tensor, record: Fo
             for b, gone in enumerate(drop.dropped):
                 hidden[:, b, prompt + drop.step :, columns[b][gone]] = True
 
-        def hook(index):
+        def hook(index, hidden=hidden):
             def hide(module, args, kwargs):
                 mask = kwargs["attention_mask"]
                 fill = torch.finfo(mask.dtype).min
@@ -89,7 +89,7 @@ def test_generation_with_decode_drops_equals_masked_recomputation(decode_layer, 
     batch = make_batch(model, samples_for("llava")[:2])
     assert bool((batch["attention_mask"][:, 0] == 0).any())  # left padding
     steps = 5
-    options = dict(decode_layer=decode_layer, every=every)
+    options = {"decode_layer": decode_layer, "every": every}
     with vtprune.wrap(model, _FastVThenDecodeDrops.name, keep=12, **options) as pruning:
         generated = model.generate(
             **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
@@ -146,3 +146,16 @@ def test_decode_stages_are_refused_where_caches_are_not_plain():
         vtprune.wrap(tiny_model("llava"), _FastVThenDecodeDrops.name, keep=4, decode_layer=9)
     with pytest.raises(ValueError, match="keep must lie in"):
         vtprune.wrap(tiny_model("llava"), _FastVThenDecodeDrops.name, keep=4, decode_keep=0.0)
+
+
+def test_beam_search_is_refused_once_drops_make_rows_differ():
+    model = tiny_model("llava")
+    batch = make_batch(model, samples_for("llava")[:1])
+    options = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "num_beams": 3, **NO_SPECIAL}
+    with (
+        vtprune.wrap(model, _FastVThenDecodeDrops.name, keep=10),
+        pytest.raises(RuntimeError, match="do not follow beam search's reordering"),
+    ):
+        model.generate(**batch, **options)
+    with vtprune.wrap(model, _FastVThenDecodeDrops.name, keep=10, decode_keep=1.0):  # nothing dropped: beams work
+        model.generate(**batch, **options)

@@ -131,8 +131,8 @@ def test_decode_score_ranks_by_the_newest_tokens_attention_with_key_tokens_last(
     view = ItemView(item, 0, torch.tensor([1, 2, 4, 5]), torch.arange(4), torch.ones(4, dtype=torch.bool), 2)
     attention = torch.tensor([[0.1, 0.4, 0.0, 0.3]])
     ctx = PruneContext(
-        stage=Stage(layer=3), model=LLAVA, layout=_layout(4), items=[view], state={"mustdrop_keys": {0: torch.tensor([4])}},
-        signals=Signals(attention=lambda: attention), step=1,
+        stage=Stage(layer=3), model=LLAVA, layout=_layout(4), items=[view], step=1,
+        state={"mustdrop_keys": {0: torch.tensor([4])}}, signals=Signals(attention=lambda: attention),
     )  # fmt: skip
     (scores,) = MustDrop().decode_score(ctx)
     assert scores.argsort(descending=True).tolist() == [2, 1, 3, 0]  # token 4 (key) first despite 0.0
@@ -235,7 +235,8 @@ def test_stages_1_and_2_match_plain_loop_references_on_llava():
         positions = visual[b].nonzero().squeeze(1)
         for token in kept:
             row = slots[b].index(int(positions[first + token]))
-            assert_close(seen["inputs_embeds"][b, row], model.model.multi_modal_projector(features[token]), rtol=1e-4, atol=1e-5)
+            projected = model.model.multi_modal_projector(features[token])
+            assert_close(seen["inputs_embeds"][b, row], projected, rtol=1e-4, atol=1e-5)
 
     # stage 2: eager attention of layer 2 on the LLM's input after stage 1
     model.set_attn_implementation("eager")
@@ -255,9 +256,7 @@ def test_stages_1_and_2_match_plain_loop_references_on_llava():
         indiv = [max(float(attention[b, r, s]) for r in instruction) for s in item_slots]
         key_count = math.ceil(0.08 * len(stage1))
         by_cls = sorted(range(len(stage1)), key=lambda i: -float(tower_cls[image, stage1[i]]))
-        chosen: list[int] = []
-        for i in by_cls[:key_count]:
-            chosen.append(i)
+        chosen = list(by_cls[:key_count])
         by_glob = sorted(range(len(stage1)), key=lambda i: -glob[i])
         by_indiv = sorted(range(len(stage1)), key=lambda i: -indiv[i])
         turn = 0
@@ -309,7 +308,7 @@ def test_generation_with_decode_drops_equals_a_no_cache_recomputation_with_the_s
 
                 masks = {0: hide(before), 1: hide(after)}
 
-                def hook(index):
+                def hook(index, masks=masks):
                     def apply(module, args, kwargs):
                         mask = kwargs["attention_mask"]
                         hidden = masks[int(index >= layer)]

@@ -115,7 +115,10 @@ class MustDrop(Method):
     decoding (see the module docstring)."""
 
     name = "mustdrop"
-    summary = "similar 3x3 windows merged in the tower's output; global + individual text attention at layer 3; decode-time cache drops"
+    summary = (
+        "similar 3x3 windows merged in the tower's output; global + individual text attention at layer 3; "
+        "decode-time cache drops"
+    )
     paper = "Liu et al., arXiv 2411.10803 (liuting20/MustDrop)"
     needs_cls_token = True
     merges = True
@@ -131,13 +134,17 @@ class MustDrop(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not -1.0 <= self.spatial_threshold <= 1.0:
-            raise ValueError(f"{self.name}: spatial_threshold must lie in [-1, 1] (a cosine), got {self.spatial_threshold}")
+            raise ValueError(
+                f"{self.name}: spatial_threshold must lie in [-1, 1] (a cosine), got {self.spatial_threshold}"
+            )
         if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 2:
             raise ValueError(f"{self.name}: window_size must be an int >= 2, got {self.window_size!r}")
         if not 0.0 <= self.key_share < 1.0:
             raise ValueError(f"{self.name}: key_share must lie in [0, 1), got {self.key_share}")
         if not 0.0 <= self.decode_ratio < 1.0:
-            raise ValueError(f"{self.name}: decode_ratio must lie in [0, 1) (0: no decode drops), got {self.decode_ratio}")
+            raise ValueError(
+                f"{self.name}: decode_ratio must lie in [0, 1) (0: no decode drops), got {self.decode_ratio}"
+            )
         if isinstance(self.decode_every, bool) or not isinstance(self.decode_every, int) or self.decode_every < 0:
             raise ValueError(
                 f"{self.name}: decode_every must be an int >= 0 (0: once, after the first decode step), "
