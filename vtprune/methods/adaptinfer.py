@@ -21,6 +21,11 @@ eager map at those layers. Positions are renumbered contiguously, as the authors
 distribution of the same weighted text->vision score over the visual tokens and its change from the previous layer
 (Jensen-Shannon divergence); the layers of the largest changes are candidate pruning layers.
 
+The prior follows the authors' code (LLaVA ``score.py`` and the Qwen2-VL ``pruning.py``; the Qwen port also has an
+ablation switch, ``disable_t2t_prior``, that drops it). A paper-level reading, "the last token's attention over the
+instruction, head-averaged and normalised, as weights", is not what the code computes: here the weights are per head,
+from every instruction row and column, and unnormalised (normalising would only scale a sample's scores).
+
 Choices that are ours (the paper and code leave them open, or we deviate), stated so results can be compared:
 
 * Budget schedule. The authors' LLaVA tables give counts per stage in their average-token accounting (128: 290 / 72
@@ -36,7 +41,9 @@ Choices that are ours (the paper and code leave them open, or we deviate), state
   are the tokens after the sample's last image (text between two images does not rate them).
 * The authors' ``k = min(count, tokens - 1)`` always drops at least one token; here a budget at least the image's
   size keeps it whole (``keep=1.0`` equals the unpruned model).
-* Heads are summed in fp32 (the authors' fp16); the ranking is the same up to rounding.
+* Heads are summed in fp32 (the authors' fp16); the ranking is the same up to rounding. The per-head rows of a stage
+  are held at once, ``[B, heads, R, L]`` fp32 for R instruction tokens (about 6 MB for LLaVA-1.5-7B with a 50-token
+  question), instead of the authors' full ``L x L`` map.
 * Token recycling (SparseVLM's merge, ``s_flag``) is off in the authors' code and not implemented.
 
 Families: every family vtprune can prune inside (the signal is the LLM's own attention). Qwen3.5 is refused with
@@ -126,8 +133,8 @@ class AdaptInfer(Method):
         ]
 
     def score(self, ctx: PruneContext) -> list[Tensor]:
-        """Per image, :func:`weighted_vision_scores` of its tokens, from the stage layer's per-head attention rows of
-        the sample's instruction (the text after its last image)."""
+        """Per image, :func:`weighted_vision_scores` of its tokens, from layer ``attention_from``'s per-head attention
+        rows of the sample's instruction (the text after its last image)."""
         rows, real = query_slots(ctx.layout, "instruction")
         return ctx.per_item(weighted_vision_scores(ctx.attention_heads(rows, real), rows, real))
 
