@@ -682,6 +682,8 @@ def markdown(data: dict[str, Any]) -> str:
         lines += [_table(["op", "shape", "torch us", "torch GB/s", "triton us", "triton GB/s", "% of 4.8 TB/s",
                           "% of copy", "torch / triton", "error"], cells), ""]  # fmt: skip
     lines += ["## Goals (LLaVA-1.5-7B, keep 64)", ""]
+    if "tiny" in str(context.get("mode")):
+        lines += ["(A --tiny CPU run: these verdicts only exercise the code; the goals are about the H200 run.)", ""]
     lines += [_table(["goal", "batch", "verdict", "measured"], [list(g) for g in goals(data)]), ""]
     if data["context"].get("triton_preflight"):
         lines += [f"Triton preflight: {data['context']['triton_preflight']}", ""]
@@ -1206,7 +1208,8 @@ def triton_preflight(device: Any, results: Results) -> None:
         weight = torch.rand(2, 300, device=device)
         checks.append(("merge_tokens", merge_tokens(x, dst, weight, 64, backend="triton"),
                        merge_tokens(x, dst, weight, 64, backend="torch")))  # fmt: skip
-        torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         bad = [name for name, got, want in checks if not torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)]
         if bad:
             raise RuntimeError(f"Triton disagrees with the torch reference: {', '.join(bad)}")
