@@ -125,7 +125,7 @@ def test_generation_task_through_the_real_evaluator_matches_plain_generate(check
     assert "accuracy,none" in results and "type_accuracy,none" in results
     samples = output["samples"]["vtprune_digits"]
     cost = lm.cost_summary()
-    assert cost["samples"] == 5 and cost["visual_tokens"] == 8 and cost["config"]["method"] == "fastv"
+    assert cost["forwards"] == cost["documents"] == 5 and cost["visual_tokens"] == 8 and cost["config"]["method"] == "fastv"
     assert cost["tasks"]["vtprune_digits"]["tflops_prefill"] > 0 and cost["prefill_ms"] > 0
     lm.close()
     # the same prompts through a plain processor + generate on the same model pruned the same way, one at a time
@@ -184,9 +184,13 @@ def test_loglikelihood_is_the_continuations_summed_loss(checkpoint):
 def test_multiple_choice_task_picks_the_lower_loss(checkpoint):
     from vtprune.eval.lmms_model import VtpruneLMM
 
-    lm = VtpruneLMM(pretrained=str(checkpoint), method="random", keep=16)
+    progress = []
+    lm = VtpruneLMM(pretrained=str(checkpoint), method="random", keep=16, on_progress=lambda *p: progress.append(p))
     output = _evaluate(lm, ["vtprune_digits_yesno"], 6)
     lm.close()
+    cost = lm.cost_summary()
+    assert cost["documents"] == 6 and cost["forwards"] == 12  # two scored choices per document, counted apart
+    assert progress[0] == (0, 12) and progress[-1] == (12, 12)  # one step per scored request
     accuracy = output["results"]["vtprune_digits_yesno"]["acc,none"]
     samples = output["samples"]["vtprune_digits_yesno"]
     by_hand = []
@@ -221,7 +225,7 @@ def test_model_args_errors_name_the_argument(checkpoint):
         (["--methods", ""], "the grid is empty"),
         (["--keep", "0"], "keep must be"),
         (["--keep", "1.5"], "must lie in (0, 1]"),
-        (["--model", "/no/such/checkpoint"], "no checkpoint at"),
+        (["--model", "/no/such/checkpoint"], "no checkpoint folder at"),
         (["--tasks", "no_such_task"], "unknown lmms-eval task"),
     ],
 )

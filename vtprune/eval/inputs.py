@@ -21,14 +21,80 @@ WITH_PROCESSOR = ("tiny:llava", "tiny:qwen2_vl", "tiny:qwen2_5_vl")
 DEFAULT_PROMPT = "Describe the image in detail."
 
 
+def check_model_spec(spec: str) -> None:
+    """Fail with one short message when ``spec`` cannot name a model: every command checks it the same way.
+
+    Accepted: ``embedded``, a random model (``tiny:<family>``, ``shaped:llava``), an existing local folder, or an
+    ``organisation/name`` hub id. Anything else that looks like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) must
+    exist, so a typo'd folder is reported as such instead of becoming a hub request. A local folder's
+    ``*.safetensors`` headers are read, so truncated weights are named before anything slow starts.
+    """
+    if spec in SYNTHETIC or spec == "embedded":
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model: {spec!r} is a file; give the checkpoint's folder (with config.json)")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model: {spec!r} has no config.json; give a folder saved by save_pretrained")
+        _check_weights(path)
+        return
+    if ":" in spec:
+        raise ValueError(f"model must be a checkpoint folder, an organisation/name hub id, embedded, or one of "
+                         f"{', '.join(SYNTHETIC)}; got {spec!r}")  # fmt: skip
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        raise ValueError(f"model: no checkpoint folder at {spec!r} (and it is not an organisation/name hub id)")
+    if _offline():
+        raise ValueError(f"model: {spec!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE); give "
+                         "the folder the checkpoint was downloaded or saved to")  # fmt: skip
+
+
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _check_weights(folder: Path) -> None:
+    """A truncated or corrupt ``*.safetensors`` file named with what is wrong, before from_pretrained's long trace."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            reason = str(error).removeprefix("Error while deserializing header: ")
+            raise ValueError(f"model: {file} is truncated or corrupt ({reason}); download or save it again") from None
+
+
+# what AutoProcessor needs in a local folder: a tokenizer and an image processor config
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def _check_processor_files(folder: Path) -> None:
+    missing = [
+        what for what, names in (("a tokenizer", _TOKENIZER_FILES), ("an image processor config", _PROCESSOR_FILES))
+        if not any((folder / name).is_file() for name in names)
+    ]  # fmt: skip
+    if missing:
+        raise ValueError(f"model: {str(folder)!r} has no usable processor: it lacks {' and '.join(missing)} "
+                         f"({' / '.join(_PROCESSOR_FILES)}); save the processor beside the weights")  # fmt: skip
+
+
 def load_model(
     spec: str, *, dtype: str = "auto", device: str = "cpu", text_processor: bool = False
 ) -> tuple[nn.Module, Any]:
     """``(model, processor)`` for a checkpoint path / hub id, or ``(model, None)`` for an embedded random model.
 
-    ``dtype``: ``auto`` (the checkpoint's own), ``float32``, ``bfloat16`` or ``float16``. ``text_processor``: give
-    embedded tiny models (LLaVA, Qwen) a word-level processor too, for tools that build prompts from text.
+    The one loader of ``sweep``, ``report``, ``show`` and the lmms-eval model, so a bad ``spec`` (see
+    :func:`check_model_spec`), a truncated weights file, a failed hub request or a missing processor gives the same
+    short ``ValueError`` whichever command loaded it. ``dtype``: ``auto`` (the checkpoint's own), ``float32``,
+    ``bfloat16`` or ``float16``. ``text_processor``: give embedded tiny models (LLaVA, Qwen) a word-level processor
+    too, for tools that build prompts from text.
     """
+    check_model_spec(spec)
     if spec in SYNTHETIC:
         from vtprune.testing import llava_shaped_model, tiny_model, tiny_processor
 
@@ -44,29 +110,44 @@ def load_model(
         from vtprune.embedded import model_dir
 
         spec = str(model_dir())
-    if ":" in spec and not Path(spec).exists():
-        raise ValueError(f"model must be a checkpoint path / hub id, embedded, or one of {', '.join(SYNTHETIC)}; "
-                         f"got {spec!r}")  # fmt: skip
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtypes[dtype], attn_implementation="sdpa")
-    return model.to(device).eval(), AutoProcessor.from_pretrained(spec)
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        _check_processor_files(folder)
+        spec = str(folder)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtypes[dtype], attn_implementation="sdpa")
+    except (OSError, ValueError) as error:  # hub errors are OSErrors; an unknown architecture is a ValueError
+        where = "" if folder.is_dir() else " (not a local folder, so it was asked of the hub)"
+        raise ValueError(f"model: could not load {spec!r}{where}: {_first_line(error)}") from None
+    try:
+        processor = AutoProcessor.from_pretrained(spec)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"model: {spec!r} has no usable processor (tokenizer + image processor), which prompts "
+                         f"are built with: {_first_line(error)}") from None  # fmt: skip
+    return model.to(device).eval(), processor
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def prepare_inputs(
-    model: nn.Module, processor: Any, *, image: str | Path | None = None, prompt: str = DEFAULT_PROMPT
+    model: nn.Module, processor: Any, *, image: str | Path | Any | None = None, prompt: str = DEFAULT_PROMPT
 ) -> dict[str, Tensor]:
-    """One prompt with one image, as the model's processor and chat template build it.
+    """One prompt with one image (a file or a ``PIL.Image``), as the model's processor and chat template build it.
 
     Embedded random models have no tokenizer: their prompt is random text tokens around the image (LLaVA-shaped:
     35 before and 20 after, like LLaVA-1.5's system prompt and a short question), and ``image`` (if given)
     replaces the random pixels, resized to what the tower takes.
     """
     device = next(model.parameters()).device
-    picture = _open(image) if image is not None else None
+    picture = _open(image) if isinstance(image, (str, Path)) else image
     if processor is not None:
         if picture is None:
             raise ValueError("image is required with a checkpoint (the processor builds the prompt around it)")
@@ -86,6 +167,15 @@ def prepare_inputs(
     if picture is not None:
         _replace_pixels(model, batch, picture)
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def embedded_example(prompt: str = DEFAULT_PROMPT) -> tuple[Any, str]:
+    """The embedded digits model's default picture and question: a held-out grid and its own question (the
+    model was trained on digit-grid questions, so the default prompt becomes the grid's question)."""
+    from vtprune.data.digit_grids import generate, render
+
+    doc = generate("test", 1, seed=0)[0]
+    return render(doc), (doc["question"] if prompt == DEFAULT_PROMPT else prompt)
 
 
 def _open(path: str | Path) -> Any:
