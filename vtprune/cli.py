@@ -11,15 +11,63 @@ from rich.table import Table
 app = typer.Typer(help="Prune the visual tokens of vision-language models.", no_args_is_help=True, add_completion=False)
 
 
-def parse_keep(text: str) -> int | float:
-    """'64' -> 64 (tokens), '0.25' -> 0.25 (fraction); anything else is a clear error."""
+@app.callback()
+def main(
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Show lmms-eval's and transformers' logs and progress bars (hidden by default)."
+    ),
+) -> None:
+    """Prune the visual tokens of vision-language models."""
+    if not verbose:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """lmms-eval logs DEBUG lines through loguru while it indexes its tasks, and transformers and lmms-eval draw
+    tqdm bars per checkpoint and per task: our own rich progress says what is going on, so theirs stay hidden
+    (warnings still show)."""
+    import sys
+
+    import tqdm
+
+    # lmms-eval passes disable= itself and tqdm reads TQDM_DISABLE only at import, so neither switch reaches its
+    # bars: every tqdm bar of this process is turned off here (the CLI's own bars are rich)
+    draw = tqdm.std.tqdm.__init__
+
+    def hidden(self, *args, **kwargs) -> None:
+        kwargs["disable"] = True
+        draw(self, *args, **kwargs)
+
+    if not getattr(draw, "_vtprune_hidden", False):
+        hidden._vtprune_hidden = True  # type: ignore[attr-defined]
+        tqdm.std.tqdm.__init__ = hidden
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise typer.BadParameter(f"keep must be an int >= 1 or a float in (0, 1], got {text!r}") from None
+        from loguru import logger
+    except ImportError:  # lmms-eval (and with it loguru) is an optional extra
+        return
+    logger.remove()
+    # a sink that looks sys.stderr up per message, so a redirected stream (tests, notebooks) gets the lines
+    logger.add(lambda message: sys.stderr.write(message), level="WARNING")
+
+
+def _interrupted(saved: str) -> typer.Exit:
+    """Ctrl-C: say what is kept and how to go on, then exit 130 as shells expect."""
+    Console(stderr=True).print(f"\n[yellow]Interrupted.[/yellow] {saved}")
+    return typer.Exit(130)
+
+
+def parse_keep(text: str) -> int | float | tuple:
+    """'64' -> 64 (tokens), '0.25' -> 0.25 (fraction), '128/64' -> (128, 64) (per part of a composed method);
+    anything else is a clear error."""
+    from vtprune.core.budget import parse_budget
+
+    try:
+        return parse_budget(text)
+    except (ValueError, TypeError) as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -37,7 +85,6 @@ def tour(
     ),
 ) -> None:
     """Wrap tiny random models of every family, generate, and print what each method kept."""
-    from vtprune.core.budget import validate_keep
     from vtprune.testing import FAMILIES
     from vtprune.tour import run_tour
 
@@ -46,7 +93,7 @@ def tour(
     if unknown:
         raise typer.BadParameter(f"unknown family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
     try:
-        budget = validate_keep(parse_keep(keep))
+        budget = parse_keep(keep)
         run_tour(families, _split(methods), budget)
     except (ValueError, TypeError) as error:
         raise typer.BadParameter(str(error)) from error
@@ -127,8 +174,12 @@ def dtop_command(
             raise typer.BadParameter(f"thresholds must be numbers in [0, 1], got {part!r}")
     model = load_segmenter(segmenter)
     pixels, labels = scenes("test", 0, images, seed=1000)
-    rows = evaluate_thresholds(model, to_tensor(pixels), torch.from_numpy(labels), values, flop_images=flop_images,
-                               out=out)  # fmt: skip
+    try:
+        rows = evaluate_thresholds(model, to_tensor(pixels), torch.from_numpy(labels), values,
+                                   flop_images=flop_images, out=out)  # fmt: skip
+    except KeyboardInterrupt:
+        done = sum(1 for line in out.read_text().splitlines() if line.strip()) if out.is_file() else 0
+        raise _interrupted(f"{done} thresholds saved in {out}; rerun the same command to resume.") from None
     dense = next((row for row in rows if row["thresh"] >= 1.0), None)
     table = Table(title=f"DToP on {images} held-out digit scenes ({out})")
     for column in ("thresh", "mIoU", "GFLOPs / image", "vs dense", "token-blocks run", "tokens exited after block"):
@@ -147,7 +198,8 @@ def dtop_command(
 
 
 MODEL_HELP = (
-    "A checkpoint path or hub id (loaded with from_pretrained and its processor), or an embedded random model: "
+    "A checkpoint folder or organisation/name hub id (loaded with from_pretrained and its processor), embedded "
+    "(the trained digits LLaVA shipped in the package), or a random model: "
     "tiny:<family> (llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5, gemma3, "
     "mistral3, internvl, glm4v, smolvlm, paligemma), "
     "shaped:llava (LLaVA-1.5-shaped, 576 image tokens)."
@@ -155,15 +207,19 @@ MODEL_HELP = (
 
 
 def _load(model: str, image: Path | None, prompt: str, dtype: str, device: str) -> tuple:
-    """(model, inputs, tokenizer) for a command, with bad input turned into a clear usage error."""
-    from vtprune.eval.inputs import load_model, prepare_inputs
+    """(model, inputs, tokenizer, prompt) for a command, with bad input turned into a clear usage error."""
+    from vtprune.embedded import EMBEDDED
+    from vtprune.eval.inputs import embedded_example, load_model, prepare_inputs
 
     try:
         loaded, processor = load_model(model, dtype=dtype, device=device)
-        inputs = prepare_inputs(loaded, processor, image=image, prompt=prompt)
+        picture: Path | object | None = image
+        if model == EMBEDDED and image is None:
+            picture, prompt = embedded_example(prompt)
+        inputs = prepare_inputs(loaded, processor, image=picture, prompt=prompt)
     except (ValueError, TypeError) as error:
         raise typer.BadParameter(str(error)) from error
-    return loaded, inputs, getattr(processor, "tokenizer", None)
+    return loaded, inputs, getattr(processor, "tokenizer", None), prompt
 
 
 def _check_methods(model, names: list[str], keeps: list, budget: str, tokenizer) -> None:
@@ -184,7 +240,7 @@ def report(
     methods: str = typer.Option("fastv,random", help="Comma-separated registered methods."),
     keep: str = typer.Option("576,192,128,64", help="Comma-separated budgets: tokens per image or fractions."),
     out: Path = typer.Option(Path("vtprune-report"), help="Folder for report.json, report.csv and report.png."),
-    image: Path = typer.Option(None, help="Image for the prompt (required with a checkpoint)."),
+    image: Path = typer.Option(None, help="Image for the prompt (required with a checkpoint; embedded: a digit grid)."),
     prompt: str = typer.Option("Describe the image in detail.", help="Question asked about the image."),
     budget: str = typer.Option("final", help="What keep counts: final or average (see the README)."),
     new_tokens: int = typer.Option(8, min=1, help="Tokens generated per timed run (decode speed)."),
@@ -196,17 +252,16 @@ def report(
     """FLOPs, latency and memory of the dense model and of every (method, keep): table, JSON, CSV and plots."""
     from rich.progress import Progress
 
-    from vtprune.core.budget import validate_keep
     from vtprune.eval.report import build_report
 
     names = _split(methods) or []
     try:
-        keeps = [validate_keep(parse_keep(part)) for part in _split(keep) or []]
+        keeps = [parse_keep(part) for part in _split(keep) or []]
     except (ValueError, TypeError) as error:
         raise typer.BadParameter(str(error)) from error
     if not names or not keeps:
         raise typer.BadParameter("methods and keep each need at least one value")
-    loaded, inputs, tokenizer = _load(model, image, prompt, dtype, device)
+    loaded, inputs, tokenizer, _ = _load(model, image, prompt, dtype, device)
     _check_methods(loaded, names, keeps, budget, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -215,11 +270,22 @@ def report(
         partial.to_json(out / "report.json")
         partial.to_csv(out / "report.csv")
 
-    with Progress(transient=True) as progress:
-        result = build_report(
-            loaded, inputs, names, keeps, budget=budget, new_tokens=new_tokens, warmup=warmup, repeats=repeats,
-            tokenizer=tokenizer, progress=progress, on_row=save,
-        )  # fmt: skip
+    saved = []
+
+    def save_row(partial) -> None:
+        save(partial)
+        saved[:] = [len(partial.rows)]
+
+    try:
+        with Progress(transient=True) as progress:
+            result = build_report(
+                loaded, inputs, names, keeps, budget=budget, new_tokens=new_tokens, warmup=warmup, repeats=repeats,
+                tokenizer=tokenizer, progress=progress, on_row=save_row,
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        rows = saved[0] if saved else 0
+        raise _interrupted(f"{rows} rows measured so far are in {out / 'report.json'} and {out / 'report.csv'}; "
+                           "rerun the command to measure every row again.") from None  # fmt: skip
     result.plot(out / "report.png")
     console = Console()
     if not console.is_terminal:  # piped into a file: do not squeeze the table into 80 columns
@@ -230,7 +296,8 @@ def report(
 
 @app.command()
 def show(
-    image: Path = typer.Option(None, help="Image to prune (required with a checkpoint; random pixels otherwise)."),
+    image: Path = typer.Option(None, help="Image to prune (required with a checkpoint; embedded: a digit grid; "
+                                          "random pixels otherwise)."),
     methods: str = typer.Option("vtc_cls,fastv,divprune", help="Comma-separated registered methods."),
     keep: str = typer.Option("64", help="Tokens kept per image (int) or a fraction in (0, 1]."),
     model: str = typer.Option("shaped:llava", help=MODEL_HELP),
@@ -240,19 +307,18 @@ def show(
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16 (checkpoints only)."),
 ) -> None:
     """One picture per method with the patches it keeps highlighted, and all of them side by side."""
-    from vtprune.core.budget import validate_keep
     from vtprune.eval.show import show as draw
 
     names = _split(methods) or []
     try:
-        budget = validate_keep(parse_keep(keep))
+        budget = parse_keep(keep)
     except (ValueError, TypeError) as error:
         raise typer.BadParameter(str(error)) from error
     if not names:
         raise typer.BadParameter("methods needs at least one value")
-    loaded, inputs, tokenizer = _load(model, image, prompt, dtype, device)
+    loaded, inputs, tokenizer, prompt = _load(model, image, prompt, dtype, device)
     _check_methods(loaded, names, [budget], "final", tokenizer)
-    shown_prompt = prompt if tokenizer is not None else "random tokens (embedded model, no tokenizer)"
+    shown_prompt = prompt if tokenizer is not None else "random tokens (random model, no tokenizer)"
     try:
         written = draw(loaded, inputs, names, budget, out, prompt=shown_prompt, tokenizer=tokenizer)
     except ValueError as error:
@@ -280,10 +346,10 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def _print_sweep(out: Path, metric: str | None) -> None:
+def _print_sweep(out: Path, metric: str | None, setup: int | None = None) -> None:
     from vtprune.eval.sweep_report import table, write_reports
 
-    records, csv_path, png_path = write_reports(out, metric)
+    records, csv_path, png_path = write_reports(out, metric, setup)
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)
@@ -296,7 +362,9 @@ def sweep(
     model: str = typer.Option("embedded", help="Checkpoint directory or hub id with its processor; default: the "
                                                 "embedded digits model."),  # fmt: skip
     methods: str = typer.Option("fastv,vtc_cls,random", help="Comma-separated registered methods (dense runs once)."),
-    keep: str = typer.Option("576,192,128,64,32", help="Comma-separated budgets: tokens per image or fractions."),
+    keep: str = typer.Option(None, help="Comma-separated budgets: tokens per image or fractions (default: halvings "
+                                        "of the model's tokens per image, e.g. 32,16,8,4 of 64; fractions "
+                                        "0.5..0.0625 where the count depends on the image)."),  # fmt: skip
     tasks: str = typer.Option("vtprune_digits", help="Comma-separated lmms-eval tasks (local: vtprune_digits, "
                                                       "vtprune_digits_yesno)."),  # fmt: skip
     limit: float = typer.Option(None, help="Documents per task (int) or a fraction of them."),
@@ -315,10 +383,19 @@ def sweep(
     """Evaluate dense once and every (method, keep) through lmms-eval; resumable; table, CSV and Pareto plot."""
     from rich.progress import Progress
 
-    from vtprune.eval.sweep import SweepSpec, run_sweep, validate
+    from vtprune.eval.inputs import check_model_spec
+
+    from vtprune.eval.sweep import GridPoint, SweepSpec, default_keeps, image_tokens, run_sweep, validate
 
     try:
-        keeps = [parse_keep(part) for part in _split(keep) or []]
+        if keep is None:
+            check_model_spec(model)
+            keeps = default_keeps(model)
+            tokens = image_tokens(model)
+            of = f"of its {tokens} tokens per image" if tokens else "(its tokens per image depend on the image)"
+            Console().print(f"budgets for {model} {of}: {', '.join(f'{k:g}' for k in keeps)} (set them with --keep)")
+        else:
+            keeps = [parse_keep(part) for part in _split(keep) or []]
         spec = SweepSpec(
             model=model, methods=_split(methods) or [], keeps=keeps, tasks=_split(tasks) or [], out_dir=str(out),
             limit=int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit,
@@ -334,15 +411,28 @@ def sweep(
                     progress.console.print(f"{total - pending} of {total} points already in {out}; skipping them")
                 progress.update(task, total=pending, completed=0)
 
+            requests = progress.add_task("requests", total=None, visible=False)
+
+            def point_started(point: GridPoint) -> None:
+                progress.update(requests, description=f"  {point.label}", completed=0, total=None, visible=True)
+
+            def request_done(done: int, total: int) -> None:
+                progress.update(requests, completed=done, total=total)
+
             def finished(row: dict) -> None:
-                label = row["method"] if row.get("keep") is None else f"{row['method']}@{row['keep']}"
+                label = GridPoint(row["method"], row.get("keep")).label
                 progress.console.print(f"done {label} in {row['seconds']:.1f} s")
+                progress.update(requests, visible=False)
                 progress.advance(task)
 
-            run_sweep(spec, ray=use_ray, ray_address=ray_address, ray_workers=ray_workers,
-                      on_start=started, on_row=finished)  # fmt: skip
+            run_sweep(spec, ray=use_ray, ray_address=ray_address, ray_workers=ray_workers, on_start=started,
+                      on_row=finished, on_point=point_started, on_request=request_done)  # fmt: skip
     except (ValueError, TypeError) as error:
         raise typer.BadParameter(str(error)) from error
+    except KeyboardInterrupt:
+        from vtprune.eval.sweep import saved_points
+
+        raise _interrupted(f"{saved_points(spec)} points saved in {out}; rerun the same command to resume.") from None
     _print_sweep(out, metric)
 
 
@@ -350,10 +440,12 @@ def sweep(
 def plot(
     out: Path = typer.Argument(..., help="A sweep folder (holding results.jsonl)."),
     metric: str = typer.Option(None, help="Metric to plot (default: each task's first)."),
+    setup: int = typer.Option(None, help="Only this setup of the folder, by number (1 = first written); default: "
+                                         "every setup, named in the table and the plot."),
 ) -> None:
     """Table, summary.csv and pareto.png from a sweep folder (also while it still runs)."""
     try:
-        _print_sweep(out, metric)
+        _print_sweep(out, metric, setup)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
 

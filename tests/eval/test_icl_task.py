@@ -127,9 +127,6 @@ def test_documents_reach_the_model_with_all_their_images(family, tmp_path, manag
     lm.close()
 
 
-# Strict xfail until vtprune/eval/lmms_model.py places each image at its <image> placeholder (the change is
-# /tmp/h/catp_lmms.patch, for the lead to apply); it then passes, fails as XPASS, and the marker is to be removed.
-@pytest.mark.xfail(strict=True, reason="lmms_model puts every image first; interleaving awaits the lead's integration")
 @pytest.mark.parametrize("family,marker", [("llava", "<image>"), ("qwen2_vl", "<|image_pad|>")])
 def test_each_image_sits_at_its_placeholder_in_the_model_prompt(family, marker, tmp_path):
     from vtprune.eval.lmms_model import VtpruneLMM

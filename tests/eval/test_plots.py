@@ -135,19 +135,20 @@ def test_flops_units_and_budget_ticks_read_plainly():
 # -- the sweep's and the report's plots --------------------------------------------------------------------------------
 
 
-def _write_sweep(folder, methods, keeps=(32, 16, 8, 4)):
+def _write_sweep(folder, methods, keeps=(32, 16, 8, 4), limit=10, append=False):
     """A results.jsonl as the sweep writes it: dense, then every (method, keep), with TFLOPs of a tiny model."""
     folder.mkdir(parents=True, exist_ok=True)
-    setup = {"model": "embedded", "tasks": ["digits"], "limit": 10}
+    setup = {"model": "embedded", "tasks": ["digits"], "limit": limit}
     rows = [{"setup": setup, "method": "dense", "keep": None, "metrics": {"digits": {"accuracy": 0.9}},
-             "cost": {"tflops_prefill": 3.9e-4, "visual_tokens": 64.0, "prefill_ms": 9.0, "samples": 10}}]  # fmt: skip
+             "cost": {"tflops_prefill": 3.9e-4, "visual_tokens": 64.0, "prefill_ms": 9.0, "documents": 10}}]  # fmt: skip
     for rank, method in enumerate(methods):
         for keep in keeps:
             rows.append({"setup": setup, "method": method, "keep": keep,
                          "metrics": {"digits": {"accuracy": 0.3 + 0.1 * rank + keep / 100}},
                          "cost": {"tflops_prefill": 2e-4 + keep * 5e-6, "visual_tokens": float(keep),
-                                  "prefill_ms": 8.0, "samples": 10}})  # fmt: skip
-    (folder / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+                                  "prefill_ms": 8.0, "documents": 10}})  # fmt: skip
+    with (folder / "results.jsonl").open("a" if append else "w") as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in rows))
     return folder
 
 
@@ -203,6 +204,21 @@ def test_a_method_has_the_same_colour_in_two_sweeps_with_different_methods(tmp_p
     assert _count(_pixels(first), shared) > 150 and _count(_pixels(second), shared) > 150
     assert _count(_pixels(second), method_style("divprune").colour) == 0  # absent methods leave their colour free
     assert _count(_pixels(second), method_style("entropyprune").colour) > 150
+
+
+def test_plot_draws_every_setup_of_a_folder_and_names_it(tmp_path, figures):
+    folder = _write_sweep(tmp_path / "a", ["fastv", "random"], limit=10)
+    _write_sweep(folder, ["fastv"], keeps=(16, 8), limit=50, append=True)  # a rerun with another limit
+    records, csv_path, png = write_reports(folder)
+    assert {r["setup"] for r in records} == {"limit=10", "limit=50"}  # named by what differs
+    assert len(figures[-1].axes) == 4 and figures[-1].axes[0].get_title(loc="left") == "limit=10"
+    assert "setup" in csv_path.read_text().splitlines()[0]
+    dense = [r for r in records if r["method"] == "dense"]
+    assert len(dense) == 2 and all(r["vs_dense"] == 1.0 for r in dense)  # each setup against its own dense
+    only, _, _ = write_reports(folder, setup=2)
+    assert {r["setup"] for r in only} == {"model=embedded"} and {r["method"] for r in only} == {"dense", "fastv"}
+    with pytest.raises(ValueError, match=r"setup must be one of 1..2 \(1: limit=10; 2: limit=50\), got 3"):
+        write_reports(folder, setup=3)
 
 
 def test_report_plot_uses_the_method_styles_and_a_flops_unit(tmp_path, figures):

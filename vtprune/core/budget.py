@@ -30,6 +30,34 @@ def validate_keep(keep: object, name: str = "keep") -> Keep:
     return value
 
 
+def parse_budget(text: str) -> Keep | tuple[Keep, ...]:
+    """A budget typed on a command line or in lmms-eval's ``model_args``: ``"64"`` (tokens), ``"0.25"`` (fraction),
+    or ``"128/64"``: one budget per part of a composed method (``keep=(128, 64)``), each checked."""
+    parts = [part.strip() for part in str(text).split("/")]
+    values: list[Keep] = []
+    for part in parts:
+        try:
+            value: Keep = int(part)
+        except ValueError:
+            try:
+                value = float(part)
+            except ValueError:
+                raise ValueError(
+                    f"keep must be an int >= 1, a float in (0, 1], or per-part budgets such as 128/64; got {text!r}"
+                ) from None
+        values.append(validate_keep(value))
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def budget_label(keep: Keep | tuple[Keep, ...] | list[Keep] | None) -> str:
+    """``64`` -> ``"64"``, ``(128, 64)`` -> ``"128/64"`` (how tables and commands write per-part budgets)."""
+    if keep is None:
+        return "-"
+    if isinstance(keep, (tuple, list)):
+        return "/".join(f"{part:g}" for part in keep)
+    return f"{keep:g}"
+
+
 def tokens_to_keep(keep: Keep, available: int) -> int:
     """Tokens an image with ``available`` prunable tokens keeps under budget ``keep``.
 

@@ -5,10 +5,12 @@
     accelerate launch --num_processes 8 -m lmms_eval --model vtprune --model_args ... --tasks ...   # data parallel
 
 ``model_args``: ``pretrained`` (checkpoint path or hub id, loaded with ``AutoModelForImageTextToText`` and its
-``AutoProcessor``), ``method`` (a registered method or ``dense``, the default), ``keep``, ``budget``, any field of the
+``AutoProcessor``), ``method`` (a registered method, a composition such as ``divprune+random``, or ``dense``, the
+default), ``keep`` (``64``, ``0.25``, or ``128/64``: one budget per part of a composition), ``budget``, any field of the
 method's config (e.g. ``layer=3``), ``device``, ``dtype``, ``batch_size``, ``max_new_tokens`` (when a task sets
 none), ``chat_template`` (a Jinja string, when the processor has none), ``cost_path`` (a JSON file for the cost
-side). Prompts are built with the processor's chat template: the document's images first, then its text.
+side). Prompts are built with the processor's chat template: the document's images first, then its text; a document
+whose text holds one ``<image>`` placeholder per image (several images) gets each image at its placeholder.
 
 Requests: ``generate_until`` (batched with left padding, grouped by generation kwargs; greedy, sampling or beams as
 the task asks) and ``loglikelihood`` (the continuation's summed negative log-likelihood, read from the logits of
@@ -17,7 +19,11 @@ the kept tokens, and whether greedy decoding would produce it). Multi-round gene
 The cost side is gathered while lmms-eval runs: per sample, the visual tokens the LLM kept per image, the
 analytical prefill FLOPs of what the forward really did, and the prefill time (time to first token of each
 ``generate`` batch, divided among its samples; the whole forward for a scored continuation, whose logits all
-count). :meth:`VtpruneLMM.cost_summary` returns the means.
+count). :meth:`VtpruneLMM.cost_summary` returns the means, and counts both forwards and documents (a two-way
+multiple-choice document is two scored forwards).
+
+Feedback: a progress bar over the requests (rich, transient), or ``on_progress(done, total)`` when a caller (the
+sweep) draws its own.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 
 import vtprune
+from vtprune.core.budget import parse_budget
 from vtprune.eval.flops import prefill_flops
 from vtprune.eval.inputs import load_model
 
@@ -59,9 +68,11 @@ class VtpruneLMM(lmms):
         cost_path: str | None = None,
         model: Any = None,
         processor: Any = None,
+        on_progress: Callable[[int, int], None] | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
+        self.on_progress = on_progress
         from accelerate import PartialState
 
         state = PartialState()
@@ -103,6 +114,8 @@ class VtpruneLMM(lmms):
         else:
             if keep is None:
                 raise ValueError(f"method={method} needs keep= (tokens per image, or a fraction in (0, 1])")
+            if isinstance(keep, str):  # model_args text: "64", "0.25", or per-part budgets "128/64"
+                keep = parse_budget(keep)
             self.pruning = vtprune.wrap(
                 model, self.method_name, keep=keep, budget=budget, tokenizer=self.tokenizer, **options
             )  # fmt: skip
@@ -133,13 +146,15 @@ class VtpruneLMM(lmms):
         groups: dict[str, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
             groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(index)
-        for indices in groups.values():
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start : start + self.batch_size]
-                texts = self._generate([requests[i] for i in batch], dict(requests[batch[0]].args[1]))
-                for index, text in zip(batch, texts):
-                    answers[index] = text
-                    self.cache_hook.add_partial("generate_until", requests[index].args[:2], text)
+        with self._progress(len(requests), "generating") as advance:
+            for indices in groups.values():
+                for start in range(0, len(indices), self.batch_size):
+                    batch = indices[start : start + self.batch_size]
+                    texts = self._generate([requests[i] for i in batch], dict(requests[batch[0]].args[1]))
+                    for index, text in zip(batch, texts):
+                        answers[index] = text
+                        self.cache_hook.add_partial("generate_until", requests[index].args[:2], text)
+                    advance(len(batch))
         self._write_costs()
         return [answer or "" for answer in answers]
 
@@ -151,17 +166,42 @@ class VtpruneLMM(lmms):
         other non-string response into its ``str()``, which breaks every log-likelihood task.
         """
         results = []
-        for request in requests:
-            context, target, doc_to_visual, doc_id, task, split = request.args
-            doc = self.task_dict[task][split][doc_id]
-            continuation = target if isinstance(target, str) else target(doc)
-            loss, greedy = self._loglikelihood(task, context, continuation, self._visuals(doc_to_visual, doc))
-            results.append(GenerationResult(text=(loss, greedy)))  # type: ignore[arg-type]
+        with self._progress(len(requests), "scoring") as advance:
+            for request in requests:
+                context, target, doc_to_visual, doc_id, task, split = request.args
+                doc = self.task_dict[task][split][doc_id]
+                continuation = target if isinstance(target, str) else target(doc)
+                loss, greedy = self._loglikelihood(
+                    (task, doc_id), context, continuation, self._visuals(doc_to_visual, doc)
+                )  # fmt: skip
+                results.append(GenerationResult(text=(loss, greedy)))  # type: ignore[arg-type]
+                advance(1)
         self._write_costs()
         return results
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("vtprune's lmms-eval model does not support multi-round generation")
+
+    @contextmanager
+    def _progress(self, total: int, label: str) -> Iterator[Callable[[int], None]]:
+        """``advance(n)`` after each finished batch: the caller's ``on_progress`` or a transient rich bar."""
+        done = 0
+        if self.on_progress is not None:
+            callback = self.on_progress
+
+            def advance(count: int) -> None:
+                nonlocal done
+                done += count
+                callback(done, total)
+
+            callback(0, total)
+            yield advance
+            return
+        from rich.progress import Progress
+
+        with Progress(transient=True, disable=total < 2) as progress:
+            task = progress.add_task(f"vtprune {self.method_name}: {label}", total=total)
+            yield lambda count: progress.advance(task, count)
 
     # -- cost side -------------------------------------------------------------------------------------------------
 
@@ -170,7 +210,8 @@ class VtpruneLMM(lmms):
         per image, prefill TFLOPs, prefill ms; overall and per task under ``"tasks"``."""
 
         def means(costs: list[dict[str, Any]]) -> dict[str, Any]:
-            summary: dict[str, Any] = {"samples": len(costs)}
+            documents = len({(cost["task"], cost.get("doc")) for cost in costs})
+            summary: dict[str, Any] = {"forwards": len(costs), "documents": documents}
             for key in ("visual_tokens", "tflops_prefill", "prefill_ms"):
                 values = [cost[key] for cost in costs if key in cost]
                 summary[key] = sum(values) / len(values) if values else None
@@ -189,17 +230,18 @@ class VtpruneLMM(lmms):
         if self.cost_path:
             Path(self.cost_path).write_text(json.dumps(summary, indent=2, default=str))
 
-    def _record_costs(self, tasks: list[str], prefill_ms: float, logits_rows: list[int]) -> None:
+    def _record_costs(self, docs: list[tuple[str, int]], prefill_ms: float, logits_rows: list[int]) -> None:
+        """One cost per sample of the last forward; ``docs``: each sample's (task, document id)."""
         record = self.pruning.last
-        batch = len(tasks)
+        batch = len(docs)
         flops = prefill_flops(self.model, record, record.encoder_inputs, logits_rows=logits_rows)
         final = record.stages[-1].kept_per_item if record.stages else []
         per_sample: dict[int, list[int]] = defaultdict(list)
         for item, kept in zip(record.items, final):
             per_sample[item["sample"]].append(kept.numel())
-        for sample, task in enumerate(tasks):
+        for sample, (task, doc) in enumerate(docs):
             counts = per_sample.get(sample, [])
-            cost = {"task": task, "tflops_prefill": flops.prefill / 1e12 / batch, "prefill_ms": prefill_ms / batch}
+            cost = {"task": task, "doc": doc, "tflops_prefill": flops.prefill / 1e12 / batch, "prefill_ms": prefill_ms / batch}
             if counts:
                 cost["visual_tokens"] = sum(counts) / len(counts)
             self.costs.append(cost)
@@ -215,8 +257,19 @@ class VtpruneLMM(lmms):
         return [visual.convert("RGB") for visual in flat]
 
     def _prompt(self, context: str, images: list[Any]) -> str:
-        text = context.replace("<image>", "").strip()  # the template places the images
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        pieces = context.split("<image>")
+        if len(images) > 1 and len(pieces) == len(images) + 1:
+            # one placeholder per image (interleaved documents, e.g. few-shot demonstrations): each image where its
+            # placeholder stands, the text between them in order
+            content: list[dict[str, Any]] = []
+            for index, piece in enumerate(pieces):
+                if piece.strip():
+                    content.append({"type": "text", "text": piece.strip()})
+                if index < len(images):
+                    content.append({"type": "image"})
+        else:
+            text = context.replace("<image>", "").strip()  # the template places the images
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def _encode(self, texts: list[str], images: list[Any]) -> dict[str, torch.Tensor]:
@@ -250,7 +303,8 @@ class VtpruneLMM(lmms):
         prefill = _FirstForwardTimer(self.model, self.device)
         with prefill, torch.inference_mode():
             output = self.model.generate(**inputs, **options)
-        self._record_costs([r.args[4] for r in requests], prefill.milliseconds or 0.0, [1] * len(requests))
+        docs = [(r.args[4], r.args[3]) for r in requests]
+        self._record_costs(docs, prefill.milliseconds or 0.0, [1] * len(requests))
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         answers = []
         for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
@@ -260,7 +314,9 @@ class VtpruneLMM(lmms):
             answers.append(text)
         return answers
 
-    def _loglikelihood(self, task: str, context: str, continuation: str, images: list[Any]) -> tuple[float, bool]:
+    def _loglikelihood(
+        self, doc: tuple[str, int], context: str, continuation: str, images: list[Any]
+    ) -> tuple[float, bool]:
         prompt = self._encode([self._prompt(context, images)], images)
         target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
         if target.shape[1] == 0:
@@ -274,7 +330,7 @@ class VtpruneLMM(lmms):
         forward = _FirstForwardTimer(self.model, self.device)
         with forward, torch.inference_mode():
             logits = self.model(**inputs).logits[0].float()
-        self._record_costs([task], forward.milliseconds or 0.0, [inputs["input_ids"].shape[1]])
+        self._record_costs([doc], forward.milliseconds or 0.0, [inputs["input_ids"].shape[1]])
         # with pruning the logits cover only the kept tokens: find the rows of the positions that predict the target
         rows = self.pruning.last.output_index[0].tolist()
         wanted = [rows.index(position) for position in range(start - 1, start - 1 + target.shape[1])]

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from vtprune.core.budget import BUDGET_CONVENTIONS, validate_keep
+from vtprune.core.budget import BUDGET_CONVENTIONS, budget_label, validate_keep
 from vtprune.core.registry import WRAPPABLE, make_method
+from vtprune.eval.inputs import check_model_spec
 
 RESULTS_FILE = "results.jsonl"
 DENSE = "dense"
@@ -26,14 +27,15 @@ DENSE = "dense"
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One evaluation: ``method`` (or ``dense``) at ``keep`` tokens per image (None for dense)."""
+    """One evaluation: ``method`` (or ``dense``) at ``keep`` tokens per image (None for dense; a tuple, one budget
+    per part, for a composed method such as ``divprune+random`` at ``(128, 64)``)."""
 
     method: str
-    keep: int | float | None = None
+    keep: int | float | tuple[int | float, ...] | None = None
 
     @property
     def label(self) -> str:
-        return self.method if self.keep is None else f"{self.method}@{self.keep}"
+        return self.method if self.keep is None else f"{self.method}@{budget_label(self.keep)}"
 
 
 @dataclass
@@ -42,7 +44,7 @@ class SweepSpec:
 
     model: str
     methods: list[str]
-    keeps: list[int | float]
+    keeps: list[int | float | tuple[int | float, ...]]
     tasks: list[str]
     out_dir: str
     limit: int | float | None = None
@@ -62,6 +64,58 @@ class SweepSpec:
         return [GridPoint(DENSE)] + [GridPoint(m, k) for m in self.methods for k in self.keeps]
 
 
+# the default budgets: halvings of an image's tokens (the embedded model's 64 -> 32, 16, 8, 4)
+DEFAULT_SHARES = (2, 4, 8, 16)
+
+
+def image_tokens(model: str) -> int | None:
+    """Visual tokens per image of ``model``'s fixed-size tower, from its config alone (no weights loaded); None
+    where the count depends on the image (dynamic resolution, any-resolution crops) or is not known."""
+    config = _config_of(model)
+    vision = getattr(config, "vision_config", None)
+    if vision is None or hasattr(vision, "spatial_merge_size") or getattr(config, "image_grid_pinpoints", None):
+        return None
+    if getattr(config, "mm_tokens_per_image", None):  # Gemma 3 pools its tower to a fixed count
+        return int(config.mm_tokens_per_image)
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if not isinstance(size, int) or not isinstance(patch, int) or type(config).__name__ not in _PLAIN_GRIDS:
+        return None
+    return (size // patch) ** 2
+
+
+# families whose image is one square grid of tower patches, every patch one LLM token
+_PLAIN_GRIDS = ("LlavaConfig", "PaliGemmaConfig")
+
+
+def _config_of(model: str) -> Any:
+    from vtprune.eval.inputs import SYNTHETIC
+
+    if model in SYNTHETIC:
+        from vtprune.testing import llava_shaped_model, tiny_model
+
+        # tiny models build in milliseconds; the LLaVA-shaped one only on meta, for its config
+        if model == "shaped:llava":
+            import torch
+
+            with torch.device("meta"):
+                return llava_shaped_model().config
+        return tiny_model(model.split(":", 1)[1]).config
+    from transformers import AutoConfig
+
+    from vtprune.embedded import EMBEDDED, model_dir
+
+    return AutoConfig.from_pretrained(str(model_dir()) if model == EMBEDDED else model)
+
+
+def default_keeps(model: str) -> list[int | float]:
+    """Budgets for a sweep that names none: halvings of the model's tokens per image (32, 16, 8, 4 of 64; 288 .. 36
+    of LLaVA-1.5's 576), or the fractions 1/2 .. 1/16 where the count depends on the image (Qwen-VL, LLaVA-NeXT)."""
+    tokens = image_tokens(model)
+    if tokens is None:
+        return [1 / share for share in DEFAULT_SHARES]
+    return sorted({max(1, tokens // share) for share in DEFAULT_SHARES}, reverse=True)
+
+
 def validate(spec: SweepSpec) -> None:
     """Every check that needs no model: raise before any work starts."""
     if not spec.methods or not spec.keeps:
@@ -73,26 +127,23 @@ def validate(spec: SweepSpec) -> None:
             raise ValueError("dense is always evaluated once; leave it out of methods")
         make_method(name, kind=WRAPPABLE, **spec.options)
     for keep in spec.keeps:
-        validate_keep(keep)
+        for part in keep if isinstance(keep, (tuple, list)) else (keep,):
+            validate_keep(part)
     if spec.budget not in BUDGET_CONVENTIONS:
         raise ValueError(f"budget must be one of {BUDGET_CONVENTIONS}, got {spec.budget!r}")
     if spec.limit is not None and not spec.limit > 0:
         raise ValueError(f"limit must be positive, got {spec.limit}")
     if spec.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {spec.batch_size}")
-    hub_id = spec.model.count("/") == 1 and not spec.model.startswith((".", "/", "~"))
-    if not _is_embedded(spec.model) and not hub_id and not Path(spec.model).expanduser().exists():
-        raise ValueError(f"model: no checkpoint at {spec.model!r} (give a local directory or an organisation/name hub id)")
-
-
-def _is_embedded(model: str) -> bool:
-    from vtprune.embedded import EMBEDDED
-    from vtprune.eval.inputs import SYNTHETIC
-
-    return model in SYNTHETIC or model == EMBEDDED
+    check_model_spec(spec.model)
 
 
 # -- results file ----------------------------------------------------------------------------------------------------
+
+
+def _as_keep(value: Any) -> Any:
+    """JSON gives per-part budgets back as a list; the grid holds them as a tuple."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def point_key(setup: dict[str, Any], point: GridPoint) -> str:
@@ -142,10 +193,15 @@ def append_result(out_dir: str | Path, row: dict[str, Any]) -> None:
 def finished_keys(spec: SweepSpec) -> set[str]:
     setup = spec.setup()
     return {
-        point_key(setup, GridPoint(row["method"], row.get("keep")))
+        point_key(setup, GridPoint(row["method"], _as_keep(row.get("keep"))))
         for row in read_results(spec.out_dir)
         if row.get("setup") == json.loads(json.dumps(setup, default=str))
     }
+
+
+def saved_points(spec: SweepSpec) -> int:
+    """How many points of ``spec``'s grid its results file holds (what a rerun will skip)."""
+    return len(finished_keys(spec))
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------
@@ -178,8 +234,16 @@ def check_methods_apply(model: Any, spec: SweepSpec) -> None:
             vtprune.wrap(model, name, keep=keep, budget=spec.budget, **spec.options).unwrap()
 
 
-def evaluate_point(model: Any, processor: Any, spec: SweepSpec, point: GridPoint, manager: Any) -> dict[str, Any]:
-    """Evaluate one grid point through lmms-eval's evaluator; the row that goes into results.jsonl."""
+def evaluate_point(
+    model: Any,
+    processor: Any,
+    spec: SweepSpec,
+    point: GridPoint,
+    manager: Any,
+    on_request: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate one grid point through lmms-eval's evaluator; the row that goes into results.jsonl.
+    ``on_request(done, total)`` follows the point's requests (else the lmms-eval model draws its own bar)."""
     from lmms_eval.evaluator import simple_evaluate
 
     from vtprune.eval.lmms_model import VtpruneLMM
@@ -188,7 +252,7 @@ def evaluate_point(model: Any, processor: Any, spec: SweepSpec, point: GridPoint
     keep = {"keep": point.keep} if point.method != DENSE else {}
     lm = VtpruneLMM(
         pretrained=spec.model, model=model, processor=processor, method=point.method, budget=spec.budget,
-        batch_size=spec.batch_size, **keep, **options,
+        batch_size=spec.batch_size, on_progress=on_request, **keep, **options,
     )  # fmt: skip
     began = time.perf_counter()
     try:
@@ -233,10 +297,13 @@ def run_sweep(
     ray_workers: int | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
+    on_point: Callable[[GridPoint], None] | None = None,
+    on_request: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate the points of ``spec`` not already in its results file; returns the rows of this setup.
 
-    ``on_start(total, pending)`` runs once before evaluating; ``on_row(row)`` after each finished point.
+    ``on_start(total, pending)`` runs once before evaluating; ``on_row(row)`` after each finished point; in this
+    process (not on Ray) also ``on_point(point)`` before each point and ``on_request(done, total)`` within it.
     """
     validate(spec)
     Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
@@ -251,7 +318,7 @@ def run_sweep(
         if ray or ray_address:
             _run_on_ray(spec, pending, ray_address, ray_workers, on_row)
         else:
-            _run_here(spec, pending, manager, on_row)
+            _run_here(spec, pending, manager, on_row, on_point, on_request)
     rows = [row for row in read_results(spec.out_dir) if row.get("setup") == json.loads(json.dumps(setup, default=str))]
     return rows
 
@@ -273,10 +340,19 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _run_here(spec: SweepSpec, pending: list[GridPoint], manager: Any, on_row: Callable | None) -> None:
+def _run_here(
+    spec: SweepSpec,
+    pending: list[GridPoint],
+    manager: Any,
+    on_row: Callable | None,
+    on_point: Callable | None = None,
+    on_request: Callable | None = None,
+) -> None:
     model, processor = _load(spec)
     for point in pending:
-        row = evaluate_point(model, processor, spec, point, manager)
+        if on_point is not None:
+            on_point(point)
+        row = evaluate_point(model, processor, spec, point, manager, on_request)
         append_result(spec.out_dir, row)
         if on_row is not None:
             on_row(row)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vtprune.core.budget import budget_label
 from vtprune.eval.style import budget_axis, flops_unit, method_styles, plain_numbers
 from vtprune.eval.sweep import DENSE, read_results
 
@@ -15,12 +16,32 @@ SUMMARY_FILE = "summary.csv"
 PLOT_FILE = "pareto.png"
 
 
-def latest_setup_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of the setup (model, tasks, limit, budget, options) written last: a folder may hold several."""
-    if not rows:
-        return []
-    latest = json.dumps(rows[-1].get("setup"), sort_keys=True)
-    return [row for row in rows if json.dumps(row.get("setup"), sort_keys=True) == latest]
+def split_setups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The folder's setups (model, tasks, limit, budget, options) in the order first written, each with a short
+    label naming what sets it apart from the others (a folder may hold several: a rerun with another limit, another
+    model) and its rows."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(json.dumps(row.get("setup"), sort_keys=True, default=str), []).append(row)
+    setups = [group[0].get("setup") or {} for group in groups.values()]
+    keys = list(dict.fromkeys(key for setup in setups for key in setup))
+    differing = [key for key in keys if len({json.dumps(s.get(key), sort_keys=True, default=str) for s in setups}) > 1]
+    labels = []
+    for setup in setups:
+        shown = differing or ["model"]
+        parts = [f"{key}={_short(key, setup.get(key))}" for key in shown]
+        labels.append(", ".join(parts))
+    return list(zip(labels, groups.values()))
+
+
+def _short(key: str, value: Any) -> str:
+    if key == "model":
+        return Path(str(value)).name or str(value)
+    if isinstance(value, (list, tuple)):
+        return "+".join(map(str, value))
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "{}"
+    return str(value)
 
 
 def primary_metric(rows: list[dict[str, Any]], task: str) -> str:
@@ -33,8 +54,16 @@ def primary_metric(rows: list[dict[str, Any]], task: str) -> str:
 
 
 def summarize(rows: list[dict[str, Any]], metric: str | None = None) -> list[dict[str, Any]]:
-    """One record per (point, task): score, score relative to dense, TFLOPs, prefill ms, visual tokens kept."""
-    rows = latest_setup_rows(rows)
+    """One record per (setup, point, task): score, score relative to its setup's dense, TFLOPs, prefill ms, visual
+    tokens kept; ``setup`` is the label of :func:`split_setups`."""
+    return [
+        {"setup": label, **record}
+        for label, group in split_setups(rows)
+        for record in _summarize_setup(group, metric)
+    ]
+
+
+def _summarize_setup(rows: list[dict[str, Any]], metric: str | None) -> list[dict[str, Any]]:
     tasks = list(dict.fromkeys(task for row in rows for task in row["metrics"]))
     dense = next((row for row in rows if row["method"] == DENSE), None)
     records = []
@@ -50,10 +79,10 @@ def summarize(rows: list[dict[str, Any]], metric: str | None = None) -> list[dic
                 "task": task, "metric": name, "method": row["method"], "keep": row.get("keep"),
                 "score": score, "vs_dense": score / reference if reference else None,
                 "tflops": cost.get("tflops_prefill"), "prefill_ms": cost.get("prefill_ms"),
-                "visual_tokens": cost.get("visual_tokens"), "samples": cost.get("samples"),
+                "visual_tokens": cost.get("visual_tokens"), "documents": cost.get("documents"),
             })  # fmt: skip
     order = {DENSE: -1}
-    records.sort(key=lambda r: (tasks.index(r["task"]), order.get(r["method"], 0), r["method"], -(r["keep"] or 0)))
+    records.sort(key=lambda r: (tasks.index(r["task"]), order.get(r["method"], 0), r["method"], -_final(r["keep"])))
     return records
 
 
@@ -61,15 +90,25 @@ def table(records: list[dict[str, Any]], title: str = "vtprune sweep") -> Any:
     from rich.table import Table
 
     view = Table(title=title)
-    for header in ("task", "method", "keep", "visual tokens", "score", "vs dense", "prefill TFLOPs", "prefill ms"):
-        view.add_column(header, justify="left" if header in ("task", "method") else "right")
+    several = len({r.get("setup") for r in records}) > 1
+    headers = ("task", "method", "keep", "visual tokens", "score", "vs dense", "prefill TFLOPs", "prefill ms")
+    for header in (("setup",) if several else ()) + headers:
+        view.add_column(header, justify="left" if header in ("setup", "task", "method") else "right")
     for r in records:
         view.add_row(
-            r["task"], r["method"], "-" if r["keep"] is None else str(r["keep"]),
+            *((r["setup"],) if several else ()),
+            r["task"], r["method"], budget_label(r["keep"]),
             _number(r["visual_tokens"], "{:.1f}"), f"{r['metric']} {r['score']:.3f}", _number(r["vs_dense"], "{:.1%}"),
             _number(r["tflops"], "{:.3g}"), _number(r["prefill_ms"], "{:.1f}"),
         )  # fmt: skip
     return view
+
+
+def _final(keep: Any) -> float:
+    """The budget a point ends at (per-part budgets: the last part's), for ordering rows."""
+    if isinstance(keep, (list, tuple)):
+        keep = keep[-1] if keep else None
+    return float(keep or 0)
 
 
 def _number(value: Any, pattern: str) -> str:
@@ -101,15 +140,16 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str = "vtprune 
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    tasks = list(dict.fromkeys(r["task"] for r in records))
+    panels = list(dict.fromkeys((r.get("setup"), r["task"]) for r in records))
+    several = len({setup for setup, _ in panels}) > 1
     methods = list(dict.fromkeys(r["method"] for r in records if r["method"] != DENSE))
     styles = method_styles(methods)
     unit, factor = flops_unit(r["tflops"] for r in records)
     columns = 1 + (len(methods) + 1) // 24  # legend columns beside the panels
-    figure = Figure(figsize=(12 + 1.6 * columns, 4.2 * max(1, len(tasks))), layout="constrained")
-    axes = figure.subplots(max(1, len(tasks)), 2, squeeze=False)
-    for row, task in zip(axes, tasks):
-        mine = [r for r in records if r["task"] == task]
+    figure = Figure(figsize=(12 + 1.6 * columns, 4.2 * max(1, len(panels))), layout="constrained")
+    axes = figure.subplots(max(1, len(panels)), 2, squeeze=False)
+    for row, (setup, task) in zip(axes, panels):
+        mine = [r for r in records if r["task"] == task and r.get("setup") == setup]
         dense = next((r for r in mine if r["method"] == DENSE), None)
         for method in dict.fromkeys(r["method"] for r in mine if r["method"] != DENSE):
             style = styles[method]
@@ -132,6 +172,8 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str = "vtprune 
         for axis in row:
             axis.set_ylabel(f"{task}: {metric}")
             axis.grid(alpha=0.3)
+        if several:  # which setup this row of panels shows
+            row[0].set_title(setup, loc="left", fontsize=9)
     handles = [Line2D([], [], **styles[m].line(), label=m) for m in methods]
     if any(r["method"] == DENSE for r in records):
         handles.append(Line2D([], [], color="black", marker="*", markersize=11, linestyle="--", label="dense"))
@@ -143,12 +185,27 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str = "vtprune 
     return path
 
 
-def write_reports(out_dir: str | Path, metric: str | None = None) -> tuple[list[dict[str, Any]], Path, Path]:
-    """Summarise ``out_dir/results.jsonl`` into ``summary.csv`` and ``pareto.png``; returns (records, csv, png)."""
+def write_reports(
+    out_dir: str | Path, metric: str | None = None, setup: int | None = None
+) -> tuple[list[dict[str, Any]], Path, Path]:
+    """Summarise ``out_dir/results.jsonl`` into ``summary.csv`` and ``pareto.png``; returns (records, csv, png).
+
+    Every setup in the folder is summarised (a ``setup`` column, a row of panels each) unless ``setup`` picks one
+    by its number (1 = the first written, as :func:`split_setups` orders them).
+    """
     rows = read_results(out_dir)
     if not rows:
         raise ValueError(f"{Path(out_dir) / 'results.jsonl'} holds no results yet")
-    records = summarize(rows, metric)
-    setup = latest_setup_rows(rows)[0]["setup"]
-    title = f"{Path(str(setup['model'])).name}: {', '.join(setup['tasks'])} (limit {setup['limit']})"
+    setups = split_setups(rows)
+    if setup is not None:
+        if not 1 <= setup <= len(setups):
+            listed = "; ".join(f"{i}: {label}" for i, (label, _) in enumerate(setups, start=1))
+            raise ValueError(f"setup must be one of 1..{len(setups)} ({listed}), got {setup}")
+        setups = [setups[setup - 1]]
+    records = summarize([row for _, group in setups for row in group], metric)
+    first = setups[0][1][0].get("setup") or {}
+    if len(setups) == 1:
+        title = f"{Path(str(first.get('model'))).name}: {', '.join(first.get('tasks', []))} (limit {first.get('limit')})"
+    else:
+        title = f"{len(setups)} setups in {Path(out_dir).name}"
     return records, write_csv(records, Path(out_dir) / SUMMARY_FILE), plot(records, Path(out_dir) / PLOT_FILE, title)
