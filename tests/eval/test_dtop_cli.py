@@ -45,7 +45,7 @@ def test_one_line_per_threshold_with_miou_gflops_and_seconds(scenes):
     rows = evaluate_thresholds(model, images, labels, THRESHOLDS, batch=3, flop_images=2, console=console)
     lines = _lines(console)
     assert len(lines) == len(THRESHOLDS), lines
-    for line, row in zip(lines, rows):
+    for line, row in zip(lines, rows, strict=True):
         match = LINE.match(line)
         assert match, line
         assert (float(match[1]), float(match[2]), float(match[3])) == (

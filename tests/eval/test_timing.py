@@ -59,7 +59,9 @@ def test_only_the_dense_row_is_a_control():
     assert not report.noisy and report.noise() == []
 
 
-@pytest.mark.parametrize("spread,noisy", [(0.0, False), (0.2, False), (0.2001, True), (0.5, True), (float("nan"), False)])
+@pytest.mark.parametrize(
+    "spread,noisy", [(0.0, False), (0.2, False), (0.2001, True), (0.5, True), (float("nan"), False), (None, False)]
+)
 def test_a_timing_spread_above_20_percent_flags_its_row(spread, noisy):
     row = {"method": "fastv", "keep": 64, "vision_ms_spread": 0.05, "end_to_end_ms_spread": spread}
     report = Report([_dense(), row])
