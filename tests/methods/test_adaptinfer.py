@@ -28,6 +28,7 @@ from vtprune.core.registry import Stage, make_method
 from vtprune.methods.adaptinfer import (
     AdaptInfer,
     find_inflection_layers,
+    first_change_point,
     jensen_shannon,
     pick_inflections,
     text_prior,
@@ -205,26 +206,55 @@ def test_runs_on_every_family_where_it_applies(family):
 
 
 # -- offline analysis ------------------------------------------------------------------------------------------------
+def test_change_point_is_the_least_squares_split_of_each_curve():
+    step = torch.tensor([0.0, 0.1, 0.0, 0.1, 5.0, 5.1, 5.0, 5.1])  # the regime changes after index 3
+    ramp = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 3.0])  # after index 5 (segments of at least 2)
+    assert first_change_point(torch.stack([step, ramp])).tolist() == [3, 5]
+    edge = torch.tensor([9.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # a split after index 0 would leave a 1-long segment
+    assert first_change_point(edge[None]).tolist() == [1]
+    # the brute force over every admissible split, on random curves
+    curves = torch.randn(20, 9, generator=torch.Generator().manual_seed(0)).cumsum(1)
+
+    def sse(x: torch.Tensor) -> float:
+        return float(((x - x.mean()) ** 2).sum())
+
+    expected = [min(range(2, 8), key=lambda k: sse(c[:k]) + sse(c[k:])) - 1 for c in curves.double()]
+    assert first_change_point(curves).tolist() == expected
+    with pytest.raises(ValueError, match="at least 4 layers"):
+        first_change_point(torch.zeros(1, 3))
+
+
 def test_jensen_shannon_and_the_choice_of_inflections():
     p, q = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     assert_close(jensen_shannon(p, q), torch.tensor(math.log(2)))
     assert float(jensen_shannon(p, p)) == 0.0
-    shift = [math.nan, 0.1, 0.5, 0.2, 0.3, 0.9, 0.4, 0.8]
-    assert pick_inflections(shift, 2, 6) == [2, 5]  # peaks 0.5 and 0.9; layer 7 is too deep to prune after
-    assert pick_inflections(shift, 4, 6) == [2, 4, 5, 6]  # then the largest of the rest
+    histogram = [0, 7, 2, 0, 7, 9, 0, 1]
+    assert pick_inflections(histogram, 3) == [1, 4, 5]  # 9, then the two 7s
+    assert pick_inflections(histogram, 2) == [1, 5]  # equal counts: the earlier layer
+    assert pick_inflections([0, 3, 0, 0], 3) == [1]  # only layers where some curve changes
     with pytest.raises(ValueError, match="count must be an int >= 1"):
         find_inflection_layers(tiny_model("llava"), {}, count=0)
+    with pytest.raises(ValueError, match="top_tokens must be a share"):
+        find_inflection_layers(tiny_model("llava"), {}, top_tokens=0)
+    with pytest.raises(ValueError, match="at least 4 softmax-attention decoder layers"):
+        find_inflection_layers(tiny_model("llava", num_layers=3), {})
 
 
 def test_find_inflection_layers_reports_valid_layers_and_writes_a_plot(tmp_path):
     model = tiny_model("llava", num_layers=6)
     batch = make_batch(model, samples_for("llava"))
-    report = find_inflection_layers(model, batch, plot=tmp_path / "shift.png", count=2)
-    assert len(report.shift) == len(report.vision_share) == 6
+    report = find_inflection_layers(model, batch, plot=tmp_path / "inflections.png", count=2)
+    assert len(report.shift) == len(report.vision_share) == len(report.change_points) == 6
     assert math.isnan(report.shift[0]) and all(0 <= s <= math.log(2) + 1e-6 for s in report.shift[1:])
     assert all(0 < s < 1 for s in report.vision_share)
-    assert len(report.inflection_layers) == 2 and all(1 <= i <= 4 for i in report.inflection_layers)
+    # two samples with images track ceil(0.1 x 64) = 7 and ceil(0.1 x 128) = 13 tokens, one change point each, after
+    # layers 1 to 3 (segments of at least two layers)
+    assert sum(report.change_points) == 20
+    assert report.change_points[0] == report.change_points[4] == report.change_points[5] == 0
+    assert 1 <= len(report.inflection_layers) <= 2 and all(1 <= i <= 3 for i in report.inflection_layers)
     assert report.inflection_layers == sorted(report.inflection_layers)
+    top = max(report.change_points)
+    assert report.change_points.index(top) in report.inflection_layers
     # the layers are usable as the method's schedule
     info = vtprune.api.model_info(vtprune.api.adapter_for(model))
     AdaptInfer(layers=tuple(report.inflection_layers)).stages(info, 4)
@@ -241,9 +271,9 @@ def test_find_inflection_layers_reports_valid_layers_and_writes_a_plot(tmp_path)
 
     pixels = matplotlib.image.imread(report.plot)
     assert pixels.shape[0] > 100 and pixels.shape[1] > 100
-    assert float(pixels[..., :3].std()) > 0.05  # curves, axes and text, not a blank canvas
+    assert float(pixels[..., :3].std()) > 0.05  # bars, curve, axes and text, not a blank canvas
     coloured = (pixels[..., :3].max(-1) - pixels[..., :3].min(-1)) > 0.3
-    assert coloured.sum() > 200  # the coloured curves and markers are drawn
+    assert coloured.sum() > 200  # the coloured bars, curve and markers are drawn
 
 
 def test_find_inflection_layers_needs_an_image():
