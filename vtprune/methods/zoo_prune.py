@@ -45,9 +45,9 @@ Choices that are ours (the paper or the code leaves them open, or we deviate):
   each coordinate by ~0.01 / sqrt(D), below half-precision resolution for coordinates of order 1, so the estimate is
   coarse there. Measured on a LLaVA-1.5-sized MLP (1024 -> 4096 -> 4096, 576 random unit-scale features, 64
   directions) against float32 at the same step: float16 rank correlation 0.67 (top 64: 28 shared) at eps = 0.01,
-  0.996 (63) at 0.1; bfloat16 0.31 (16) at 0.01, 0.75 (31) at 0.1, 0.997 (61) at 1.0. We keep the authors' 0.01; in half precision
-  a larger ``eps`` follows float32 better. (A float32 estimate would need a float32 copy of the projector, which the
-  core does not offer.)
+  0.996 (63) at 0.1; bfloat16 0.31 (16) at 0.01, 0.75 (31) at 0.1, 0.997 (61) at 1.0. We keep the authors' 0.01;
+  in half precision a larger ``eps`` follows float32 better. (A float32 estimate would need a float32 copy of the
+  projector, which the core does not offer.)
 * Batched projector passes are split into chunks of at most ``CHUNK_ROWS`` perturbed rows (the authors push all
   ``K * N`` rows at once: 184k rows of width 4096 on LLaVA-NeXT), which bounds memory and changes no value.
 * LLaVA-NeXT: per view, as the authors' ``select_tokens_sads_multi_frames`` (each view's own normalisation,
