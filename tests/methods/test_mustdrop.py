@@ -108,15 +108,15 @@ def test_dual_attention_fill_takes_the_key_set_then_global_and_individual_in_tur
     }
     mean = (rows[8] + rows[9]) / 2  # global: 0 (0.20), 5 (0.15), 2 (0.095), 1, 6, 3, 4, 7
 
-    def attention_of(slots, real):
-        return rows[int(slots[0, 0])][None]
+    def attention_rows(slots, real):  # each instruction row's attention, [1, R, L]
+        return torch.stack([rows[int(slot)] * float(ok) for slot, ok in zip(slots[0], real[0])])[None]
 
     cls = torch.tensor([[0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.1]])  # key set: token 3
     item = VisualItem(0, 0, "image", n, 0)
     view = ItemView(item, 0, torch.arange(n), torch.arange(n), torch.ones(n, dtype=torch.bool), 4, cls_attention=cls)
     ctx = PruneContext(
         stage=Stage(layer=3, attention_from=2, query="instruction"), model=LLAVA, layout=layout, items=[view],
-        signals=Signals(attention=lambda: mean[None], attention_of=attention_of),
+        signals=Signals(attention=lambda: mean[None], attention_rows=attention_rows),
     )  # fmt: skip
     (chosen,) = MustDrop(key_share=0.1).select(ctx)  # ceil(0.1 * 8) = 1 key token
     # key 3; global 0; individual (max: 0 0.40, 5 0.30, 2 0.10, 6 0.05) 0 already, next 5; global 0, 5 taken -> 2

@@ -230,11 +230,7 @@ class MustDrop(Method):
     def individual_attention(self, ctx: PruneContext) -> Tensor:
         """Per slot, the largest attention any one instruction token pays it (head-averaged), ``[B, L]``."""
         rows, real = query_slots(ctx.layout, "instruction")
-        best = torch.zeros(ctx.layout.valid.shape, dtype=torch.float32, device=rows.device)
-        for r in range(rows.shape[1]):
-            row = ctx.attention_of(rows[:, r : r + 1], real[:, r : r + 1])
-            best = torch.maximum(best, row * real[:, r : r + 1])
-        return best
+        return ctx.attention_rows(rows, real).amax(1)  # rows that do not count are zeros
 
     # -- stage 3: output-aware cache policy --------------------------------------------------------------------
     def decode_score(self, ctx: PruneContext) -> list[Tensor]:
