@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed prefills per row (default 10; tiny 3)")
     parser.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 64; tiny 4)")
     parser.add_argument("--no-kernels", action="store_true", help="skip the Triton kernel phase")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                        help="model dtype (default: bfloat16 on the GPU, float32 under --tiny)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its time estimate, run nothing")
     args = parser.parse_args(argv)
     args.budget = args.budget if args.budget is not None else (120.0 if args.tiny else 400.0)
@@ -801,14 +803,15 @@ def estimate_plan(plan: argparse.Namespace, methods: list[str]) -> list[tuple[st
     out = []
     if "llava" in plan.models:
         out.append(("build llava", 1, build))
-        out.append(("llava batch 1 keep 64", rows, row("llava", 1, 576) + rows_cost("llava", 1, [64])))
+        first = plan.batches[0]
+        out.append((f"llava batch {first} keep 64", rows, row("llava", first, 576) + rows_cost("llava", first, [64])))
         eager = sum(12 * 1.5 * forward_seconds("llava", b, 64, plan.tiny) for b in plan.batches) * 6
         out.append(("eager references", 6 * len(plan.batches), eager))
     if not plan.no_kernels:
         out.append(("kernels", 3 if plan.tiny else 18, 5.0 if plan.tiny else 20.0))
     if "llava" in plan.models:
         others = list(llava_keeps[1:])
-        out.append(("llava batch 1, other budgets", (rows - 1) * len(others), rows_cost("llava", 1, others)))
+        out.append((f"llava batch {first}, other budgets", (rows - 1) * len(others), rows_cost("llava", first, others)))
         for batch in plan.batches[1:]:
             cost = row("llava", batch, 576) + rows_cost("llava", batch, list(llava_keeps))
             out.append((f"llava batch {batch}", rows * len(llava_keeps), cost))
@@ -840,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock(plan.budget)
     cuda = torch.cuda.is_available() and not plan.tiny
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = getattr(torch, plan.dtype) if plan.dtype else (torch.bfloat16 if cuda else torch.float32)
     if not cuda and not plan.tiny and not plan.dry_run:  # a dry run shows the full-size plan anywhere
         print("no CUDA device: running the --tiny configs instead (the full-size models need a GPU)", flush=True)
         plan.tiny = True
@@ -1059,18 +1062,19 @@ def run(plan: argparse.Namespace, names: list[str], device: Any, dtype: Any, clo
         results.save_json()
 
     if "llava" in plan.models:
-        with phase("llava batch 1 keep 64"):
-            method_rows("llava", 1, llava_keeps[:1])
+        first = plan.batches[0]  # the first batch size given (1 by default) is measured first, every budget
+        with phase(f"llava batch {first} keep 64"):
+            method_rows("llava", first, llava_keeps[:1])
         with phase("eager references"):
             for batch in plan.batches:
-                if batch == 1 or dense_rows.get(("llava", batch)):
+                if batch == first or dense_rows.get(("llava", batch)):
                     eager_rows("llava", batch, *llava_keeps[0])
     if not plan.no_kernels:
         with phase("kernels"):
             kernel_rows(plan, device, clock, results)
     if "llava" in plan.models:
-        with phase("llava batch 1, other budgets"):
-            method_rows("llava", 1, llava_keeps[1:])
+        with phase(f"llava batch {first}, other budgets"):
+            method_rows("llava", first, llava_keeps[1:])
         for batch in plan.batches[1:]:
             with phase(f"llava batch {batch}"):
                 method_rows("llava", batch, llava_keeps[:1])
@@ -1093,9 +1097,9 @@ def run(plan: argparse.Namespace, names: list[str], device: Any, dtype: Any, clo
             models["qwen"] = build_model("qwen", plan.tiny, device, dtype)
             data["context"]["build_qwen_s"] = round(time.monotonic() - began, 1)
         qwen = [(k, label) for k, label in qwen_keeps]
-        with phase("qwen batch 1"):
-            method_rows("qwen", 1, qwen)
-            eager_rows("qwen", 1, *qwen[0])
+        with phase(f"qwen batch {plan.batches[0]}"):
+            method_rows("qwen", plan.batches[0], qwen)
+            eager_rows("qwen", plan.batches[0], *qwen[0])
         for batch in plan.batches[1:]:
             with phase(f"qwen batch {batch}"):
                 method_rows("qwen", batch, qwen[:1])
