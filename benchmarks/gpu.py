@@ -16,15 +16,22 @@ and measured dense and under every registered method that applies, at keep = 64 
   prefill / floor: the whole pruned prefill over (this row's vision tower ms + that born-short language model ms);
 * overhead: vtprune's own time per forward (``pruning.last.overhead`` with ``synchronize_timers`` on, so it is
   device time), as a share of the dense prefill;
-* TTFT (``generate`` of one token), decode tokens/s over 64 new tokens ((generate(64) - TTFT) / 63 per step, times the
-  batch), peak GPU memory of the row, KV-cache bytes after the prefill.
+* TTFT (``generate`` of one token), decode tokens/s over 64 new tokens ((generate(64) - generate(1)) / 63 per step,
+  times the batch), peak GPU memory of the row (weights included), KV-cache bytes after the prefill.
+
+A dense 7B prefill at batch 1 is short enough on an H200 (about 9 TFLOPs) that the host launching the eager-mode
+transformers layers may bound it rather than the GPU; the born-short floor shows how much of that a pruned prefill
+can escape at all, and batch 8 shows the compute-bound side.
 
 Methods that score by the LLM's own attention (FastV, PyramidDrop, SparseVLM, TransPrune, VisionDrop) are also run
 as their authors run them, on the model switched to eager attention (their code reads attention maps, which SDPA
 does not return), with the same method and budget: prefill ms of both and the overlap of the two selections (bf16
 eager and SDPA round differently, so a near-tie can flip). The Triton ``gather_tokens`` / ``compact_kv`` /
 ``merge_tokens`` run against their torch references at N = 576 / 2,880, D = 4,096, bf16 (the cases of
-``benchmarks/kernels.py``): GB/s, % of the H200's nominal 4.8 TB/s and of the measured copy bandwidth.
+``benchmarks/kernels.py``): GB/s, % of the H200's nominal 4.8 TB/s and of the measured copy bandwidth. Before any
+model runs, a Triton preflight checks the three kernels against torch on small inputs: the engine gathers kept tokens
+with Triton on CUDA, so if this machine's Triton cannot build them, the engine is switched to the torch path for the
+run (said in the context and gpu.md) rather than every method row failing.
 
 Safety: the plan and its time estimate print first; phases run most important first (LLaVA batch 1 at keep 64,
 eager references, kernels, other budgets, batch 8, decode, Qwen) and a phase's rows are skipped, marked as such,
@@ -34,8 +41,9 @@ measured. Every measurement sits in try/except: an error is recorded in its row 
 is rewritten after every row; ``gpu.md`` and ``gpu.png`` after every phase and at the end.
 
 ``--tiny``: the same code path on the CPU (perf_counter instead of CUDA events) with tiny configs of the same
-families, the same prompt layout and a smaller Qwen image, fewer repeats and 4 new tokens, in float32; the Triton
-kernels run through the interpreter (``TRITON_INTERPRET=1``) at small shapes. ``--quick``: methods fastv, pdrop,
+families (same token ids, patch geometry and 576 LLaVA image tokens; Qwen's image 448 x 252 px), batches 1 and 2,
+3 repeats and 4 new tokens, in float32 (``--dtype bfloat16`` for the GPU's dtype); the Triton kernels run through
+the interpreter (``TRITON_INTERPRET=1``) at small shapes. ``--quick``: methods fastv, pdrop,
 visionzip, divprune and random, keep 64 (LLaVA) and 1/4 (Qwen).
 
     python benchmarks/gpu.py --out gpu-out [--quick] [--budget 400] [--tiny]
@@ -43,7 +51,7 @@ visionzip, divprune and random, keep 64 (LLaVA) and 1/4 (Qwen).
 
 Choices that are ours: random token ids and pixels (latency does not depend on their values); the batch-8 prompts
 have equal lengths (no padding), each its own text and pixels; decode is measured once per (method, batch) at the
-smallest budget (64 / 1/9), after TTFT is known, because a 64-token generate costs as much as ~40 prefills and the
+smallest budget (64 / 1/9), because a 64-token generate costs as much as ~40 prefills and the
 KV length is the only thing a method changes in decoding; tower-attention methods (VisionZip, VTC-CLS, ...) get no
 eager reference (their authors read CLIP attention maps, a small part of the forward).
 """
@@ -343,6 +351,9 @@ def method_kind(model: Any, method: str, keep: Any) -> dict[str, Any]:
     from vtprune.core.budget import validate_keep
     from vtprune.core.registry import make_method
 
+    if vtprune.method_kind(method) == "vit":  # a ViT method wrapped inside the VLM reduces the tower's own rows
+        vtprune.wrap(model, method, keep=keep).unwrap()  # raises where it cannot reduce this model's tower
+        return {"stage_layers": ["tower"], "pre_llm": True, "llm_attention": False}
     info = model_info(vtprune.adapter_for(model))
     config = make_method(method)
     stages = checked_stages(config, config.stages(info, validate_keep(keep)), info)
@@ -848,10 +859,12 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: running the --tiny configs instead (the full-size models need a GPU)", flush=True)
         plan.tiny = True
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    names = plan.methods.split(",") if plan.methods else list(QUICK_METHODS if plan.quick else vtprune.list_methods("llm"))
+    # every registered method: LLM-side ones and the ViT ones that reduce a VLM's tower (FlowCut, EViT, ToMe on
+    # LLaVA-1.5); each that does not apply to a model is skipped with its own reason
+    names = plan.methods.split(",") if plan.methods else list(QUICK_METHODS if plan.quick else vtprune.list_methods())
     unknown = [n for n in names if n not in vtprune.list_methods()]
     if unknown:
-        print(f"unknown methods: {', '.join(unknown)}; registered: {', '.join(vtprune.list_methods('llm'))}")
+        print(f"unknown methods: {', '.join(unknown)}; registered: {', '.join(vtprune.list_methods())}")
         return 2
     context = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -952,7 +965,7 @@ def run(plan: argparse.Namespace, names: list[str], device: Any, dtype: Any, clo
         if (name, method) not in kinds:
             try:
                 kinds[(name, method)] = method_kind(models[name], method, keep)
-            except ValueError as error:
+            except (ValueError, TypeError) as error:  # the method's own refusal, with its reason
                 kinds[(name, method)] = None
                 data["skipped"].append(f"{name}/{method}: does not apply ({str(error).split(';')[0][:160]})")
         return kinds[(name, method)]
