@@ -17,7 +17,8 @@ and measured dense and under every registered method that applies, at keep = 64 
 * overhead: vtprune's own time per forward (``pruning.last.overhead`` with ``synchronize_timers`` on, so it is
   device time), as a share of the dense prefill;
 * TTFT (``generate`` of one token), decode tokens/s over 64 new tokens ((generate(64) - generate(1)) / 63 per step,
-  times the batch), peak GPU memory of the row (weights included), KV-cache bytes after the prefill.
+  times the batch), peak GPU memory of the row (the model's weights plus what the row allocated), KV-cache bytes after
+  the prefill.
 
 A dense 7B prefill at batch 1 is short enough on an H200 (about 9 TFLOPs) that the host launching the eager-mode
 transformers layers may bound it rather than the GPU; the born-short floor shows how much of that a pruned prefill
@@ -33,8 +34,9 @@ model runs, a Triton preflight checks the three kernels against torch on small i
 with Triton on CUDA, so if this machine's Triton cannot build them, the engine is switched to the torch path for the
 run (said in the context and gpu.md) rather than every method row failing.
 
-Safety: the plan and its time estimate print first; phases run most important first (LLaVA batch 1 at keep 64,
-eager references, kernels, other budgets, batch 8, decode, Qwen) and a phase's rows are skipped, marked as such,
+Safety: the plan and its time estimate print first; phases run most informative first (LLaVA at keep 64 at batch 1,
+its eager references, the kernels, batch 8 at keep 64, batch 1's other budgets, Qwen at batch 1, decode of dense
+and the quick methods, then the rest) and a phase's rows are skipped, marked as such,
 once the estimate of the next row no longer fits in ``--budget`` seconds (default 400: the run ends inside 7
 minutes, model construction included); a hard alarm shortly after the budget stops whatever runs and writes what was
 measured. Every measurement sits in try/except: an error is recorded in its row and the run goes on. ``gpu.json``
@@ -280,7 +282,7 @@ class Bench:
         self.shape = model_shape(model)
         self.torch = torch
         self.warmup = 1 if plan.tiny else 2
-        self.side = 1 if plan.tiny else 3  # forwards for the module split, the overhead and TTFT
+        self.side = 1 if plan.tiny else 2  # forwards for the module split, the overhead and TTFT (each a median)
 
     def sync(self) -> None:
         if self.cuda:
@@ -338,9 +340,15 @@ class Bench:
         if self.cuda:
             self.sync()
             self.torch.cuda.reset_peak_memory_stats(self.device)
+            self.resident = self.torch.cuda.memory_allocated(self.device)
 
     def peak(self) -> int | None:
-        return int(self.torch.cuda.max_memory_allocated(self.device)) if self.cuda else None
+        """This model's weights plus what the row allocated on top of everything resident when it began (so the
+        other model, resident too once Qwen is built, is not counted)."""
+        if not self.cuda:
+            return None
+        weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        return int(self.torch.cuda.max_memory_allocated(self.device) - self.resident + weights)
 
 
 def method_kind(model: Any, method: str, keep: Any) -> dict[str, Any]:
@@ -799,7 +807,7 @@ def estimate_plan(plan: argparse.Namespace, methods: list[str]) -> list[tuple[st
     rows = len(methods) + 1
     llava_keeps = LLAVA_KEEPS[:1] if plan.quick else LLAVA_KEEPS
     qwen_keeps = [k for k, _ in (QWEN_KEEPS[:1] if plan.quick else QWEN_KEEPS)]
-    forwards = 2 + plan.repeats + 1 + 3 + 3 + 4
+    forwards = 2 + plan.repeats + 1 + 3 * (1 if plan.tiny else 2) + 1
     build = 1.0 if plan.tiny else 12.0
 
     def row(model: str, batch: int, visual: float) -> float:
@@ -811,30 +819,46 @@ def estimate_plan(plan: argparse.Namespace, methods: list[str]) -> list[tuple[st
         return (rows - 1) * sum(row(model, batch, v) for v in visual)  # every method at every budget
 
     decode_step = 0.01 if plan.tiny else 0.025  # launch-bound, as the prefill floor
+    first, rest = plan.batches[0], plan.batches[1:]
+    others = list(llava_keeps[1:])
+    quick = min(len(QUICK_METHODS), rows - 1) + 1
     out = []
+
+    def decode(model: str, count: int) -> float:
+        visual = 64 if model == "llava" else 133
+        return count * ((plan.new_tokens + 3) * decode_step + 2 * forward_seconds(model, 1, visual, plan.tiny))
+
+    def eager(model: str, batch: int) -> float:
+        return 6 * 12 * 1.5 * forward_seconds(model, batch, 64 if model == "llava" else 299, plan.tiny)
+
     if "llava" in plan.models:
         out.append(("build llava", 1, build))
-        first = plan.batches[0]
         out.append((f"llava batch {first} keep 64", rows, row("llava", first, 576) + rows_cost("llava", first, [64])))
-        eager = sum(12 * 1.5 * forward_seconds("llava", b, 64, plan.tiny) for b in plan.batches) * 6
-        out.append(("eager references", 6 * len(plan.batches), eager))
+        out.append((f"llava batch {first} eager references", 6, eager("llava", first)))
     if not plan.no_kernels:
         out.append(("kernels", 3 if plan.tiny else 18, 5.0 if plan.tiny else 20.0))
     if "llava" in plan.models:
-        others = list(llava_keeps[1:])
+        for batch in rest:
+            cost = row("llava", batch, 576) + rows_cost("llava", batch, [64]) + eager("llava", batch)
+            out.append((f"llava batch {batch} keep 64", rows + 6, cost))
         out.append((f"llava batch {first}, other budgets", (rows - 1) * len(others), rows_cost("llava", first, others)))
-        for batch in plan.batches[1:]:
-            cost = row("llava", batch, 576) + rows_cost("llava", batch, list(llava_keeps))
-            out.append((f"llava batch {batch}", rows * len(llava_keeps), cost))
-        per_row = (plan.new_tokens + 3) * decode_step + 2 * forward_seconds("llava", 1, 64, plan.tiny)
-        out.append(("llava decode", rows * len(plan.batches), rows * len(plan.batches) * per_row))
     if "qwen" in plan.models:
         out.append(("build qwen", 1, build * 1.2))
-        for batch in plan.batches:
+        cost = row("qwen", first, 1196) + rows_cost("qwen", first, qwen_keeps) + eager("qwen", first)
+        out.append((f"qwen batch {first}", rows * len(qwen_keeps) + 6, cost))
+    models = [m for m in ("llava", "qwen") if m in plan.models]
+    count = quick * len(plan.batches) * len(models)
+    out.append(("decode: dense and the quick methods", count, sum(decode(m, quick * len(plan.batches)) for m in models)))
+    for batch in rest:
+        if "llava" in plan.models:
+            out.append((f"llava batch {batch}, other budgets", (rows - 1) * len(others),
+                        rows_cost("llava", batch, others)))  # fmt: skip
+    for batch in rest:
+        if "qwen" in plan.models:
             cost = row("qwen", batch, 1196) + rows_cost("qwen", batch, qwen_keeps)
             out.append((f"qwen batch {batch}", rows * len(qwen_keeps), cost))
-        per_row = (plan.new_tokens + 3) * decode_step + 2 * forward_seconds("qwen", 1, 133, plan.tiny)
-        out.append(("qwen decode", rows * len(plan.batches), rows * len(plan.batches) * per_row))
+    count = (rows - quick) * len(plan.batches)
+    out.append(("decode: the other methods", count * len(models), sum(decode(m, count) for m in models)))
     return out
 
 
@@ -882,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = "full-size plan, as on a GPU" if plan.dry_run and not plan.tiny else f"{context['device']}, {context['dtype']}"
     print(f"plan ({shown}, {len(names)} methods, batches {plan.batches}):", flush=True)
     for phase, count, seconds in estimate:
-        print(f"  {phase:32s} {count:4d} rows  ~{seconds:6.0f} s", flush=True)
+        print(f"  {phase:40s} {count:4d} rows  ~{seconds:6.0f} s", flush=True)
     print(f"estimated total ~{total:.0f} s against a budget of {plan.budget:.0f} s"
           + (": phases past the budget are skipped, most important first" if total > plan.budget else ""), flush=True)
     results.save_json()
@@ -1053,11 +1077,15 @@ def run(plan: argparse.Namespace, names: list[str], device: Any, dtype: Any, clo
             if row is not None:
                 row.update(model=name, batch=batch, method=method or "dense", keep_label=label if method else None)
 
-    def decode_rows(name: str, batch: int, keep: Any) -> None:
+    def decode_rows(name: str, batch: int, keep: Any, chosen: Callable[[str], bool]) -> None:
+        """Decode speed of the dense row and each ``chosen`` method's row at ``keep`` that has none yet."""
+        rows = [r for r in data["rows"] if r.get("model") == name and r.get("batch") == batch
+                and (r.get("keep") == keep or r["method"] == "dense") and "ttft_ms" in r and chosen(r["method"])
+                and "generate_ms" not in r and "decode_error" not in r]  # fmt: skip
+        if not rows:
+            return
         bench = Bench(models[name], name, plan)
         inputs = inputs_for(name, batch)
-        rows = [r for r in data["rows"] if r.get("model") == name and r.get("batch") == batch
-                and (r.get("keep") == keep or r["method"] == "dense") and "ttft_ms" in r]  # fmt: skip
         for row in rows:
             method = None if row["method"] == "dense" else row["method"]
             cost = costs.get(f"decode/{name}/{batch}", row["ttft_ms"] / 1e3 * (plan.new_tokens + 4))
@@ -1074,52 +1102,59 @@ def run(plan: argparse.Namespace, names: list[str], device: Any, dtype: Any, clo
                 costs[f"decode/{name}/{batch}"] = time.monotonic() - began
         results.save_json()
 
+    # Phases, most informative per second first (each skips its rows once they no longer fit): the issue's goals
+    # (LLaVA at keep 64: batch 1, eager references, the kernels, batch 8), the plot's other budgets, Qwen's first
+    # batch, decode for dense and the quick methods, then the rest. Both models stay resident once Qwen is built
+    # (31 GiB of 139), so the order need not follow the models; peak memory is counted per row (see measure_row).
+    first, rest = plan.batches[0], plan.batches[1:]
     if "llava" in plan.models:
-        first = plan.batches[0]  # the first batch size given (1 by default) is measured first, every budget
         with phase(f"llava batch {first} keep 64"):
             method_rows("llava", first, llava_keeps[:1])
-        with phase("eager references"):
-            for batch in plan.batches:
-                if batch == first or dense_rows.get(("llava", batch)):
-                    eager_rows("llava", batch, *llava_keeps[0])
+        with phase(f"llava batch {first} eager references"):
+            eager_rows("llava", first, *llava_keeps[0])
     if not plan.no_kernels:
         with phase("kernels"):
             kernel_rows(plan, device, clock, results)
     if "llava" in plan.models:
-        with phase(f"llava batch {first}, other budgets"):
-            method_rows("llava", first, llava_keeps[1:])
-        for batch in plan.batches[1:]:
-            with phase(f"llava batch {batch}"):
+        for batch in rest:
+            with phase(f"llava batch {batch} keep 64"):
                 method_rows("llava", batch, llava_keeps[:1])
                 eager_rows("llava", batch, *llava_keeps[0])
-                method_rows("llava", batch, llava_keeps[1:])
-        with phase("llava decode"):
-            for batch in plan.batches:
-                decode_rows("llava", batch, llava_keeps[0][0])
-        del models["llava"]  # free the weights before Qwen is built
-        inputs_cache.clear()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        with phase(f"llava batch {first}, other budgets"):
+            method_rows("llava", first, llava_keeps[1:])
+    qwen = list(qwen_keeps)
     if "qwen" in plan.models:
         build_cost = data["context"].get("build_llava_s", 12.0) * 1.3 + 10
-        if not clock.fits(build_cost + 2 * costs.get("llava/1", 2.0) * 2):
+        if clock.fits(build_cost + 2 * costs.get(f"llava/{first}", 2.0)):
+            with phase("build qwen"):
+                began = time.monotonic()
+                models["qwen"] = build_model("qwen", plan.tiny, device, dtype)
+                data["context"]["build_qwen_s"] = round(time.monotonic() - began, 1)
+        else:
             data["skipped"].append(f"qwen: no time left to build it and measure a row ({clock.left():.0f} s left)")
-            return
-        with phase("build qwen"):
-            began = time.monotonic()
-            models["qwen"] = build_model("qwen", plan.tiny, device, dtype)
-            data["context"]["build_qwen_s"] = round(time.monotonic() - began, 1)
-        qwen = [(k, label) for k, label in qwen_keeps]
-        with phase(f"qwen batch {plan.batches[0]}"):
-            method_rows("qwen", plan.batches[0], qwen)
-            eager_rows("qwen", plan.batches[0], *qwen[0])
-        for batch in plan.batches[1:]:
+    if "qwen" in models:
+        with phase(f"qwen batch {first}"):
+            method_rows("qwen", first, qwen)
+            eager_rows("qwen", first, *qwen[0])
+    quick = {"dense", *QUICK_METHODS}
+    with phase("decode: dense and the quick methods"):
+        for name, keep in (("llava", llava_keeps[0][0]), ("qwen", qwen[-1][0])):
+            if name in models:
+                for batch in plan.batches:
+                    decode_rows(name, batch, keep, lambda method: method in quick)
+    if "llava" in plan.models:
+        for batch in rest:
+            with phase(f"llava batch {batch}, other budgets"):
+                method_rows("llava", batch, llava_keeps[1:])
+    if "qwen" in models:
+        for batch in rest:
             with phase(f"qwen batch {batch}"):
-                method_rows("qwen", batch, qwen[:1])
-                method_rows("qwen", batch, qwen[1:])
-        with phase("qwen decode"):
-            for batch in plan.batches:
-                decode_rows("qwen", batch, qwen[-1][0])
+                method_rows("qwen", batch, qwen)
+    with phase("decode: the other methods"):
+        for name, keep in (("llava", llava_keeps[0][0]), ("qwen", qwen[-1][0])):
+            if name in models:
+                for batch in plan.batches:
+                    decode_rows(name, batch, keep, lambda method: method not in quick)
 
 
 @contextmanager
