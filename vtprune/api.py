@@ -172,8 +172,11 @@ def checked_stages(config: Method, stages: list[Stage], info: ModelInfo) -> list
                 raise ValueError(
                     f"{config.name}: vision layer {layer} is outside the vision tower ({info.vision_layers} layers)"
                 )
-        if not stage.scale > 0:
-            raise ValueError(f"{config.name}: stage scale must be positive, got {stage.scale}")
+        if not (stage.scale > 0 or (stage.scale == 0 and stage.layer is not None)):
+            raise ValueError(
+                f"{config.name}: stage scale must be positive (0 only inside the LLM: drop every visual token), "
+                f"got {stage.scale}"
+            )
     return stages
 
 

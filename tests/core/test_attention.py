@@ -90,3 +90,30 @@ def test_interleaved_partial_rotary_matches_glm4v():
     assert torch.equal(apply_rotary(q, cos, sin, interleaved=True), expected_q)
     assert torch.equal(apply_rotary(k, cos, sin, interleaved=True), expected_k)
     assert not torch.allclose(apply_rotary(q, cos, sin), expected_q)  # the halves convention differs
+
+
+def test_row_attention_keeps_heads_and_rows_apart_and_averages_to_mean_attention():
+    from vtprune.core.signals import mean_attention, row_attention
+
+    torch.manual_seed(0)
+    batch, length, heads, dim = 2, 6, 4, 4
+    q, k = torch.randn(batch, length, heads * dim), torch.randn(batch, length, 2 * dim)
+    rotary = torch.randn(batch, length, dim), torch.randn(batch, length, dim)
+    parts = SimpleNamespace(attention=_Attention(), gated_query=False, interleaved_rotary=False)
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    layout = SimpleNamespace(batch_size=batch, length=length, valid=valid, blocks=None)
+    rows, real = torch.tensor([[4, 5], [3, 0]]), torch.tensor([[True, True], [True, False]])
+
+    def queries(slots):
+        return gather_rows(q, slots)
+
+    per_head = row_attention(parts, queries, k, rotary, layout, rows, real, per_head=True)
+    assert per_head.shape == (batch, heads, 2, length)
+    first = tuple(table[:1] for table in rotary)
+    alone = attention_rows(_Attention(), gather_rows(q[:1], rows[:1]), k[:1], first, rows[:1], valid[:1])
+    assert_close(per_head[0], alone[0])
+    assert per_head[1, :, 1].abs().max() == 0  # a row that is not real
+    averaged = row_attention(parts, queries, k, rotary, layout, rows, real)
+    assert_close(averaged, per_head.mean(1))
+    mean = mean_attention(parts, queries, k, rotary, layout, (rows, real))
+    assert_close(averaged.sum(1) / real.sum(1, keepdim=True), mean)

@@ -76,7 +76,7 @@ def test_rows_that_do_not_exist_are_not_raters():
     attention = torch.softmax(torch.randn(2, 1, 2, 5, generator=torch.Generator().manual_seed(1)), -1)
     rows = torch.tensor([[3, 4], [4, 0]])  # sample 1 has one text row; its second entry is padding
     real = torch.tensor([[True, True], [True, False]])
-    attention[1, :, 1] = 0  # what ctx.attention_heads returns for a row that is not real
+    attention[1, :, 1] = 0  # what ctx.attention_rows(per_head=True) returns for a row that is not real
     scores = weighted_vision_scores(attention, rows, real)
     prior = attention[1, 0, 0, 4]  # one rater: it receives and pays only its own attention
     assert_close(scores[1], prior * attention[1, 0, 0])
@@ -91,7 +91,7 @@ def test_select_keeps_the_top_tokens_of_each_image_by_the_weighted_score():
     # so each token's score is 0.4 x its column sum
     ctx = _context([4, 4, 2], [2, 1, 2], Stage(layer=2, attention_from=1))
     ctx.items = ctx.items[:2]
-    ctx.signals = Signals(attention_heads=lambda rows, real: probs)
+    ctx.signals = Signals(attention_rows=lambda rows, real, per_head: probs)
     ctx.layout.item[0, 8:] = -1  # slots 8-9 are text
     chosen = AdaptInfer().select(ctx)
     assert sorted(chosen[0].tolist()) == [1, 2]  # 0.2 and 0.3 beat 0.1 and 0.1

@@ -108,7 +108,7 @@ def test_dual_attention_fill_takes_the_key_set_then_global_and_individual_in_tur
     }
     mean = (rows[8] + rows[9]) / 2  # global: 0 (0.20), 5 (0.15), 2 (0.095), 1, 6, 3, 4, 7
 
-    def attention_rows(slots, real):  # each instruction row's attention, [1, R, L]
+    def attention_rows(slots, real, per_head=False):  # each instruction row's attention, [1, R, L]
         return torch.stack([rows[int(slot)] * float(ok) for slot, ok in zip(slots[0], real[0])])[None]
 
     cls = torch.tensor([[0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.1]])  # key set: token 3

@@ -116,6 +116,7 @@ def test_linear_attention_layers_read_the_last_softmax_layer_before_them():
         ({"stage1_scale": 0.5}, "todre: stage1_scale .* must be a finite number >= 1"),
         ({"stage1_scale": True}, "todre: stage1_scale"),
         ({"positions": "shift"}, "positions must be one of"),
+        ({"drop_all": 1}, "todre: drop_all must be True or False"),
     ],
 )
 def test_bad_options_name_the_parameter_and_the_allowed_values(options, message):
@@ -204,3 +205,17 @@ def test_runs_on_every_family(family):
     assert generated.shape[1] == batch["input_ids"].shape[1] + 3
     with pytest.raises(ValueError, match="todre: layer=9 is outside the model"):
         vtprune.wrap(model, "todre", keep=3, layer=9)
+
+
+@pytest.mark.parametrize("family", [f for f in ("llava", "qwen2_5_vl") if f in FAMILIES])
+def test_drop_all_removes_every_visual_token_at_the_late_layer(family):
+    model = tiny_model(family)
+    batch = make_batch(model, samples_for(family)[:2])
+    with vtprune.wrap(model, "todre", keep=3, drop_all=True) as pruning:
+        model(**batch)
+        first, second = pruning.last.stages
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert all(b == 3 for b in first.budgets) and all(b == 0 for b in second.budgets)
+    assert all(k.numel() == 0 for k in second.kept_per_item)
+    assert generated.shape[1] == batch["input_ids"].shape[1] + 3
+    assert ToDRE(drop_all=True).stages(LLAVA, 58) == [Stage(layer=None), Stage(layer=16, scale=0.0)]

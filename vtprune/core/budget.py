@@ -94,7 +94,8 @@ def stage_budgets(
         return [0] * len(stages)
 
     def budgets(final: int) -> list[int]:
-        return [min(available, max(1, round(scale * final))) for _, scale in stages]
+        # scale 0: an in-LLM stage that drops every visual token (ToDRE's drop_all)
+        return [0 if scale == 0 else min(available, max(1, round(scale * final))) for _, scale in stages]
 
     if convention == "final":
         return budgets(tokens_to_keep(keep, available))

@@ -50,6 +50,8 @@ class ItemView:
     tower_tokens: Tensor | None = None
     groups: Tensor | None = None
     group_budgets: dict[int, int] | None = None
+    # the tokens the item keeps after the schedule's last stage (e.g. a floor for a stage that merges by similarity)
+    final_budget: int | None = None
 
     @property
     def sample(self) -> int:
@@ -76,6 +78,7 @@ class Signals:
 
     attention: Callable[[], Tensor] | None = None
     attention_of: Callable[[Tensor, Tensor], Tensor] | None = None
+    attention_rows: Callable[[Tensor, Tensor, bool], Tensor] | None = None
     query_states: Callable[[], Tensor] | None = None
     key_states: Callable[[], Tensor] | None = None
 
@@ -94,6 +97,11 @@ class PruneContext:
     ``instruction_embeddings[b]`` holds the LLM input embeddings of sample b's instruction tokens (the text after
     its last image) and ``instruction_ids[b]`` their token ids; ``embed`` maps token ids to LLM input embeddings and
     ``tokenizer`` is the one passed to ``vtprune.wrap`` (or None). ``state`` is what the method's ``observe()`` wrote.
+    At a decode stage (:class:`~vtprune.core.registry.DecodeStage`) ``layout`` is the cached prompt slots of the
+    stage's layer, ``attention()`` the attention of the step's newest token over them and ``step`` the decode step;
+    only ``items`` (tokens, slots, selectable, budget), ``model`` and ``state`` are set besides.
+    ``project(features)`` maps features from before the projector (``ItemView.encoder_features`` rows, or perturbed
+    ones) into the LLM's input space, row by row (pre-LLM stages on families with a per-token projector).
     """
 
     stage: Stage
@@ -107,6 +115,9 @@ class PruneContext:
     embed: Callable[[Tensor], Tensor] | None = None
     tokenizer: Any = None
     final_norm: Callable[[Tensor], Tensor] | None = None
+    projector: Callable[[Tensor], Tensor] | None = None
+    # at a decode stage (Method.decode_score): the decode step (1-based) whose newest token ranks; 0 in prefill
+    step: int = 0
     signals: Signals = field(default_factory=Signals, repr=False)
     _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
@@ -128,11 +139,28 @@ class PruneContext:
             raise RuntimeError("this stage did not request attention rows: set Stage.attention_from in stages()")
         return self.signals.attention_of(rows, real)
 
+    def attention_rows(self, rows: Tensor, real: Tensor, per_head: bool = False) -> Tensor:
+        """Like :meth:`attention_of`, each query row apart: ``[B, R, L]`` (zeros for rows that do not count), e.g.
+        for the largest attention any one text token pays a visual token (MustDrop's individual attention); with
+        ``per_head`` each head apart too, ``[B, heads, R, L]``, for methods that weight heads (AdaptInfer)."""
+        if self.signals.attention_rows is None:
+            raise RuntimeError("this stage did not request attention rows: set Stage.attention_from in stages()")
+        return self.signals.attention_rows(rows, real, per_head)
+
     def query_states(self) -> Tensor:
         return self._signal("query_states", "states_from")
 
     def key_states(self) -> Tensor:
         return self._signal("key_states", "states_from")
+
+    def project(self, features: Tensor) -> Tensor:
+        """``features [..., D]`` from before the projector mapped through it, ``[..., hidden]``."""
+        if self.projector is None:
+            raise RuntimeError(
+                f"{self.model.family_name or self.model.family} offers no per-token projector at this stage: "
+                "ctx.project works before the LLM (layer=None) on families with ModelInfo.per_token_projector"
+            )
+        return self.projector(features)
 
     def per_item(self, values: Tensor) -> list[Tensor]:
         """Split a ``[B, L]`` per-slot tensor into one tensor per item (its current tokens, in order)."""

@@ -63,6 +63,23 @@ class ModelInfo:
             scaled.append(max(value, scaled[-1] + 1) if scaled else value)
         return scaled
 
+    def output_pruned_layers(
+        self, method: str, given: tuple[int, ...] | None, authors: tuple[int, ...], reference_depth: int = 32
+    ) -> list[int]:
+        """0-based layers whose *output* a method prunes (SparseVLM, AdaptInfer: scored by layer l, dropped at the
+        input of l + 1): ``given``, or the ``authors``' layers scaled from ``reference_depth``; checked to increase
+        and to leave a layer after each."""
+        if given is None:
+            layers = self.scale_layers(authors, reference_depth, minimum=0, maximum=self.num_layers - 2)
+        else:
+            layers = list(given)
+        if layers != sorted(set(layers)):
+            raise ValueError(f"{method}: layers must increase, got {layers}")
+        for layer in layers:
+            self.check_layer(method, "layers", layer, minimum=0)
+            self.check_layer(method, "layers (+1, where the drop happens)", layer + 1, minimum=1)
+        return layers
+
     def _accepts(self, method: str) -> bool:
         """Whether ``method`` with its defaults would accept this model (its own ``stages()`` raises otherwise)."""
         try:
@@ -99,7 +116,8 @@ class Stage:
     prunes the hidden states entering decoder layer K.
 
     Budget: each image keeps ``scale`` times the wrap's budget (capped at its token count), so a progressive
-    schedule can keep several times its final budget at earlier stages; with ``per_crop`` the budget applies to each view
+    schedule can keep several times its final budget at earlier stages (``scale=0`` inside the LLM drops every visual
+    token there: ToDRE's ``drop_all``); with ``per_crop`` the budget applies to each view
     of an any-resolution image (LLaVA-NeXT) instead of the whole image, as FasterVLM / VisionZip / MMTok count.
 
     Signals (what ``PruneContext`` can then provide):
@@ -162,6 +180,27 @@ class Stage:
         )
 
 
+@dataclass(frozen=True)
+class DecodeStage:
+    """A decode-time drop point: while generating, cached visual tokens leave the KV cache of every decoder layer.
+
+    During decode step ``t`` (1 = the forward that reads the first generated token) the engine recomputes the
+    attention of the step's newest token in decoder layer ``layer`` (its query against that layer's cached keys
+    and its own) and asks :meth:`Method.decode_score` to rank each image's cached tokens; the lowest ones are
+    removed from every layer's cache before step ``t + 1`` (kept tokens and later tokens keep their positions).
+    Each image keeps ``ceil(keep * n)`` of its ``n`` cached selectable tokens (at least one; structural tokens such
+    as LLaVA-NeXT's newlines stay). It runs after step 1 only (``every=0``) or after every ``every``-th step.
+    """
+
+    layer: int
+    keep: float
+    every: int = 0
+
+    def due(self, step: int) -> bool:
+        """Whether this stage drops after decode step ``step`` (1-based)."""
+        return step == 1 if self.every == 0 else step % self.every == 0
+
+
 @dataclass
 class Merged:
     """A merging method's result for one image: the tokens that stay (their slots and positions) and the features
@@ -222,6 +261,16 @@ class Method:
     def observed_layers(self, model: ModelInfo) -> tuple[int, ...]:
         """Decoder layers whose sub-layer inputs and outputs :meth:`observe` should see during prefill."""
         return ()
+
+    def decode_stages(self, model: ModelInfo, keep: Keep) -> list[DecodeStage]:
+        """Where this method drops cached visual tokens while generating (see :class:`DecodeStage`); none by
+        default."""
+        return []
+
+    def decode_score(self, ctx: PruneContext) -> list[Tensor]:
+        """At a :class:`DecodeStage`: one score per cached token of each item in ``ctx.items`` (higher = keep);
+        ``ctx.attention()`` is the step's newest token's attention over the cached slots, ``ctx.step`` the step."""
+        raise NotImplementedError(f"{type(self).__name__} declares decode stages but implements no decode_score()")
 
     def scorer(self, stage: Stage, state: dict) -> tuple[Method, dict]:
         """The method that ranks ``stage``'s tokens and the ``state`` it reads: itself and the forward's state, or a
@@ -390,6 +439,7 @@ __all__ = [
     "Method",
     "ModelInfo",
     "Stage",
+    "DecodeStage",
     "METHOD_KINDS",
     "register_method",
     "unregister_method",

@@ -6,7 +6,7 @@ averaged over them, query states after RoPE, and the vision tower's [CLS] rows a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,45 @@ def mean_attention(
     """
     rows, row_valid = query_slots(layout, query) if isinstance(query, str) else query
     total = torch.zeros(layout.batch_size, layout.length, dtype=torch.float32, device=rows.device)
+    for chunk, probs in _row_chunks(parts, queries, key_states, position_embeddings, layout, rows):
+        weights = row_valid[:, chunk].float()
+        total += (probs.mean(1) * weights[..., None]).sum(1)
+    return total / row_valid.sum(1).clamp(min=1)[:, None]
+
+
+def row_attention(
+    parts: DecoderParts,
+    queries: Callable[[Tensor], Tensor],
+    key_states: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    layout: Layout,
+    rows: Tensor,
+    row_valid: Tensor,
+    per_head: bool = False,
+) -> Tensor:
+    """Like :func:`mean_attention` for the query rows ``rows [B, R]``, each row kept apart: ``[B, R, L]`` (fp32,
+    head-averaged), or with ``per_head`` each head apart too, ``[B, heads, R, L]`` (AdaptInfer weights heads
+    itself); zeros for rows ``row_valid`` marks as not real."""
+    out: Tensor | None = None
+    for chunk, probs in _row_chunks(parts, queries, key_states, position_embeddings, layout, rows):
+        probs = probs if per_head else probs.mean(1, keepdim=True)
+        if out is None:
+            out = torch.zeros(*probs.shape[:2], rows.shape[1], layout.length, dtype=torch.float32, device=rows.device)
+        out[:, :, chunk] = probs * row_valid[:, None, chunk, None].float()
+    if out is None:  # no rows at all
+        out = torch.zeros(layout.batch_size, 1, 0, layout.length, dtype=torch.float32, device=rows.device)
+    return out if per_head else out[:, 0]
+
+
+def _row_chunks(
+    parts: DecoderParts,
+    queries: Callable[[Tensor], Tensor],
+    key_states: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    layout: Layout,
+    rows: Tensor,
+) -> Iterator[tuple[slice, Tensor]]:
+    """Attention of chunks of the query rows, ``(chunk, [B, heads, chunk rows, L])``."""
     for start in range(0, rows.shape[1], _QUERY_CHUNK):
         chunk = slice(start, start + _QUERY_CHUNK)
         slots = rows[:, chunk]
@@ -77,9 +116,7 @@ def mean_attention(
             parts.attention, queries(slots), key_states, position_embeddings, slots, layout.valid, parts.gated_query,
             parts.interleaved_rotary, layout.blocks,
         )  # fmt: skip
-        weights = row_valid[:, chunk].float()
-        total += (probs.mean(1) * weights[..., None]).sum(1)
-    return total / row_valid.sum(1).clamp(min=1)[:, None]
+        yield chunk, probs
 
 
 def rotated_queries(parts: DecoderParts, query_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:

@@ -8,6 +8,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,20 +31,15 @@ class CollapseReport:
 
 
 @torch.no_grad()
-def find_collapse_layer(model: nn.Module, inputs: dict, plot: str | Path | None = None) -> CollapseReport:
-    """Measure the visual tokens' per-token query entropy in every decoder layer and locate the collapse.
-
-    The entropy collapse layer is the layer K whose entropy falls furthest below layer K-1's (the largest drop);
-    EntropyPrune prunes at its input. ``inputs`` is a batch for ``model`` (e.g. from its processor); a PNG of the
-    curve is written to ``plot`` if given.
-    """
-    adapter = adapter_for(model)
-    layers = adapter.decoder_layers
+def capture_decoder_qk(model: nn.Module, adapter: Any, inputs: dict, keys: bool = False) -> dict[int, dict[str, Tensor]]:
+    """One forward of ``model`` on ``inputs`` with every decoder layer's ``q_proj`` output (``"q"``), its rotary
+    tables (``"rotary"``) and, with ``keys``, its ``k_proj`` output (``"k"``) kept, by layer index: what the
+    per-layer analyses (entropy collapse, AdaptInfer's inflection layers) recompute attention from."""
     captured: dict[int, dict[str, Tensor]] = {}
 
-    def keep_query(index: int):
+    def keep(index: int, name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            captured.setdefault(index, {})["q"] = output
+            captured.setdefault(index, {})[name] = output
 
         return hook
 
@@ -55,13 +51,29 @@ def find_collapse_layer(model: nn.Module, inputs: dict, plot: str | Path | None 
 
     hooks = []
     try:
-        for index, layer in enumerate(layers):
-            hooks.append(adapter.decoder_parts(index).query.register_forward_hook(keep_query(index)))
+        for index, layer in enumerate(adapter.decoder_layers):
+            parts = adapter.decoder_parts(index)
+            hooks.append(parts.query.register_forward_hook(keep(index, "q")))
+            if keys:
+                hooks.append(parts.key.register_forward_hook(keep(index, "k")))
             hooks.append(layer.register_forward_pre_hook(keep_rotary(index), with_kwargs=True))
         model(**inputs, use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
+    return captured
+
+
+def find_collapse_layer(model: nn.Module, inputs: dict, plot: str | Path | None = None) -> CollapseReport:
+    """Measure the visual tokens' per-token query entropy in every decoder layer and locate the collapse.
+
+    The entropy collapse layer is the layer K whose entropy falls furthest below layer K-1's (the largest drop);
+    EntropyPrune prunes at its input. ``inputs`` is a batch for ``model`` (e.g. from its processor); a PNG of the
+    curve is written to ``plot`` if given.
+    """
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers
+    captured = capture_decoder_qk(model, adapter, inputs)
 
     visual = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
     for mask in adapter.input_placeholders(inputs).values():

@@ -14,7 +14,7 @@ h) over the instruction's text tokens T (every token after the image: the questi
 3. each image keeps its top-k tokens by ``s``; layer l's output (the input of layer l + 1) is pruned.
 
 The rows are recomputed from layer l's captured queries and keys for just the instruction rows
-(``ctx.attention_heads``), so the model runs with SDPA / FlashAttention throughout; the authors materialise the full
+(``ctx.attention_rows(..., per_head=True)``), so the model runs with SDPA / FlashAttention throughout; the authors materialise the full
 eager map at those layers. Positions are renumbered contiguously, as the authors' truncated ``position_ids`` do.
 
 :func:`find_inflection_layers` is the offline analysis the schedule comes from (the authors' ``prepocess.py``): per
@@ -117,15 +117,7 @@ class AdaptInfer(Method):
             )
 
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
-        if self.layers is None:  # 0-based layers whose output is pruned, so at most the second to last
-            layers = model.scale_layers(AUTHORS_LAYERS, REFERENCE_DEPTH, minimum=0, maximum=model.num_layers - 2)
-        else:
-            layers = list(self.layers)
-        if layers != sorted(set(layers)):
-            raise ValueError(f"{self.name}: layers must increase, got {layers}")
-        for layer in layers:
-            model.check_layer(self.name, "layers", layer, minimum=0)
-            model.check_layer(self.name, "layers (+1, where the drop happens)", layer + 1, minimum=1)
+        layers = model.output_pruned_layers(self.name, self.layers, AUTHORS_LAYERS, REFERENCE_DEPTH)
         count = len(layers)
         # scored with layer l's own attention and dropped from its output = at the input of layer l + 1, from l's Q/K
         return [
@@ -137,7 +129,7 @@ class AdaptInfer(Method):
         """Per image, :func:`weighted_vision_scores` of its tokens, from layer ``attention_from``'s per-head attention
         rows of the sample's instruction (the text after its last image)."""
         rows, real = query_slots(ctx.layout, "instruction")
-        return ctx.per_item(weighted_vision_scores(ctx.attention_heads(rows, real), rows, real))
+        return ctx.per_item(weighted_vision_scores(ctx.attention_rows(rows, real, per_head=True), rows, real))
 
 
 # -- offline analysis ----------------------------------------------------------------------------------------------
@@ -221,6 +213,8 @@ def find_inflection_layers(
     Ours: each layer's scores are normalised over the sample's visual tokens before the curves are summed (the authors
     dump raw text->vision attention, whose weighting their script does not show), so that every layer counts alike.
     """
+    from vtprune.eval.collapse import capture_decoder_qk  # eval imports methods; import it only when used
+
     # imported here: vtprune.api imports the method registry, which imports this module
     from vtprune.api import adapter_for
     from vtprune.core.attention import attention_rows, gather_rows
@@ -257,7 +251,7 @@ def find_inflection_layers(
     real = torch.arange(rows.shape[1], device=rows.device)[None] < counts[:, None]
     blocks = adapter.bidirectional_blocks(inputs, visual)
 
-    captured = _capture_queries_keys(model, adapter, inputs)
+    captured = capture_decoder_qk(model, adapter, inputs, keys=True)
     share, shift = [math.nan] * len(layers), [math.nan] * len(layers)
     scores: list[Tensor] = [torch.empty(0)] * len(layers)
     distributions: dict[int, list[Tensor]] = {}
@@ -294,37 +288,6 @@ def _normalised(values: Tensor) -> Tensor:
     values = values.float().clamp_min(0)
     total = values.sum()
     return values / total if total > 0 else torch.full_like(values, 1 / max(values.numel(), 1))
-
-
-def _capture_queries_keys(model: nn.Module, adapter, inputs: dict) -> dict[int, dict[str, Tensor]]:
-    """Every decoder layer's ``q_proj`` / ``k_proj`` outputs and its ``position_embeddings`` from one forward (the
-    hooks of ``vtprune.eval.collapse.find_collapse_layer``, plus the keys)."""
-    captured: dict[int, dict[str, Tensor]] = {}
-
-    def keep(index: int, name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            captured.setdefault(index, {})[name] = output
-
-        return hook
-
-    def keep_rotary(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.setdefault(index, {})["rotary"] = kwargs["position_embeddings"]
-
-        return hook
-
-    hooks = []
-    try:
-        for index, layer in enumerate(adapter.decoder_layers):
-            parts = adapter.decoder_parts(index)
-            hooks.append(parts.query.register_forward_hook(keep(index, "q")))
-            hooks.append(parts.key.register_forward_hook(keep(index, "k")))
-            hooks.append(layer.register_forward_pre_hook(keep_rotary(index), with_kwargs=True))
-        model(**inputs, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return captured
 
 
 def _plot_inflections(report: InflectionReport, path: Path, title: str) -> Path:

@@ -86,15 +86,7 @@ class SparseVLM(Method):
             self.layers = tuple(self.layers)
 
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
-        if self.layers is None:  # 0-based layers whose output is pruned, so at most the second to last
-            layers = model.scale_layers(AUTHORS_LAYERS, REFERENCE_DEPTH, minimum=0, maximum=model.num_layers - 2)
-        else:
-            layers = list(self.layers)
-        if layers != sorted(set(layers)):
-            raise ValueError(f"{self.name}: layers must increase, got {layers}")
-        for layer in layers:
-            model.check_layer(self.name, "layers", layer, minimum=0)
-            model.check_layer(self.name, "layers (+1, where the drop happens)", layer + 1, minimum=1)
+        layers = model.output_pruned_layers(self.name, self.layers, AUTHORS_LAYERS, REFERENCE_DEPTH)
         counts = self._profile(keep, len(layers))
         # pruning after layer l with layer l's own attention = at the input of layer l + 1, from l's captured Q/K
         return [

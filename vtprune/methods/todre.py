@@ -37,10 +37,10 @@ Choices that are ours (the abstract leaves them open or we deviate; each also ma
   late stage keeps the more relevant half). The paper keeps 10 % after the encoder (``keep=0.05`` with the default
   scale gives that on stage 1) and then drops *all* visual tokens at the late layer (v1: "adaptively prunes all
   visual tokens within certain LLM decoder layers"; v2: "as well as all visual tokens in certain LLM decoder
-  layers"). vtprune's engine gives every in-LLM stage at least one token per image (``Stage.scale`` must be
-  positive, budgets are at least 1, an empty selection is refused), so the drop-everything mode is not offered;
-  the late stage prunes by relevance, as the v2 summary describes ("prunes remaining tokens at a late decoder layer
-  guided by cross-modal attention").
+  layers"): ``drop_all=True`` does that (``keep`` then counts the tokens the LLM receives, stage 1's, and the late
+  layer keeps none; no attention is read). The default prunes by relevance instead, as the v2 summary describes
+  ("prunes remaining tokens at a late decoder layer guided by cross-modal attention"), so that ``keep`` is what
+  stays, like every other method's budget; the "adaptively" of v1 (which layer, which inputs) is not specified.
 * Late layer: 16 of 32 (0-based input index, i.e. after 16 of LLaVA-1.5-7B's 32 layers), scaled to other depths
   with :meth:`ModelInfo.scale_layers`. The abstract gives no index; 16 is where visual-token withdrawal (VTW, Lin et
   al., AAAI 2025) drops all visual tokens of LLaVA-1.5-7B after finding the attention to them vanishes, and where
@@ -130,6 +130,7 @@ class ToDRE(Method):
     stage1_scale: float = 2.0
     layer: int | None = None
     query: str = "last"
+    drop_all: bool = False
     positions: str = "renumber"
 
     def __post_init__(self) -> None:
@@ -139,6 +140,8 @@ class ToDRE(Method):
                 f"{self.name}: variant must be 'maxsum' (v2, max-sum diversification) or 'kcenter' (v1, greedy "
                 f"k-center), got {self.variant!r}"
             )
+        if not isinstance(self.drop_all, bool):
+            raise ValueError(f"{self.name}: drop_all must be True or False, got {self.drop_all!r}")
         if self.query not in QUERIES:
             raise ValueError(f"{self.name}: query must be one of {QUERIES}, got {self.query!r}")
         scale = self.stage1_scale
@@ -166,6 +169,8 @@ class ToDRE(Method):
                 f"{self.name}: layer={layer} has no softmax-attention layer at or before it whose attention could "
                 f"rank the image tokens (layers 0-{layer} are {', '.join(sorted(set(types[: layer + 1])))}); {hint}"
             )
+        if self.drop_all:  # keep = what the LLM receives; scale 0: the late layer keeps no visual token
+            return [Stage(layer=None), Stage(layer=layer, scale=0.0)]
         return [
             Stage(layer=None, scale=float(self.stage1_scale)),
             # attention_from == layer: the stage layer's own attention, recomputed from its input
@@ -177,6 +182,8 @@ class ToDRE(Method):
         return ctx.per_item(ctx.attention())
 
     def select(self, ctx: PruneContext) -> list[Tensor]:
+        if ctx.stage.layer is not None and self.drop_all:  # budgets are 0 here
+            return [torch.empty(0, dtype=torch.long, device=view.tokens.device) for view in ctx.items]
         if ctx.stage.layer is not None:
             return top_budget(ctx.items, self.score(ctx))
         selections = []
