@@ -33,6 +33,19 @@ class StageRecord:
 
 
 @dataclass
+class DecodeDrop:
+    """Cached visual tokens a decode stage removed: chosen during decode step ``step`` (1-based) by the attention
+    in decoder layer ``layer``, absent from every layer's KV cache from step ``step + 1`` on. ``dropped[b]`` holds
+    sample b's dropped tokens in its original visual-token numbering (as ``StageRecord.kept``), ``dropped_per_item[i]``
+    the same per image in its own numbering."""
+
+    step: int
+    layer: int
+    dropped: list[Tensor]
+    dropped_per_item: list[Tensor]
+
+
+@dataclass
 class ForwardRecord:
     """The record of one prefill forward of a wrapped model.
 
@@ -55,3 +68,5 @@ class ForwardRecord:
     encoder_inputs: list[dict[str, Any]] = field(default_factory=list)
     # per item, its patch grids as (token offset, rows, cols, row stride), first the view the tower saw first
     item_grids: list[list[tuple[int, int, int, int]]] = field(default_factory=list)
+    # visual tokens decode stages removed from the KV cache while generating after this prefill, in step order
+    decode_drops: list[DecodeDrop] = field(default_factory=list)

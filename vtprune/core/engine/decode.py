@@ -1,8 +1,33 @@
-"""Decode steps after a pruned prefill: no re-selection; per segment of layers the prefill's mask plus the new
-tokens' columns, and positions lagging the original numbering by the tokens removed before (``Layout.shift``)."""
+"""Decode steps after a pruned prefill, and decode-time drops of cached visual tokens.
+
+Decode steps: no re-selection; per segment of layers the prefill's mask plus the new tokens' columns, and
+positions lagging the original numbering by the tokens removed before (``Layout.shift``).
+
+Decode-time drops (:class:`~vtprune.core.registry.DecodeStage`, declared by ``Method.decode_stages``; MustDrop's
+output-aware cache policy, DyCoke's decode-time KV pruning):
+
+* during decode step ``t`` (1-based), at the pre-hook of a stage's layer, :func:`decode_attention` recomputes the
+  head-averaged attention of the step's newest token in that layer: its query (from the layer's input, after q-norm
+  and RoPE) against the layer's cached keys and the step's own keys, masked like the layer (padding, the new tokens'
+  columns), so the model keeps running with SDPA / FlashAttention;
+* the method ranks each image's cached tokens from it (``Method.decode_score`` with a :class:`PruneContext` whose
+  ``layout`` is that layer's cached prompt slots and ``step`` the step); each image keeps ``ceil(keep * n)`` of its
+  ``n`` cached selectable tokens, the others are recorded (``ForwardRecord.decode_drops``, original numbering);
+* before step ``t + 1`` (:func:`start_decode`) the dropped tokens leave the KV cache of every layer that still holds
+  them (:func:`vtprune.kernels.compact_kv`, re-padded on the padding side) and each segment's layout is compacted
+  the same way (``Layout.compact`` without renumbering), so masks (``Layout.valid``) follow and the positions of
+  later tokens stay in the original numbering, as FastV's drops do. Every later step then sees exactly the cache a
+  no-cache recomputation would use if the dropped tokens' columns were masked for the rows from step ``t + 1`` on.
+
+Decode drops compact every layer's cache, so they need dynamic caches of full-attention layers that hold every
+token they saw (sliding-window or linear-attention layer types are refused by :func:`checked_decode_stages`; a
+sliding cache whose window has filled raises at the drop). They are made per row: beam search, which reorders cache
+rows between steps, raises once drops have made rows differ (:func:`guard_reordering`).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,13 +35,54 @@ from torch import Tensor
 
 from vtprune.core.adapter import Adapter
 from vtprune.core.compat import get_cache
+from vtprune.core.context import ItemView, PruneContext, Signals
+from vtprune.core.engine.stages import check_selections
 from vtprune.core.engine.state import (
     Decode,
+    DecodePolicy,
     Session,
     layer_inputs,
     replace_layer_inputs,
     shifted,
 )
+from vtprune.core.layout import Layout, VisualItem
+from vtprune.core.record import DecodeDrop, ForwardRecord
+from vtprune.core.registry import DecodeStage, Method, ModelInfo, Stage, top_budget
+from vtprune.core.signals import rotated_keys, rotated_queries
+from vtprune.kernels import compact_kv
+
+
+def checked_decode_stages(method: Method, stages: list[DecodeStage], info: ModelInfo) -> list[DecodeStage]:
+    """A method's decode stages, with clear errors for layers, budgets or models they cannot apply to."""
+    for stage in stages:
+        info.check_layer(method.name, "decode stage layer", stage.layer)
+        if not 0 < stage.keep <= 1:
+            raise ValueError(f"{method.name}: a decode stage's keep must lie in (0, 1], got {stage.keep}")
+        if isinstance(stage.every, bool) or not isinstance(stage.every, int) or stage.every < 0:
+            raise ValueError(f"{method.name}: a decode stage's every must be an int >= 0, got {stage.every!r}")
+    other = sorted({t for t in info.layer_types if t != "full_attention"})
+    if stages and other:
+        raise ValueError(
+            f"{method.name}: decode-time drops remove cached tokens from every decoder layer's KV cache, but "
+            f"{info.family_name or info.family} has {', '.join(other)} layers, whose caches hold other states"
+        )
+    return stages
+
+
+def decode_policy(
+    method: Method,
+    stages: list[DecodeStage],
+    info: ModelInfo,
+    items: list[VisualItem],
+    record: ForwardRecord,
+    frozen: ForwardRecord | None,
+    state: dict,
+) -> DecodePolicy | None:
+    """The decode stages' state for the generation after this prefill (None when there are none or no images);
+    ``state`` is the prefill's (what the method's ``observe()`` and stages wrote), its decode contexts' ``state``."""
+    if not stages or not items:
+        return None
+    return DecodePolicy(method, stages, info, items, record, frozen, state)
 
 
 def start_decode(adapter: Adapter, inputs: dict[str, Any], session: Session) -> tuple[Decode, dict[str, Any]]:
@@ -42,16 +108,24 @@ def start_decode(adapter: Adapter, inputs: dict[str, Any], session: Session) -> 
         positions = adapter.decode_positions(inputs, seen, query_length, batch)
     elif not adapter.mrope:
         positions = positions.expand(batch, -1)
+    cache = get_cache(inputs)
+    step = 0
+    if session.policy is not None:
+        guard_reordering(session.policy, cache)
+        apply_drops(session, cache)  # what the previous step's decode stages chose
+        session.policy.steps += 1
+        step = session.policy.steps
     base = session.segments[0]
     inputs["attention_mask"] = torch.cat([base.valid.to(new_columns.dtype), new_columns], dim=1)
     inputs["position_ids"] = shifted(positions, base.shift)
     current = Decode(
         layout=base,
-        cache=get_cache(inputs),
+        cache=cache,
         session=session,
         new_columns=new_columns,
         positions=positions,
         query_length=query_length,
+        step=step,
     )
     return current, inputs
 
@@ -60,14 +134,193 @@ def decode_layer(
     adapter: Adapter, current: Decode, index: int, hidden: Tensor, args: tuple, kwargs: dict
 ) -> tuple[tuple, dict] | None:
     """Decoder layer ``index``'s inputs in this step: its segment's mask and positions (None: the first segment's,
-    which the model built itself)."""
+    which the model built itself); runs the decode stages at this layer."""
     segment = current.session.segment_of(index)
-    if segment == 0:
-        return None
-    if segment not in current.segment_inputs:
-        layout = current.session.segments[segment]
-        mask = torch.cat([layout.valid.to(current.new_columns.dtype), current.new_columns], dim=1)
-        positions = shifted(current.positions, layout.shift)
-        current.segment_inputs[segment] = layer_inputs(adapter, hidden, current.cache, mask, positions, index)
-    layer_type = adapter.layer_types()[index]
-    return replace_layer_inputs(args, kwargs, hidden, current.segment_inputs[segment], layer_type)
+    replaced = None
+    if segment != 0:
+        if segment not in current.segment_inputs:
+            layout = current.session.segments[segment]
+            mask = torch.cat([layout.valid.to(current.new_columns.dtype), current.new_columns], dim=1)
+            positions = shifted(current.positions, layout.shift)
+            current.segment_inputs[segment] = layer_inputs(adapter, hidden, current.cache, mask, positions, index)
+        layer_type = adapter.layer_types()[index]
+        replaced = replace_layer_inputs(args, kwargs, hidden, current.segment_inputs[segment], layer_type)
+    policy = current.session.policy
+    if policy is not None:
+        for stage in policy.stages:
+            if stage.layer == index and stage.due(current.step):
+                position_embeddings = (replaced[1] if replaced is not None else kwargs)["position_embeddings"]
+                run_decode_stage(adapter, current, policy, stage, hidden, position_embeddings)
+    return replaced
+
+
+# -- decode-time drops -----------------------------------------------------------------------------------------
+def decode_attention(
+    adapter: Adapter,
+    current: Decode,
+    layer: int,
+    hidden: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    layout: Layout,
+) -> Tensor:
+    """Head-averaged attention of the step's newest token in decoder layer ``layer`` over the layer's cached prompt
+    slots (``layout``), ``[B, layout.length]`` (fp32); its softmax also spans the decoded tokens and the step's own."""
+    parts = adapter.decoder_parts(layer)
+    cached = cache_layer(current.cache, layer)
+    normed = parts.input_norm(hidden)
+    cos, sin = position_embeddings
+    query = rotated_queries(parts, parts.query(normed[:, -1:]), (cos[:, -1:], sin[:, -1:]))  # [B, 1, heads, d]
+    own = rotated_keys(parts, parts.key(normed), position_embeddings)  # [B, q, kv_heads, d]
+    keys = torch.cat([cached.keys.float(), own.transpose(1, 2).float()], dim=2)  # [B, kv_heads, N, d]
+    q = query.transpose(1, 2).float()
+    if q.shape[1] != keys.shape[1]:  # grouped KV heads
+        keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * parts.attention.scaling  # [B, heads, 1, N]
+    softcap = getattr(parts.attention, "attn_logit_softcapping", None)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    valid = torch.cat([layout.valid, current.new_columns.bool()], dim=1)
+    if valid.shape[1] != keys.shape[2]:
+        raise RuntimeError(
+            f"decoder layer {layer}'s cache holds {keys.shape[2] - hidden.shape[1]} tokens but its layout expects "
+            f"{valid.shape[1] - hidden.shape[1]}"
+        )
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(1)[:, 0]
+    return probs[:, : layout.length]
+
+
+def run_decode_stage(
+    adapter: Adapter,
+    current: Decode,
+    policy: DecodePolicy,
+    stage: DecodeStage,
+    hidden: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+) -> None:
+    """Rank each image's cached tokens at ``stage`` (or replay a frozen record) and note the drops for the next step."""
+    session = current.session
+    layout = session.segments[session.segment_of(stage.layer)]
+    views = cached_views(layout, policy.items, stage.keep)
+    if not views:
+        return
+    frozen = replayed_drops(policy.frozen, current.step, stage.layer) if policy.frozen is not None else None
+    if frozen is not None:
+        dropped = [frozen.dropped_per_item[view.order].to(view.tokens.device) for view in views]
+    else:
+        attention = decode_attention(adapter, current, stage.layer, hidden, position_embeddings, layout)
+        ctx = PruneContext(
+            stage=Stage(layer=stage.layer, attention_from=stage.layer),
+            model=policy.info,
+            layout=layout,
+            items=views,
+            state=policy.state,
+            step=current.step,
+            signals=Signals(attention=lambda: attention),
+        )
+        selections = top_budget(views, policy.method.decode_score(ctx))
+        check_selections(policy.method.name, views, selections)
+        dropped = []
+        for view, chosen in zip(views, selections):
+            gone = view.selectable.clone()
+            gone[chosen] = False
+            dropped.append(view.tokens[gone])
+    per_sample: list[list[Tensor]] = [[] for _ in range(layout.batch_size)]
+    for view, gone in zip(views, dropped):
+        per_sample[view.sample].append(gone + view.item.visual_offset)
+        earlier = policy.pending.get(view.item.index)
+        policy.pending[view.item.index] = gone if earlier is None else torch.cat([earlier, gone]).unique()
+    empty = layout.token.new_empty(0)
+    policy.record.decode_drops.append(
+        DecodeDrop(
+            step=current.step,
+            layer=stage.layer,
+            dropped=[torch.cat(parts).sort().values if parts else empty for parts in per_sample],
+            dropped_per_item=[gone.sort().values for gone in dropped],
+        )
+    )
+
+
+def cached_views(layout: Layout, items: list[VisualItem], keep: float) -> list[ItemView]:
+    """Each image's cached tokens in ``layout`` as the view a decode stage ranks, budget ``ceil(keep * n)``."""
+    views = []
+    for order, item in enumerate(items):
+        slots = (layout.item[item.sample] == item.index).nonzero().squeeze(1)
+        tokens = layout.item_token[item.sample, slots]
+        selectable = item.selectable_mask(slots.device)[tokens]
+        count = int(selectable.sum())
+        budget = min(count, max(1, math.ceil(keep * count - 1e-9))) if count else 0
+        views.append(ItemView(item, order, tokens, slots, selectable, budget))
+    return views
+
+
+def replayed_drops(frozen: ForwardRecord, step: int, layer: int) -> DecodeDrop | None:
+    for drop in frozen.decode_drops:
+        if drop.step == step and drop.layer == layer:
+            return drop
+    return None
+
+
+def cache_layer(cache: Any, layer: int) -> Any:
+    """Decoder layer ``layer``'s cache, which decode drops compact: a dynamic layer holding every token it saw (a
+    sliding-window layer whose window has not filled yet, e.g. Mistral's 4096 on shorter sequences, holds them all)."""
+    layers = getattr(cache, "layers", None)
+    held = layers[layer] if layers is not None and layer < len(layers) else None
+    kind = type(held).__name__ if held is not None else type(cache).__name__
+    if kind == "DynamicSlidingWindowLayer" and held.cumulative_length == held.keys.shape[-2]:
+        return held
+    if kind != "DynamicLayer":
+        raise RuntimeError(
+            f"decode-time drops need a dynamic cache holding every token of decoder layer {layer}, got {kind}"
+            + (" whose sliding window has filled" if kind == "DynamicSlidingWindowLayer" else "")
+        )
+    return held
+
+
+def guard_reordering(policy: DecodePolicy, cache: Any) -> None:
+    """Beam search reorders the cache's rows between steps; once decode drops have made rows of one prompt differ,
+    the layouts would no longer match their rows: refuse then, clearly, instead of decoding with wrong masks."""
+    if getattr(cache, "_vtprune_guarded", False):
+        return
+    reorder = cache.reorder_cache
+
+    def reorder_cache(beam_idx: Tensor) -> None:
+        identity = torch.equal(beam_idx.cpu(), torch.arange(beam_idx.numel()))
+        if not identity and any(bool(gone.numel()) for drop in policy.record.decode_drops for gone in drop.dropped):
+            raise RuntimeError(
+                f"{policy.method.name}: decode-time drops are made per row and do not follow beam search's reordering "
+                "of the cache; generate with num_beams=1, or turn the method's decode drops off"
+            )
+        reorder(beam_idx)
+
+    cache.reorder_cache = reorder_cache  # this generation's cache only
+    cache._vtprune_guarded = True
+
+
+def apply_drops(session: Session, cache: Any) -> None:
+    """Remove the pending dropped tokens from every layer's cache and compact each segment's layout the same way."""
+    policy = session.policy
+    if policy is None or not policy.pending:
+        return
+    pending, policy.pending = policy.pending, {}
+    bounds = [layout.first_layer for layout in session.segments[1:]] + [len(cache.layers)]
+    for index, layout in enumerate(session.segments):
+        gone = torch.zeros_like(layout.valid)
+        for item in policy.items:
+            tokens = pending.get(item.index)
+            if tokens is None or tokens.numel() == 0:
+                continue
+            row = item.sample
+            gone[row] |= (layout.item[row] == item.index) & torch.isin(layout.item_token[row], tokens)
+        if not bool(gone.any()):
+            continue
+        shorter = layout.compact(layout.valid & ~gone, renumber=False, first_layer=layout.first_layer)
+        decoded = torch.arange(session.decoded, device=layout.valid.device) + layout.length
+        index_rows = torch.cat([shorter.source, decoded.expand(layout.batch_size, -1)], dim=1)
+        for layer in range(layout.first_layer, bounds[index]):
+            cached = cache_layer(cache, layer)
+            cached.keys = compact_kv(cached.keys, index_rows, check=False)
+            cached.values = compact_kv(cached.values, index_rows, check=False)
+            if hasattr(cached, "cumulative_length"):  # a sliding layer counts what it holds (see cache_layer)
+                cached.cumulative_length = cached.keys.shape[-2]
+        session.segments[index] = shorter

@@ -7,7 +7,8 @@ away again:
   image what a method needs from the tower (and, for a reducing tower, which tokens its rows stand on);
 * a pre-hook on the multimodal base model (``model.model``) starts a prefill (:class:`PrefillPlanner`: items,
   layout, budgets, positions and, for a pre-LLM stage, a shorter prompt with the kept features through
-  ``mm_encoder_outputs``) or a decode step (:mod:`.decode`);
+  ``mm_encoder_outputs``) or a decode step (:mod:`.decode`, which also applies a method's decode-time drops of
+  cached visual tokens);
 * a pre-hook on every decoder layer applies in-LLM stages (:class:`StageRunner` selects; the engine gathers hidden
   states and positions and rebuilds the layers' masks and rotary tables), so later layers' KV cache holds only
   kept tokens;
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from vtprune.core.adapter import Adapter
 from vtprune.core.budget import Keep, stage_budgets
 from vtprune.core.compat import get_cache
-from vtprune.core.engine.decode import decode_layer, start_decode
+from vtprune.core.engine.decode import checked_decode_stages, decode_layer, decode_policy, start_decode
 from vtprune.core.engine.hooks import HookSet
 from vtprune.core.engine.observer import VisionObserver
 from vtprune.core.engine.prefill import PrefillPlanner
@@ -81,6 +82,8 @@ class PruningEngine:
             | {s.states_from for s in stages if s.states_from is not None}
         )
         self.observed_layers = sorted(set(method.observed_layers(info)))
+        # where the method drops cached visual tokens while generating (decode.py)
+        self.decode_stages = checked_decode_stages(method, method.decode_stages(info, keep), info)
         self.runner = StageRunner(adapter, method, info, tokenizer)
         self.observer = VisionObserver(adapter, stages, self._target_grid, tower)
         schedule = Schedule(stages, keep, info, budget)
@@ -198,7 +201,14 @@ class PruningEngine:
         self.last = record
         self._output_index = current.layout.token
         self._session = (
-            Session(weakref.ref(current.cache), current.segments, record.input_length)
+            Session(
+                weakref.ref(current.cache),
+                current.segments,
+                record.input_length,
+                policy=decode_policy(
+                    self.method, self.decode_stages, self.info, current.items, record, self.runner.frozen, current.state
+                ),
+            )
             if current.cache is not None
             else None
         )

@@ -15,7 +15,7 @@ from vtprune.core.engine.state import Prefill, item_tokens
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.record import ForwardRecord, StageRecord
 from vtprune.core.registry import Merged, Method, ModelInfo, Stage, top_budget
-from vtprune.core.signals import PIXELS, mean_attention, rotated_keys, rotated_queries
+from vtprune.core.signals import PIXELS, mean_attention, rotated_keys, rotated_queries, row_attention
 
 
 class StageRunner:
@@ -54,6 +54,8 @@ class StageRunner:
             embed=self.adapter.vlm.get_input_embeddings(),
             tokenizer=self.tokenizer,
             final_norm=self.adapter.final_norm if stage.layer is not None else None,  # in-LLM stages only
+            # tower features are only meaningful before the LLM; the projector maps each row on its own there
+            projector=self.adapter.project if stage.layer is None and self.info.per_token_projector else None,
         )
         scores: list[Tensor | None] = [None] * len(views)
         current.merges = {}
@@ -163,6 +165,7 @@ class StageRunner:
             tower_tokens=current.tower_tokens.get(item.index),
             groups=groups,
             group_budgets=group_budgets,
+            final_budget=final_budget(current.budgets[item.index][-1], item),
         )
 
     # -- signals -----------------------------------------------------------------------------------------------
@@ -176,6 +179,9 @@ class StageRunner:
             signals.attention_of = lambda rows, real: self.attention(
                 current, stage, hidden, position_embeddings, (rows, real)
             )
+            signals.attention_rows = lambda rows, real, per_head=False: self.attention(
+                current, stage, hidden, position_embeddings, (rows, real), per_row=True, per_head=per_head
+            )
         if stage.states_from is not None:
             signals.query_states = lambda: self.query_states(current, stage)
             signals.key_states = lambda: self.key_states(current, stage)
@@ -188,8 +194,12 @@ class StageRunner:
         hidden: Tensor | None,
         position_embeddings: tuple[Tensor, Tensor] | None,
         query: str | tuple[Tensor, Tensor] | None = None,
+        per_row: bool = False,
+        per_head: bool = False,
     ) -> Tensor:
-        """Head-averaged attention of the stage's query rows, recomputed from layer ``attention_from``'s Q/K."""
+        """Head-averaged attention of the stage's query rows, recomputed from layer ``attention_from``'s Q/K: averaged
+        over the rows, ``[B, L]``, or with ``per_row`` each of the given rows apart, ``[B, R, L]`` (and with
+        ``per_head`` each head apart, ``[B, heads, R, L]``)."""
         layout = current.layout
         parts = self.adapter.decoder_parts(stage.attention_from)
         if stage.attention_from == stage.layer:  # this layer's own attention, from its input
@@ -204,6 +214,9 @@ class StageRunner:
 
             def queries(slots: Tensor) -> Tensor:
                 return gather_rows(captured["q"], slots)
+        if per_row:
+            rows, real = query
+            return row_attention(parts, queries, keys, position_embeddings, layout, rows, real, per_head)
         return mean_attention(parts, queries, keys, position_embeddings, layout, query or stage.query)
 
     def query_states(self, current: Prefill, stage: Stage) -> Tensor:
@@ -215,6 +228,11 @@ class StageRunner:
         captured = captured_at(current, stage.states_from, current.layout)
         parts = self.adapter.decoder_parts(stage.states_from)
         return rotated_keys(parts, captured["k"], captured["position_embeddings"])
+
+
+def final_budget(budgets: dict[int, int], item: VisualItem) -> int:
+    """The tokens the item keeps after the schedule's last stage (summed over views for per-view budgets)."""
+    return min(item.num_selectable, budgets[-1] if -1 in budgets else sum(budgets.values()))
 
 
 def captured_at(current: Prefill, layer: int, layout: Layout) -> dict[str, Any]:

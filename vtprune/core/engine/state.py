@@ -14,7 +14,7 @@ from vtprune.core.adapter import Adapter
 from vtprune.core.budget import Keep
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.record import ForwardRecord
-from vtprune.core.registry import Merged, ModelInfo, Stage
+from vtprune.core.registry import DecodeStage, Merged, Method, ModelInfo, Stage
 from vtprune.core.signals import ImageSignals
 
 
@@ -56,13 +56,36 @@ def layer_inputs(
 
 
 @dataclass
+class DecodePolicy:
+    """A method's decode stages over one generation: what they need to rank cached tokens and what they decided.
+
+    ``steps`` counts decode forwards (1 = the one reading the first generated token); ``pending[item]`` holds the
+    item's tokens (its own numbering) dropped during the current step, removed from the cache before the next one;
+    ``frozen``: a record whose decode drops are replayed instead of ranking (``Pruning.freeze``); ``state``: the
+    prefill's method state, the decode contexts' ``state``.
+    """
+
+    method: Method
+    stages: list[DecodeStage]
+    info: ModelInfo
+    items: list[VisualItem]
+    record: ForwardRecord
+    frozen: ForwardRecord | None = None
+    state: dict = field(default_factory=dict)
+    steps: int = 0
+    pending: dict[int, Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class Session:
-    """What decoding after a pruned prefill needs: the cache it filled and its layouts per segment of layers."""
+    """What decoding after a pruned prefill needs: the cache it filled and its layouts per segment of layers (the
+    cached prompt slots of each layer range, shortened by decode-time drops), and the method's decode stages."""
 
     cache: weakref.ref
     segments: list[Layout]
     prompt_length: int
     decoded: int = 0
+    policy: DecodePolicy | None = None
 
     def segment_of(self, layer: int) -> int:
         return max(i for i, layout in enumerate(self.segments) if layout.first_layer <= layer)
@@ -106,6 +129,8 @@ class Decode:
     positions: Tensor
     query_length: int
     segment_inputs: dict[int, LayerInputs] = field(default_factory=dict)
+    # the decode step (1-based) this forward is
+    step: int = 0
     prefill = False
 
 
