@@ -81,6 +81,19 @@ CONFIGS = [
     ("visiondrop", {}),
     ("vflowopt", {}),
     ("vflowopt", {"cell": 3.0, "ratios": (0.8, 0.5), "positions": "keep"}),
+    ("todre", {}),
+    ("todre", {"variant": "kcenter", "query": "instruction", "positions": "keep"}),
+    ("todre", {"drop_all": True}),
+    ("catp", {}),
+    ("catp", {"query": "last", "alpha": 0.0, "positions": "keep"}),
+    ("infohorizon", {}),
+    ("infohorizon", {"layer": 3, "early_scale": 4, "seed": 1, "positions": "renumber"}),
+    ("zoo_prune", {}),
+    ("zoo_prune", {"directions": 8, "eps": 0.05, "seed": 3, "positions": "keep"}),
+    ("mustdrop", {}),
+    ("mustdrop", {"decode_every": 1, "positions": "keep"}),
+    ("adaptinfer", {}),
+    ("adaptinfer", {"layers": (1,), "ratio": 2.0, "positions": "keep"}),
 ]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in CONFIGS]
 

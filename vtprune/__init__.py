@@ -23,6 +23,8 @@ from vtprune.core.registry import (
     register_method,
 )
 from vtprune.methods import (
+    CATP,
+    AdaptInfer,
     DART,
     VTCCLS,
     DivPrune,
@@ -33,11 +35,14 @@ from vtprune.methods import (
     FasterVLM,
     FlowCut,
     HiPrune,
+    InfoHorizon,
     MMTok,
+    MustDrop,
     Pool,
     PyramidDrop,
     Random,
     SparseVLM,
+    ToDRE,
     ToMe,
     TransPrune,
     Uniform,
@@ -45,6 +50,7 @@ from vtprune.methods import (
     VisionDrop,
     VisionZip,
     VisPruner,
+    ZooPrune,
 )
 
 __version__ = "0.1.0"
@@ -72,6 +78,8 @@ __all__ = [
     "PruneContext",
     "ItemView",
     "Pruning",
+    "AdaptInfer",
+    "CATP",
     "DART",
     "DivPrune",
     "Downsample",
@@ -79,11 +87,14 @@ __all__ = [
     "FastV",
     "FasterVLM",
     "HiPrune",
+    "InfoHorizon",
     "MMTok",
+    "MustDrop",
     "Pool",
     "PyramidDrop",
     "Random",
     "SparseVLM",
+    "ToDRE",
     "TransPrune",
     "Uniform",
     "VTCCLS",
@@ -91,4 +102,5 @@ __all__ = [
     "VisionDrop",
     "VisPruner",
     "VisionZip",
+    "ZooPrune",
 ]

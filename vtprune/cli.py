@@ -159,6 +159,7 @@ def dtop_command(
 ) -> None:
     """DToP on the embedded digit-scene segmenter: mIoU and GFLOPs per image at each exit threshold."""
     import torch
+    from rich.progress import Progress
 
     from vtprune.data.digit_scenes import scenes
     from vtprune.embedded.segmenter import load_segmenter, to_tensor
@@ -174,9 +175,11 @@ def dtop_command(
             raise typer.BadParameter(f"thresholds must be numbers in [0, 1], got {part!r}")
     model = load_segmenter(segmenter)
     pixels, labels = scenes("test", 0, images, seed=1000)
-    try:
-        rows = evaluate_thresholds(model, to_tensor(pixels), torch.from_numpy(labels), values,
-                                   flop_images=flop_images, out=out)  # fmt: skip
+    console = Console()
+    try:  # a bar over thresholds x scenes, a line per finished threshold, a line for rows reused from --out
+        with Progress(console=console, transient=True) as progress:
+            rows = evaluate_thresholds(model, to_tensor(pixels), torch.from_numpy(labels), values, out=out,
+                                       flop_images=flop_images, progress=progress, console=console)  # fmt: skip
     except KeyboardInterrupt:
         done = sum(1 for line in out.read_text().splitlines() if line.strip()) if out.is_file() else 0
         raise _interrupted(f"{done} thresholds saved in {out}; rerun the same command to resume.") from None
@@ -189,12 +192,12 @@ def dtop_command(
         exits = ", ".join(f"{int(k) + 1}: {v}" for k, v in row["exited_after_block"].items())
         table.add_row(f"{row['thresh']:g}", f"{row['miou']:.4f}", f"{row['gflops']:.4f}", ratio,
                       f"{row['token_blocks']:.3f}", exits)  # fmt: skip
-    Console().print(table)
+    console.print(table)
     if pictures and values:
         shown = min(pictures, images)
         picture = plot_exits(model, pixels[:shown], to_tensor(pixels[:shown]), torch.from_numpy(labels[:shown]),
                              min(values), out.parent / "exits.png")  # fmt: skip
-        Console().print(f"wrote {picture}")
+        console.print(f"wrote {picture}")
 
 
 MODEL_HELP = (

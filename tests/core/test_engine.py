@@ -74,6 +74,8 @@ def _extend(batch: dict, ids: torch.Tensor, model=None) -> dict:
 @pytest.mark.parametrize("keep", [1.0, 10_000])
 @pytest.mark.filterwarnings("ignore:keep=10000 is at least")  # the point of this test: nothing is pruned
 def test_keep_all_equals_dense(family, method, options, keep):
+    if options.get("drop_all"):
+        pytest.skip("todre drop_all=True removes every visual token at its late layer, whatever the budget")
     model = tiny_model(family)
     batch = make_batch(model, samples_for(family))
     dense = model(**batch).logits
@@ -321,7 +323,7 @@ def test_sequence_lengths_and_kept_follow_the_budget(family, method, options):
         assert [i["sample"] for i in record.items] == [s for s, _ in expected_items]
         for (sample, count), item, kept in zip(expected_items, record.items, stage_record.kept_per_item):
             assert kept.numel() == kept.unique().numel() == count
-            assert 0 <= int(kept.min()) and int(kept.max()) < item["num_tokens"]
+            assert kept.numel() == 0 or 0 <= int(kept.min()) and int(kept.max()) < item["num_tokens"]
         for sample, kept in enumerate(stage_record.kept):
             assert kept.numel() == kept.unique().numel() == sum(c for s, c in expected_items if s == sample)
             assert kept.numel() == 0 or int(kept.max()) < visual[sample]

@@ -23,8 +23,9 @@ def test_method_configs_round_trip_through_json():
         assert data["method"] == config.name
         assert vtprune.Method.from_dict(data) == config
     llm = [
-        "dart", "divprune", "downsample", "entropyprune", "fastervlm", "fastv", "hiprune", "mmtok", "pdrop", "pool", "random",
-        "sparsevlm", "transprune", "uniform", "vflowopt", "visiondrop", "visionzip", "vispruner", "vtc_cls",
+        "adaptinfer", "catp", "dart", "divprune", "downsample", "entropyprune", "fastervlm", "fastv", "hiprune",
+        "infohorizon", "mmtok", "mustdrop", "pdrop", "pool", "random", "sparsevlm", "todre", "transprune", "uniform",
+        "vflowopt", "visiondrop", "visionzip", "vispruner", "vtc_cls", "zoo_prune",
     ]  # fmt: skip
     assert vtprune.list_methods("llm") == llm
     assert vtprune.list_methods("vit") == ["evit", "flowcut", "tome"]
@@ -73,8 +74,17 @@ def test_methods_refuse_exactly_the_families_they_cannot_serve():
     expected |= {
         (m, f) for m in ("hiprune", "vflowopt") for f in ("gemma3", "mistral3", "internvl", "smolvlm", "paligemma")
     }
+    # ZOO-Prune perturbs each token's input to a per-token MLP projector: not where patches merge (Qwen, GLM,
+    # Mistral 3, InternVL, SmolVLM, Gemma 3), nor PaliGemma's linear projector (the same sensitivity everywhere)
+    expected |= {
+        ("zoo_prune", f)
+        for f in (
+            "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3", "mistral3", "internvl", "glm4v", "smolvlm",
+            "paligemma",
+        )  # fmt: skip
+    }
     # schedules that read attention at a linear-attention layer of the tiny hybrid (layers 0 and 2 are linear)
-    expected |= {(m, "qwen3_5") for m in ("fastv", "transprune", "pdrop", "sparsevlm")}
+    expected |= {(m, "qwen3_5") for m in ("fastv", "transprune", "pdrop", "sparsevlm", "adaptinfer")}
     assert refused == expected
     assert "no [CLS] token" in inapplicable("qwen2_vl", "vtc_cls", {})
     assert inapplicable("qwen2_vl", "pool", {}) is None  # only where="before" is refused

@@ -11,7 +11,9 @@ import pytest
 import torch
 from rich.console import Console
 from rich.progress import Progress
+from typer.testing import CliRunner
 
+from vtprune.cli import app
 from vtprune.eval import segmentation
 from vtprune.eval.segmentation import evaluate_thresholds
 
@@ -96,3 +98,18 @@ def test_silent_without_a_console_and_clear_errors(scenes, capsys):
         evaluate_thresholds(model, images, labels, [1.0], flop_images=0)
     with pytest.raises(ValueError, match="4 images but 3 label maps"):
         evaluate_thresholds(model, images, labels[:3], [1.0])
+
+
+def test_dtop_cli_prints_a_line_per_threshold_and_says_what_it_reused(tmp_path):
+    out = tmp_path / "dtop" / "results.jsonl"
+    args = ["dtop", "--thresholds", "1.0,0.98", "--images", "4", "--flop-images", "2", "--out", str(out),
+            "--pictures", "0"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("thresh ")]
+    assert [line.split(":")[0] for line in lines] == ["thresh 1", "thresh 0.98"]
+    assert all(re.search(r"mIoU \d\.\d{4}, \d+\.\d{4} GFLOPs/image, .* \d+\.\d s$", line) for line in lines)
+    again = CliRunner().invoke(app, [*args[:2], "1.0,0.98,0.97", *args[3:]])
+    assert again.exit_code == 0, again.output
+    assert f"reusing2of3thresholdsfrom{out}(1,0.98)" in "".join(again.output.split())  # a long path wraps
+    assert [line.split(":")[0] for line in again.output.splitlines() if line.startswith("thresh ")] == ["thresh 0.97"]

@@ -1,5 +1,7 @@
 """Pruning methods: one module per method, each registering its class in the core registry when imported."""
 
+from vtprune.methods.adaptinfer import AdaptInfer
+from vtprune.methods.catp import CATP
 from vtprune.methods.dart import DART
 from vtprune.methods.divprune import DivPrune
 from vtprune.methods.downsample import Downsample
@@ -10,11 +12,14 @@ from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
 from vtprune.methods.flowcut import FlowCut
 from vtprune.methods.hiprune import HiPrune
+from vtprune.methods.infohorizon import InfoHorizon
 from vtprune.methods.mmtok import MMTok
+from vtprune.methods.mustdrop import MustDrop
 from vtprune.methods.pdrop import PyramidDrop
 from vtprune.methods.pool import Pool
 from vtprune.methods.random import Random
 from vtprune.methods.sparsevlm import SparseVLM
+from vtprune.methods.todre import ToDRE
 from vtprune.methods.tome import ToMe
 from vtprune.methods.transprune import TransPrune
 from vtprune.methods.uniform import Uniform
@@ -23,8 +28,11 @@ from vtprune.methods.visiondrop import VisionDrop
 from vtprune.methods.vispruner import VisPruner
 from vtprune.methods.visionzip import VisionZip
 from vtprune.methods.vtc_cls import VTCCLS
+from vtprune.methods.zoo_prune import ZooPrune
 
 __all__ = [
+    "AdaptInfer",
+    "CATP",
     "DART",
     "DivPrune",
     "Downsample",
@@ -35,11 +43,14 @@ __all__ = [
     "FasterVLM",
     "FlowCut",
     "HiPrune",
+    "InfoHorizon",
     "MMTok",
+    "MustDrop",
     "Pool",
     "PyramidDrop",
     "Random",
     "SparseVLM",
+    "ToDRE",
     "ToMe",
     "TransPrune",
     "Uniform",
@@ -48,4 +59,5 @@ __all__ = [
     "VisionDrop",
     "VisPruner",
     "VisionZip",
+    "ZooPrune",
 ]

@@ -30,8 +30,8 @@ LOCAL_TASKS = tuple(DATA_FILES)
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
 _FUNCTIONS = "vtprune.eval.tasks"
 
-_YAML = {
-    "vtprune_digits": """task: vtprune_digits
+# Open questions scored by exact match: the plain task and the few-shot one differ only in name and functions.
+_OPEN_QUESTIONS = """task: {task}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -52,14 +52,17 @@ metric_list:
     aggregation: mean
     higher_is_better: true
   - metric: type_accuracy
-    aggregation: !function {functions}.type_averaged
+    aggregation: !function {results}.type_averaged
     higher_is_better: true
 lmms_eval_specific_kwargs:
   default:
     post_prompt: {post_prompt}
 metadata:
   version: 1.0
-""",
+"""
+
+_YAML = {
+    "vtprune_digits": _OPEN_QUESTIONS.replace("{task}", "vtprune_digits").replace("{results}", "{functions}"),
     "vtprune_digits_yesno": """task: vtprune_digits_yesno
 dataset_path: json
 dataset_kwargs:
@@ -81,35 +84,9 @@ lmms_eval_specific_kwargs:
 metadata:
   version: 1.0
 """,
-    "vtprune_digits_icl": """task: vtprune_digits_icl
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_visual: !function {functions}.icl.doc_to_visual
-doc_to_text: !function {functions}.icl.doc_to_text
-doc_to_target: answer
-generation_kwargs:
-  max_new_tokens: 8
-  temperature: 0
-  do_sample: false
-  until: ["\\n"]
-process_results: !function {functions}.icl.process_results
-metric_list:
-  - metric: accuracy
-    aggregation: mean
-    higher_is_better: true
-  - metric: type_accuracy
-    aggregation: !function {functions}.type_averaged
-    higher_is_better: true
-lmms_eval_specific_kwargs:
-  default:
-    post_prompt: {post_prompt}
-metadata:
-  version: 1.0
-""",
+    "vtprune_digits_icl": _OPEN_QUESTIONS.replace("{task}", "vtprune_digits_icl")
+    .replace("{functions}", "{functions}.icl")
+    .replace("{results}", "{functions}"),
 }
 
 
