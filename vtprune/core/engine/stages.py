@@ -55,7 +55,7 @@ class StageRunner:
             tokenizer=self.tokenizer,
             final_norm=self.adapter.final_norm if stage.layer is not None else None,  # in-LLM stages only
             # tower features are only meaningful before the LLM; the projector maps each row on its own there
-            projector=self.adapter.project if stage.layer is None and self.info.per_token_projector else None,
+            projector=self._project if stage.layer is None and self.info.per_token_projector else None,
         )
         scores: list[Tensor | None] = [None] * len(views)
         current.merges = {}
@@ -186,6 +186,10 @@ class StageRunner:
             signals.query_states = lambda: self.query_states(current, stage)
             signals.key_states = lambda: self.key_states(current, stage)
         return signals
+
+    def _project(self, features: Tensor) -> Tensor:
+        """The adapter's projector, looked up when a method calls it (ctx.project)."""
+        return self.adapter.project(features)
 
     def attention(
         self,
