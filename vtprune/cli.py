@@ -139,7 +139,10 @@ def list_methods_command() -> None:
                 table.add_row(name, cls.summary, cls.paper, cls.defaults)
                 continue
             config = cls()
-            defaults = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
+            # what an LLM-side config saves (a preset such as infohorizon leaves out the parts it builds)
+            saved = config.to_dict() if isinstance(config, vtprune.Method) else dataclasses.asdict(config)
+            options = {k: v for k, v in saved.items() if k != "method"}
+            defaults = ", ".join(f"{k}={v}" for k, v in options.items())
             where = " [ViT: timm / open_clip / CLIP, and LLaVA-1.5's tower]" if kind == "vit" else ""
             table.add_row(name, config.summary + where, config.paper, defaults)
     Console().print(table)
