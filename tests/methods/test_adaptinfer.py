@@ -25,15 +25,8 @@ from tests.methods.common import LLAVA, QWEN, _context
 from vtprune.core.budget import stage_budgets
 from vtprune.core.context import Signals
 from vtprune.core.registry import Stage, make_method
-from vtprune.methods.adaptinfer import (
-    AdaptInfer,
-    find_inflection_layers,
-    first_change_point,
-    jensen_shannon,
-    pick_inflections,
-    text_prior,
-    weighted_vision_scores,
-)
+from vtprune.eval.inflection import find_inflection_layers, first_change_point, jensen_shannon, pick_inflections
+from vtprune.methods.adaptinfer import AdaptInfer, text_prior, weighted_vision_scores
 
 
 # -- the score on hand-made attention ------------------------------------------------------------------------------

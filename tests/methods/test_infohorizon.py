@@ -24,7 +24,8 @@ from tests.helpers import (
 )
 from tests.methods.common import LLAVA, QWEN
 from vtprune.core.registry import Stage
-from vtprune.methods.infohorizon import InfoHorizon, find_horizon, horizon_of
+from vtprune.eval.horizon import find_horizon, horizon_of
+from vtprune.methods.infohorizon import InfoHorizon
 from vtprune.testing import IMAGE_TOKEN
 
 

@@ -31,7 +31,9 @@ class CollapseReport:
 
 
 @torch.no_grad()
-def capture_decoder_qk(model: nn.Module, adapter: Any, inputs: dict, keys: bool = False) -> dict[int, dict[str, Tensor]]:
+def capture_decoder_qk(
+    model: nn.Module, adapter: Any, inputs: dict, keys: bool = False
+) -> dict[int, dict[str, Tensor]]:
     """One forward of ``model`` on ``inputs`` with every decoder layer's ``q_proj`` output (``"q"``), its rotary
     tables (``"rotary"``) and, with ``keys``, its ``k_proj`` output (``"k"``) kept, by layer index: what the
     per-layer analyses (entropy collapse, AdaptInfer's inflection layers) recompute attention from."""
