@@ -9,7 +9,7 @@ Visual tokens are dropped over their whole lifecycle, in three stages:
    over all ordered pairs of distinct tokens; every window whose similarity is at least ``spatial_threshold`` is
    merged into its bottom-right token (the size-weighted average of its tokens, all of size one: their mean), the
    others stay untouched. The merged features are projected into the LLM as every other token.
-2. Prefilling, *dual-attention filtering* at decoder layer ``layer`` (3): the instruction tokens' (the text after the
+2. Prefilling, *dual-attention filtering* at decoder layer ``layer`` (3 of 32, scaled to the model's depth): the instruction tokens' (the text after the
    last image) attention in layer ``layer - 1`` (the authors prune the output of layer 2 by layer 2's own attention)
    ranks the visual tokens twice: *global* attention (summed over the instruction rows; we average, same order) and
    *individual* attention (the largest of any one instruction row); the *key set* (the ``key_share`` of the tokens
@@ -64,6 +64,8 @@ from vtprune.core.signals import query_slots
 # Stage 1 has no budget of its own (it merges by similarity, down to at most the final budget): its stage budget is
 # every token of the image.
 WHOLE_IMAGE = float(1 << 30)
+# the authors filter at layer 3 of LLaVA-1.5's 32 (scored by layer 2's attention)
+AUTHORS_LAYER, REFERENCE_DEPTH = 3, 32
 # A key token's decode score: above every attention probability, so key tokens are dropped last.
 KEY_BONUS = 2.0
 
@@ -125,7 +127,8 @@ class MustDrop(Method):
 
     spatial_threshold: float = 0.6
     window_size: int = 3
-    layer: int = 3
+    # None: the authors' layer 3 of LLaVA-1.5's 32, scaled to the model's depth (at least 1)
+    layer: int | None = None
     key_share: float = 0.08
     decode_ratio: float = 0.25
     decode_every: int = 0
@@ -154,18 +157,24 @@ class MustDrop(Method):
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
         if self.key_share > 0:
             model.require_cls_token(self.name)
-        model.check_layer(self.name, "layer", self.layer, minimum=1)
+        layer = self._layer(model)
         checked_decode_stages(self, self.decode_stages(model, keep), model)  # refused here, before anything runs
         key_layers = (model.vision_layers - 1,) if self.key_share > 0 else ()
         return [
             Stage(layer=None, scale=WHOLE_IMAGE, encoder_features=True),
-            Stage(layer=self.layer, attention_from=self.layer - 1, query="instruction", vision_layers=key_layers),
+            Stage(layer=layer, attention_from=layer - 1, query="instruction", vision_layers=key_layers),
         ]
+
+    def _layer(self, model: ModelInfo) -> int:
+        if self.layer is None:
+            return model.scale_layers((AUTHORS_LAYER,), REFERENCE_DEPTH, minimum=1)[0]
+        model.check_layer(self.name, "layer", self.layer, minimum=1)
+        return self.layer
 
     def decode_stages(self, model: ModelInfo, keep: Keep) -> list[DecodeStage]:
         if self.decode_ratio == 0:
             return []
-        return [DecodeStage(layer=self.layer, keep=1.0 - self.decode_ratio, every=self.decode_every)]
+        return [DecodeStage(layer=self._layer(model), keep=1.0 - self.decode_ratio, every=self.decode_every)]
 
     # -- stage 1: local spatial merging ------------------------------------------------------------------------
     def select(self, ctx: PruneContext) -> list[Tensor | Merged]:
