@@ -94,6 +94,7 @@ CONFIGS = [
     ("mustdrop", {"decode_every": 1, "positions": "keep"}),
     ("adaptinfer", {}),
     ("adaptinfer", {"layers": (1,), "ratio": 2.0, "positions": "keep"}),
+    ("evs", {}),
 ]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in CONFIGS]
 

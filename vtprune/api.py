@@ -9,7 +9,7 @@ from torch import nn
 
 from vtprune.adapters import find_adapter, find_vit_adapter
 from vtprune.core.adapter import Adapter
-from vtprune.core.budget import BUDGET_CONVENTIONS, Keep, validate_keep
+from vtprune.core.budget import BUDGET_CONVENTIONS, BUDGET_UNITS, Keep, validate_keep
 from vtprune.core.compat import MASK_BUILDERS, SOFTMAX_ATTENTION, check_transformers_version
 from vtprune.core.compose import Compose, check_keeps
 from vtprune.core.engine import PruningEngine
@@ -33,6 +33,7 @@ def wrap(
     keep: Keep | tuple[Keep, ...],
     *,
     budget: str = "final",
+    budget_unit: str = "video",
     tokenizer: Any = None,
     **options: Any,
 ) -> Pruning | ViTPruning:
@@ -50,6 +51,9 @@ def wrap(
         budget: what ``keep`` counts: ``"final"`` (default) the visual tokens the LLM finally sees per image;
             ``"average"`` the equivalent average over all decoder layers, as in-LLM papers report (SparseVLM,
             PyramidDrop, EntropyPrune). The same for pruning before the LLM.
+        budget_unit: what ``keep`` counts on a video: ``"video"`` (default) the tokens of the whole video (a fraction:
+            of the video's tokens), which a method may spread unevenly over its frames (EVS keeps the first frame
+            whole); ``"frame"`` each frame's tokens, every frame budgeted on its own. Images are unaffected.
         tokenizer: the model's tokenizer, for methods that read the question as words (MMTok's keyword filter).
         **options: fields of the method's config (e.g. ``layer=2`` for FastV).
 
@@ -61,11 +65,17 @@ def wrap(
     check_transformers_version()  # warns once outside the tested range; never refuses
     vit = find_vit_adapter(model)
     if vit is not None:
-        if budget != "final" or tokenizer is not None:
-            raise ValueError("budget and tokenizer apply to VLMs; a vision transformer takes method, keep and options")
+        if budget != "final" or budget_unit != "video" or tokenizer is not None:
+            raise ValueError(
+                "budget, budget_unit and tokenizer apply to VLMs; a vision transformer takes method, keep and options"
+            )
         return wrap_vit(model, vit, method, keep, **options)
     if budget not in BUDGET_CONVENTIONS:
         raise ValueError(f"budget must be one of {BUDGET_CONVENTIONS}, got {budget!r}")
+    if budget_unit not in BUDGET_UNITS:
+        raise ValueError(
+            f"budget_unit must be one of {BUDGET_UNITS} (what keep counts on a video), got {budget_unit!r}"
+        )
     adapter = find_adapter(model)
     for module in (model, adapter.vlm):
         existing = getattr(module, WRAPPED_ATTRIBUTE, None)
@@ -88,10 +98,19 @@ def wrap(
                 f"{config.name} takes one keep"
             )
         config = dataclasses.replace(config, keeps=check_keeps(config.label, keeps, len(config.parts)))
+    for part in config.parts if isinstance(config, Compose) else (config,):
+        units = getattr(part, "budget_units", BUDGET_UNITS)
+        if budget_unit not in units:
+            raise ValueError(
+                f"{part.name} accepts budget_unit {' or '.join(map(repr, units))}, not {budget_unit!r}: it moves the "
+                "budget between a video's frames, so keep must count whole videos"
+            )
     try:
         info = model_info(adapter)
         stages = checked_stages(config, config.stages(info, keep), info)
-        engine = PruningEngine(model, adapter, config, keep, stages, info, budget, tokenizer, tower=tower)
+        engine = PruningEngine(
+            model, adapter, config, keep, stages, info, budget, tokenizer, tower=tower, budget_unit=budget_unit
+        )
         engine.install()
     except Exception:
         if tower is not None:
@@ -144,6 +163,7 @@ def model_info(adapter: Adapter) -> ModelInfo:
         per_token_projector=adapter.per_token_projector,
         no_cls_reason=adapter.no_cls_reason,
         tower_attention=adapter.tower_attention,
+        modalities=tuple(adapter.visual_token_ids()),
     )
 
 

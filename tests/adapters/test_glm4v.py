@@ -24,25 +24,35 @@ def test_video_frames_share_the_image_placeholder_and_are_split_by_token_types()
     assert torch.equal(untyped["image"], batch["input_ids"] == IMAGE_TOKEN) and not untyped["video"].any()
 
 
-def test_pruned_video_frames_equal_the_model_fed_only_the_kept_tokens():
+@pytest.mark.parametrize("method,unit", [("random", "frame"), ("evs", "video")])
+def test_pruned_video_frames_equal_the_model_fed_only_the_kept_tokens(method, unit):
     model = tiny_model("glm4v")
     batch = make_batch(model, [[3, Video(2, (16, 16)), 4], [6, Video(3, (16, 24)), 1]])
     full_positions, _ = model.model.get_rope_index(
         batch["input_ids"], batch["mm_token_type_ids"], None, batch["video_grid_thw"], attention_mask=batch["attention_mask"]
     )
-    with vtprune.wrap(model, "random", keep=3) as pruning:
+    keep = 3 if method == "random" else 0.4
+    with vtprune.wrap(model, method, keep=keep, budget_unit=unit) as pruning:
         pruned = model(**batch).logits
         record = pruning.last
         generated = model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
         # generate() drops the grids: they are read back off the positions
-        assert pruning.last.item_grids == [[(0, 4, 4, 4)]] * 2 + [[(0, 4, 6, 6)]] * 3
-    assert [i["num_tokens"] for i in record.items] == [16, 16, 24, 24, 24]  # one item per frame
+        grids = [[(0, 4, 4, 4)]] * 2 + [[(0, 4, 6, 6)]] * 3
+        if unit == "video":
+            grids = [[(0, 4, 4, 4), (16, 4, 4, 4)], [(0, 4, 6, 6), (24, 4, 6, 6), (48, 4, 6, 6)]]
+        assert pruning.last.item_grids == grids
     kept = record.stages[0].kept_per_item
-    assert [k.numel() for k in kept] == [3] * 5 and generated.shape == (2, batch["input_ids"].shape[1] + 2)
-
     frames = model.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"]).pooler_output
-    per_frame = [f for video, t in zip(frames, batch["video_grid_thw"][:, 0].tolist()) for f in video.chunk(t)]
-    kept_rows = [torch.cat([per_frame[i][kept[i]] for i in items]) for items in ([0, 1], [2, 3, 4])]
+    if unit == "frame":
+        assert [i["num_tokens"] for i in record.items] == [16, 16, 24, 24, 24]  # one item per frame
+        assert [k.numel() for k in kept] == [3] * 5
+        per_frame = [f for video, t in zip(frames, batch["video_grid_thw"][:, 0].tolist()) for f in video.chunk(t)]
+        kept_rows = [torch.cat([per_frame[i][kept[i]] for i in items]) for items in ([0, 1], [2, 3, 4])]
+    else:
+        assert [i["num_tokens"] for i in record.items] == [32, 72]  # one item per video
+        assert [k.numel() for k in kept] == [16, 28]  # EVS: max(N, int(T * N * 0.4))
+        kept_rows = [video[k] for video, k in zip(frames, kept)]
+    assert generated.shape == (2, batch["input_ids"].shape[1] + 2)
     index = record.output_index
     valid = index >= 0
     short = {

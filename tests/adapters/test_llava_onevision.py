@@ -1,4 +1,5 @@
-"""LLaVA-OneVision adapter: any-res images on a SigLIP tower (no [CLS]), and videos pruned frame by frame."""
+"""LLaVA-OneVision adapter: any-res images on a SigLIP tower (no [CLS]), and videos pruned as a whole or frame by
+frame."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from tests.helpers import Image, Video, make_batch, tiny_model
 def test_video_frames_are_budgeted_one_by_one_and_the_final_newline_stays():
     model = tiny_model("llava_onevision")
     batch = make_batch(model, [[3, Video(3), 4]])
-    with vtprune.wrap(model, "uniform", keep=4) as pruning:
+    with vtprune.wrap(model, "uniform", keep=4) as pruning:  # the default: one budget per video
+        model(**batch)
+    assert pruning.last.items == [{"sample": 0, "modality": "video", "num_tokens": 49, "frames": [16, 16, 17]}]
+    [kept] = pruning.last.stages[0].kept_per_item
+    assert kept.numel() == 5 and int(kept[-1]) == 48  # 4 + the newline
+    with vtprune.wrap(model, "uniform", keep=4, budget_unit="frame") as pruning:
         model(**batch)
     items, stage = pruning.last.items, pruning.last.stages[0]
     assert [i["modality"] for i in items] == ["video"] * 3

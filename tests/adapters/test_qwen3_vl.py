@@ -36,7 +36,11 @@ def test_pre_llm_pruning_hands_the_model_the_kept_rows_of_every_deepstack_layer(
 def test_video_frames_after_timestamps_are_items_also_inside_generate():
     model = tiny_model("qwen3_vl")
     batch = make_batch(model, [[3, Video(3, (16, 16)), 4]])
-    with vtprune.wrap(model, "uniform", keep=2) as pruning:
+    with vtprune.wrap(model, "uniform", keep=2) as pruning:  # the default: one item per video
+        model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert pruning.last.items == [{"sample": 0, "modality": "video", "num_tokens": 48, "frames": [16, 16, 16]}]
+    assert pruning.last.item_grids == [[(0, 4, 4, 4), (16, 4, 4, 4), (32, 4, 4, 4)]]
+    with vtprune.wrap(model, "uniform", keep=2, budget_unit="frame") as pruning:
         model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
     items = pruning.last.items
     assert [i["modality"] for i in items] == ["video"] * 3 and [i["num_tokens"] for i in items] == [16] * 3

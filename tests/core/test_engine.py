@@ -30,6 +30,7 @@ from tests.helpers import (
     visual_mask,
     with_positions,
 )
+from vtprune.core.layout import VisualItem
 
 # Random models may emit any id; keep placeholder/special ids out of generated text.
 NO_SPECIAL = {"suppress_tokens": list(range(120, 128)), "pad_token_id": 0}
@@ -285,7 +286,7 @@ def test_sequence_lengths_and_kept_follow_the_budget(family, method, options):
     num_layers = len(vtprune.adapter_for(model).decoder_layers)
 
     # Per stage and image: round(scale * keep) tokens (per view with per-crop budgets; never more than the image
-    # has), plus LLaVA-NeXT's newlines (always kept); a video keeps its budget per frame.
+    # has), plus LLaVA-NeXT's newlines (always kept); a video keeps one budget over all its frames.
     def kept_at(stage) -> list[tuple[int, int]]:
         budget = round(stage.scale * keep)
         items = []
@@ -295,14 +296,21 @@ def test_sequence_lengths_and_kept_follow_the_budget(family, method, options):
                     views = view_count(model, part) if stage.per_crop else 1
                     newlines = newline_tokens(model, part)
                     size = record.items[len(items)]["num_tokens"] - newlines
-                    items.append((sample, min(budget * views, size) + newlines))
-                elif isinstance(part, Video):
+                    image_budgeted = stage.modalities is None or "image" in stage.modalities
+                    items.append((sample, (min(budget * views, size) if image_budgeted else size) + newlines))
+                elif isinstance(part, Video):  # one item, keep counting the whole video (budget_unit="video")
                     video_budgeted = stage.modalities is None or "video" in stage.modalities
-                    for frame in range(part.frames):
-                        size = record.items[len(items)]["num_tokens"]
-                        # LLaVA-OneVision's newline after the last frame: structural, always kept
-                        newline = int(not is_mrope(model) and frame == part.frames - 1)
-                        items.append((sample, min(budget, size - newline) + newline if video_budgeted else size))
+                    entry = record.items[len(items)]
+                    size = entry["num_tokens"]
+                    # LLaVA-OneVision's newline after the last frame: structural, always kept
+                    newline = int(not is_mrope(model))
+                    count = min(budget, size - newline)
+                    if stage.budget_rule is not None:  # the method's own count (EVS: vLLM's, frame 0 whole)
+                        structural = torch.arange(size) >= size - newline
+                        frames = tuple(entry["frames"])
+                        video = VisualItem(0, sample, "video", size, 0, structural=structural, frames=frames)
+                        count = min(size - newline, stage.budget_rule(keep, video))
+                    items.append((sample, count + newline if video_budgeted else size))
         return items
 
     real = batch["attention_mask"].sum(1).tolist()

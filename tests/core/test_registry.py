@@ -23,7 +23,7 @@ def test_method_configs_round_trip_through_json():
         assert data["method"] == config.name
         assert vtprune.Method.from_dict(data) == config
     llm = [
-        "adaptinfer", "catp", "dart", "divprune", "downsample", "entropyprune", "fastervlm", "fastv", "hiprune",
+        "adaptinfer", "catp", "dart", "divprune", "downsample", "entropyprune", "evs", "fastervlm", "fastv", "hiprune",
         "infohorizon", "mmtok", "mustdrop", "pdrop", "pool", "random", "sparsevlm", "todre", "transprune", "uniform",
         "vflowopt", "visiondrop", "visionzip", "vispruner", "vtc_cls", "zoo_prune",
     ]  # fmt: skip
@@ -85,6 +85,8 @@ def test_methods_refuse_exactly_the_families_they_cannot_serve():
     }
     # schedules that read attention at a linear-attention layer of the tiny hybrid (layers 0 and 2 are linear)
     expected |= {(m, "qwen3_5") for m in ("fastv", "transprune", "pdrop", "sparsevlm", "adaptinfer")}
+    # EVS prunes videos by time: families whose adapters take no video refuse it
+    expected |= {("evs", f) for f in ("llava", "llava_next", "gemma3", "mistral3", "internvl", "smolvlm", "paligemma")}
     assert refused == expected
     assert "no [CLS] token" in inapplicable("qwen2_vl", "vtc_cls", {})
     assert inapplicable("qwen2_vl", "pool", {}) is None  # only where="before" is refused

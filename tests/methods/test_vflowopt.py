@@ -302,7 +302,7 @@ def test_matches_a_plain_reference_on_llava_onevision():
     batch = make_batch(model, [[4, Image((32, 48)), 6], [2, Image((48, 32)), 3, Video(2), 2]])
     keep, threshold, cell, ratios = 0.2, 1.1, 3.0, (0.8, 0.5)
     options = {"threshold": threshold, "cell": cell, "ratios": ratios}
-    with vtprune.wrap(model, "vflowopt", keep=keep, **options) as pruning:
+    with vtprune.wrap(model, "vflowopt", keep=keep, budget_unit="frame", **options) as pruning:  # frames one by one
         model(**batch)
     vlm, side = model.model, 8
     images = vlm.get_image_features(

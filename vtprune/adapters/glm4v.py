@@ -3,12 +3,12 @@ dynamic-resolution tower (no [CLS]) whose 2x2 merge is a strided convolution fol
 decoder with 3-D M-RoPE over half of each head, rotating *adjacent* dims (``rotate_half_llm``).
 
 Images are items as on Qwen2-VL (merged patches in raster order). A video is written as its frames, each a run of
-placeholders after its timestamp text, and the tower encodes each frame on its own: each frame is one budgeted item,
-as on Qwen3-VL. Video frames reuse the *image* placeholder id; ``mm_token_type_ids`` (1 image, 2 video, as the
-processor returns it) tells them apart. GLM's own forward in transformers 5.23 / 5.24 cannot take images and videos
-in one call (its placeholder masks count every placeholder for both); a wrapped model raises the same error.
-Positions are the model's 3-D ids on the full prompt, sliced; recomputed attention rows apply GLM's interleaved
-partial rotary (``DecoderParts.interleaved_rotary``).
+placeholders after its timestamp text, and the tower encodes each frame on its own: each frame is one item spec, as
+on Qwen3-VL (one item per video unless ``budget_unit="frame"``). Video frames reuse the *image* placeholder id;
+``mm_token_type_ids`` (1 image, 2 video, as the processor returns it) tells them apart. GLM's own forward in
+transformers 5.23 / 5.24 cannot take images and videos in one call (its placeholder masks count every placeholder
+for both); a wrapped model raises the same error. Positions are the model's 3-D ids on the full prompt, sliced;
+recomputed attention rows apply GLM's interleaved partial rotary (``DecoderParts.interleaved_rotary``).
 """
 
 from __future__ import annotations

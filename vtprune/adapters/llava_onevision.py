@@ -6,8 +6,9 @@ Images: a base view grid, then the unpadded high-resolution grid with an ``image
 methods refuse the family.
 
 Videos: each frame's grid is pooled 2x2 (bilinear, to ``ceil(side / 2)`` squared tokens), the frames follow each
-other and one newline ends the video. Each frame is one budgeted item; the final newline is a structural token of
-the last frame. The features reach the model as one ``[N, D]`` tensor (its forward flattens what it is given).
+other and one newline ends the video. Each frame is one item spec (joined into one item per video unless
+``budget_unit="frame"``); the final newline is a structural token of the last frame. The features reach the model as
+one ``[N, D]`` tensor (its forward flattens what it is given).
 """
 
 from __future__ import annotations

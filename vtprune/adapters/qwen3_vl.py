@@ -9,8 +9,9 @@ the language model adds feature set ``i`` to the hidden states of the visual tok
   to the kept tokens only: the adapter patches the language model's ``_deepstack_process`` to remap
   ``visual_pos_masks`` and the feature rows onto the shortened sequence.
 
-A video's frames are separate runs of placeholders, each after its timestamp text; each frame is one budgeted item
-(as for Qwen2-VL). Positions are the model's own 3-D ids on the full prompt, sliced.
+A video's frames are separate runs of placeholders, each after its timestamp text; each frame is one item spec (as
+for Qwen2-VL: one item per video unless ``budget_unit="frame"``; a frame may lose every token, its timestamp and
+markers stay). Positions are the model's own 3-D ids on the full prompt, sliced.
 """
 
 from __future__ import annotations

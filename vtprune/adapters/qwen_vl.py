@@ -1,7 +1,8 @@
 """Qwen2-VL and Qwen2.5-VL: dynamic-resolution ViT (no [CLS]), 2x2 patch merger, decoder with M-RoPE.
 
 Each image is one item whose tokens are its merged patches in raster order on a ``(h / 2) x (w / 2)`` grid; a
-video contributes one item per temporal slice, so the budget applies per frame. Positions are the 3-D M-RoPE ids
+video is given as one item spec per temporal slice (frame), which the engine joins into one item per video
+(``budget_unit="video"``, the default) or leaves per frame (``"frame"``). Positions are the 3-D M-RoPE ids
 computed on the full prompt (as the model does) and sliced, so kept tokens keep their (t, h, w) positions and
 ``rope_deltas`` stay valid while decoding. Because an image advances the text position by its grid extent, not by
 its token count, dropping image tokens leaves nothing to renumber: ``positions="renumber"`` behaves as ``"keep"``.

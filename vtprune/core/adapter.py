@@ -18,12 +18,15 @@ from vtprune.core.shape import VisionShape
 
 @dataclass
 class ItemSpec:
-    """One budgeted unit inside an encoder output: rows ``[start, start + count)`` of its features."""
+    """One budgeted unit inside an encoder output: rows ``[start, start + count)`` of its features. Adapters give a
+    video one spec per frame; the engine joins them into one spec per video (``frames``: each frame's rows) unless
+    the wrap's ``budget_unit`` is ``"frame"`` (``vtprune.core.engine.prefill.join_frames``)."""
 
     start: int
     count: int
     grids: tuple[GridPart, ...] = ()
     structural: Tensor | None = None
+    frames: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,10 @@ def tokens_to_keep(keep: Keep, available: int) -> int:
 
 
 BUDGET_CONVENTIONS = ("final", "average")
+# What ``keep`` counts on a video: its whole token count ("video", the default: a method may move budget between
+# its frames, EVS keeping frame 0 whole and later frames possibly none) or each frame's ("frame", each frame its own
+# item with its own budget). Images are unaffected.
+BUDGET_UNITS = ("video", "frame")
 
 
 def stage_budgets(

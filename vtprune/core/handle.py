@@ -75,7 +75,13 @@ class Pruning:
 
     def config(self) -> dict[str, Any]:
         """Everything that defines this pruning, for results files: method, its options, the budget."""
-        return {**self.method.to_dict(), "keep": self.keep, "budget": self._engine.budget, "family": self.family}
+        return {
+            **self.method.to_dict(),
+            "keep": self.keep,
+            "budget": self._engine.budget,
+            "budget_unit": self._engine.budget_unit,
+            "family": self.family,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.config(), sort_keys=True)

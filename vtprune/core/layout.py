@@ -1,8 +1,10 @@
 """Where the visual tokens are: the static structure of each image and the token layout of one forward.
 
-A *visual item* is the unit a budget applies to: one image (LLaVA, LLaVA-NeXT, Qwen) or one frame of a video
-(Qwen). A *layout* describes the sequence as it enters a range of decoder layers: for every slot, which original
-token it holds, whether it is padding, and which item token it is. Pruning turns one layout into a shorter one.
+A *visual item* is the unit a budget applies to: one image (LLaVA, LLaVA-NeXT, Qwen), one whole video (the
+default, ``budget_unit="video"``: its ``frames`` say where each frame's tokens lie) or one frame of a video
+(``budget_unit="frame"``). A *layout* describes the sequence as it enters a range of decoder layers: for every
+slot, which original token it holds, whether it is padding, and which item token it is. Pruning turns one layout
+into a shorter one.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ class GridPart:
 
 @dataclass
 class VisualItem:
-    """One image or video frame: a run of visual tokens that a budget applies to.
+    """One image, video or video frame: a run of visual tokens that a budget applies to.
 
     ``structural`` marks tokens that are always kept and not counted in the budget (LLaVA-NeXT's row
-    separators), so a budget of k keeps k patch tokens plus the separators.
+    separators), so a budget of k keeps k patch tokens plus the separators. ``frames`` holds, for a whole video of
+    several frames, each frame's token count in order (they sum to ``num_tokens``); empty for an image, a single
+    frame and a one-frame video.
     """
 
     index: int
@@ -42,6 +46,18 @@ class VisualItem:
     visual_offset: int
     grids: tuple[GridPart, ...] = ()
     structural: Tensor | None = None
+    frames: tuple[int, ...] = ()
+
+    @property
+    def num_frames(self) -> int:
+        return max(1, len(self.frames))
+
+    def frame_of_tokens(self, device: torch.device | None = None) -> Tensor:
+        """The frame (0-based) of each of the item's tokens; all 0 for an item that is not a several-frame video."""
+        if not self.frames:
+            return torch.zeros(self.num_tokens, dtype=torch.long, device=device)
+        sizes = torch.tensor(self.frames, device=device)
+        return torch.repeat_interleave(torch.arange(len(self.frames), device=device), sizes)
 
     @property
     def num_selectable(self) -> int:

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from vtprune.core.budget import Keep, validate_keep
+from vtprune.core.budget import BUDGET_UNITS, Keep, validate_keep
 
 if TYPE_CHECKING:
     from vtprune.core.context import ItemView, PruneContext
-    from vtprune.core.layout import Layout
+    from vtprune.core.layout import Layout, VisualItem
 
 POSITION_CONVENTIONS = ("keep", "renumber")
 # Query rows whose attention a stage can ask for: the last prompt token, the instruction (text after the last
@@ -50,6 +50,8 @@ class ModelInfo:
     no_cls_reason: str = "towers have no [CLS] token"
     # the adapter maps the tower's attention (every query row, Stage.vision_received) onto the LLM's tokens
     tower_attention: bool = False
+    # the kinds of visual input the family takes ("image", "video")
+    modalities: tuple[str, ...] = ("image",)
 
     def scale_layers(
         self, layers: tuple[int, ...], reference_depth: int = 32, *, minimum: int = 1, maximum: int | None = None
@@ -146,6 +148,9 @@ class Stage:
       (``ItemView.replacement`` holds the new features); before the LLM only.
     * ``tower``: the vision tower reduced each image's rows itself (a ViT method wrapped inside the VLM); each of
       its rows reaches the LLM on the token its representative stands for (``ItemView.tower_tokens``).
+    * ``budget_rule``: ``fn(keep, item) -> int``, the tokens an item keeps at this stage instead of the engine's
+      count (capped at the item's selectable tokens), e.g. EVS's ``max(N, int(T * N * keep))`` that keeps a video's
+      first frame whole; for a rule that depends on the budget and the item's shape alone.
     """
 
     layer: int | None
@@ -167,6 +172,7 @@ class Stage:
     # convention (None: the method's own)
     part: int = 0
     positions: str | None = None
+    budget_rule: Callable[[Keep, VisualItem], int] | None = None
 
     @property
     def needs_vision_call(self) -> bool:
@@ -241,6 +247,8 @@ class Method:
     needs_cls_token: ClassVar[bool] = False
     # True for methods whose select() returns Merged results (kept tokens carry new features).
     merges: ClassVar[bool] = False
+    # the wrap's budget_unit values the method accepts (EVS moves budget between a video's frames: "video" only)
+    budget_units: ClassVar[tuple[str, ...]] = BUDGET_UNITS
     positions: str = "keep"
 
     def __post_init__(self) -> None:

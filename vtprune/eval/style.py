@@ -49,7 +49,7 @@ SLOTS = len(COLOURS)
 KNOWN_METHODS = (
     "dart", "divprune", "downsample", "dtop", "entropyprune", "evit", "fastervlm", "fastv", "hiprune", "mmtok",
     "pdrop", "pool", "random", "sparsevlm", "tome", "transprune", "uniform", "visiondrop", "visionzip", "vispruner",
-    "vtc_cls", "vflowopt", "flowcut", "todre", "zoo_prune", "infohorizon", "catp", "adaptinfer", "mustdrop",
+    "vtc_cls", "vflowopt", "flowcut", "todre", "zoo_prune", "infohorizon", "catp", "adaptinfer", "mustdrop", "evs",
 )  # fmt: skip
 
 DENSE = "dense"

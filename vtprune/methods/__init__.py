@@ -8,6 +8,7 @@ from vtprune.methods.downsample import Downsample
 from vtprune.methods.dtop import DToPSegmenter
 from vtprune.methods.entropyprune import EntropyPrune
 from vtprune.methods.evit import EViT
+from vtprune.methods.evs import EVS
 from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
 from vtprune.methods.flowcut import FlowCut
@@ -38,6 +39,7 @@ __all__ = [
     "Downsample",
     "DToPSegmenter",
     "EViT",
+    "EVS",
     "EntropyPrune",
     "FastV",
     "FasterVLM",

@@ -66,6 +66,7 @@ class PruningEngine:
         budget: str = "final",
         tokenizer: Any = None,
         tower: ViTPruning | None = None,
+        budget_unit: str = "video",
     ) -> None:
         self.model = model
         # the vision tower's own reduction (a ViT method wrapped inside this VLM); removed with the engine
@@ -76,6 +77,7 @@ class PruningEngine:
         self.stages = stages
         self.info = info
         self.budget = budget
+        self.budget_unit = budget_unit
         # Decoder layers whose query / key projections are kept during prefill (attention rows, query states).
         self.capture_layers = sorted(
             {s.attention_from for s in stages if s.attention_from is not None and s.attention_from != s.layer}
@@ -86,7 +88,7 @@ class PruningEngine:
         self.decode_stages = checked_decode_stages(method, method.decode_stages(info, keep), info)
         self.runner = StageRunner(adapter, method, info, tokenizer)
         self.observer = VisionObserver(adapter, stages, self._target_grid, tower)
-        schedule = Schedule(stages, keep, info, budget)
+        schedule = Schedule(stages, keep, info, budget, budget_unit)
         self.planner = PrefillPlanner(adapter, self.observer, self.runner, schedule, self._timed)
         self.last: ForwardRecord | None = None
         # the forward in flight (None between forwards)
@@ -192,7 +194,8 @@ class PruningEngine:
             current.session.decoded += current.query_length
             return
         record = current.record
-        record.output_index = current.layout.token
+        # -1 for padding also where no stage dropped anything (the first layout numbers its padding slots too)
+        record.output_index = current.layout.token.masked_fill(~current.layout.valid, -1)
         lengths = [layout.lengths() for layout in current.segments]
         starts = [layout.first_layer for layout in current.segments]
         record.tokens_per_layer = [

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache
 
-from vtprune.core.adapter import Adapter, VisualChunk
+from vtprune.core.adapter import Adapter, ItemSpec, VisualChunk
 from vtprune.core.budget import stage_budgets
 from vtprune.core.compat import get_cache, set_cache
 from vtprune.core.engine.observer import Encoded, VisionObserver
@@ -55,6 +55,8 @@ class PrefillPlanner:
         if reference is None:
             return None
         chunks = self.adapter.encode(inputs)
+        if self.schedule.budget_unit == "video":
+            chunks = [join_frames(chunk) for chunk in chunks]
         if not chunks:
             self.observer.take_tower_inputs()
             return None  # text-only batch
@@ -84,7 +86,11 @@ class PrefillPlanner:
             blocks=self.adapter.bidirectional_blocks(inputs, item_of_slot >= 0),
         )
         record = ForwardRecord(
-            items=[{"sample": i.sample, "modality": i.modality, "num_tokens": i.num_tokens} for i in items],
+            items=[
+                {"sample": i.sample, "modality": i.modality, "num_tokens": i.num_tokens}
+                | ({"frames": list(i.frames)} if i.frames else {})
+                for i in items
+            ],
             item_grids=[[(g.offset, g.height, g.width, g.row_stride) for g in i.grids] for i in items],
             input_length=length,
             budget=self.schedule.budget,
@@ -192,8 +198,14 @@ class PrefillPlanner:
         specs = [(stage.layer, stage.scale) for stage in stages]
         layers = self.schedule.info.num_layers
         whole = stage_budgets(keep, item.num_selectable, specs, layers, budget)
+        for i, stage in enumerate(stages):
+            if stage.budget_rule is not None:  # the method's own count (EVS: vLLM's, frame 0 whole)
+                # a composed part's own budget (its stages are scaled from the final one)
+                part_keep = keep * stage.scale if isinstance(keep, float) else round(keep * stage.scale)
+                whole[i] = min(item.num_selectable, max(0, int(stage.budget_rule(part_keep, item))))
         per_view: dict[int, list[int]] = {}
-        if signals is not None and any(stage.per_crop for stage in stages):
+        # a whole video's budget is the video's (its frames are not crops, even where the tower sees them as views)
+        if signals is not None and any(stage.per_crop for stage in stages) and not item.frames:
             views = signals.view[item.selectable_mask(signals.view.device)]
             for view, count in zip(*torch.unique(views, return_counts=True)):
                 if int(view) >= 0:
@@ -278,6 +290,29 @@ def _override_positions(layout: Layout, items: list[VisualItem], merges: dict[in
     return dataclasses.replace(layout, positions=positions, shift=shift)
 
 
+def join_frames(chunk: VisualChunk) -> VisualChunk:
+    """A video chunk whose frames are consecutive items as one item of the whole video (``ItemSpec.frames``: each
+    frame's rows; grids and structural tokens carried over), so a budget counts the video's tokens and a method may
+    move it between frames. Images, one-frame videos and non-consecutive specs are returned as they are."""
+    specs = chunk.items
+    if chunk.modality != "video" or len(specs) < 2:
+        return chunk
+    if any(b.start != a.start + a.count for a, b in zip(specs, specs[1:])) or any(s.frames for s in specs):
+        return chunk
+    start = specs[0].start
+    grids = tuple(
+        dataclasses.replace(grid, offset=grid.offset + spec.start - start) for spec in specs for grid in spec.grids
+    )
+    structural = None
+    if any(spec.structural is not None for spec in specs):
+        structural = torch.cat([
+            spec.structural.bool().cpu() if spec.structural is not None else torch.zeros(spec.count, dtype=torch.bool)
+            for spec in specs
+        ])  # fmt: skip
+    joined = ItemSpec(start, sum(s.count for s in specs), grids, structural, tuple(s.count for s in specs))
+    return dataclasses.replace(chunk, items=[joined])
+
+
 def assign_items(
     chunks: list[VisualChunk], placeholders: dict[str, Tensor]
 ) -> tuple[list[VisualItem], list[list[int]], Tensor, Tensor, dict[int, Tensor]]:
@@ -313,7 +348,9 @@ def assign_items(
                 item_of_slot[sample, cols[span]] = len(items)
                 token_of_slot[sample, cols[span]] = torch.arange(spec.count, device=cols.device)
                 structural = spec.structural.to(cols.device) if spec.structural is not None else None
-                items.append(VisualItem(len(items), sample, modality, spec.count, 0, spec.grids, structural))
+                items.append(
+                    VisualItem(len(items), sample, modality, spec.count, 0, spec.grids, structural, spec.frames)
+                )
                 features[len(items) - 1] = chunk.features[spec.start : spec.start + spec.count]
                 chunk_items[chunk_index].append(len(items) - 1)
                 first_slot.append((sample, int(cols[span][0])))

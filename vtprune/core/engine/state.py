@@ -20,12 +20,14 @@ from vtprune.core.signals import ImageSignals
 
 @dataclass(frozen=True)
 class Schedule:
-    """What a wrap applies: the method's stages, the budget ``keep`` and what it counts, on the model ``info``."""
+    """What a wrap applies: the method's stages, the budget ``keep`` and what it counts (``budget``: final or
+    layer-average; ``budget_unit``: a whole video or each frame), on the model ``info``."""
 
     stages: list[Stage]
     keep: Keep
     info: ModelInfo
     budget: str = "final"
+    budget_unit: str = "video"
 
 
 @dataclass
