@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from vtprune.core.budget import BUDGET_UNITS, Keep, validate_keep
+from vtprune.core.compat import SOFTMAX_ATTENTION
 
 if TYPE_CHECKING:
     from vtprune.core.context import ItemView, PruneContext
@@ -81,6 +82,13 @@ class ModelInfo:
             self.check_layer(method, "layers", layer, minimum=0)
             self.check_layer(method, "layers (+1, where the drop happens)", layer + 1, minimum=1)
         return layers
+
+    def last_softmax_layer(self, before: int) -> int | None:
+        """The last decoder layer below ``before`` with softmax attention (whose attention rows and keys can be
+        recomputed), or None: on hybrid models (Qwen3.5's linear-attention layers) a method reads that one."""
+        types = self.layer_types or ("full_attention",) * self.num_layers
+        usable = [i for i in range(before) if types[i] in SOFTMAX_ATTENTION]
+        return usable[-1] if usable else None
 
     def _accepts(self, method: str) -> bool:
         """Whether ``method`` with its defaults would accept this model (its own ``stages()`` raises otherwise)."""

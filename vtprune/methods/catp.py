@@ -117,13 +117,6 @@ def text_after_items(layout: Layout, items: list) -> dict[int, Tensor]:
     return spans
 
 
-def last_softmax_layer(model: ModelInfo, layer: int) -> int | None:
-    """The last softmax-attention layer before ``layer`` (whose attention rows can be recomputed), or None."""
-    types = model.layer_types or ("full_attention",) * model.num_layers
-    usable = [i for i in range(layer) if types[i] in SOFTMAX_ATTENTION]
-    return usable[-1] if usable else None
-
-
 @register_method
 @dataclass
 class CATP(Method):
@@ -152,7 +145,7 @@ class CATP(Method):
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
         if self.layer is None:
             layer = model.scale_layers((STAGE2_LAYER,), REFERENCE_DEPTH, minimum=1)[0]
-            if last_softmax_layer(model, layer) is None:  # linear-attention first layers (Qwen3.5): after the first
+            if model.last_softmax_layer(layer) is None:  # linear-attention first layers (Qwen3.5): after the first
                 types = model.layer_types
                 usable = [i for i, t in enumerate(types) if t in SOFTMAX_ATTENTION and i + 1 < model.num_layers]
                 if not usable:
@@ -162,7 +155,7 @@ class CATP(Method):
         else:
             layer = self.layer
             model.check_layer(self.name, "layer", layer, minimum=1)
-        source = last_softmax_layer(model, layer)
+        source = model.last_softmax_layer(layer)
         if source is None:
             usable = [i for i, t in enumerate(model.layer_types) if t in SOFTMAX_ATTENTION]
             hint = f"layer must be at least {usable[0] + 1}" if usable else "this model has none"

@@ -89,9 +89,7 @@ def least_duplicated(
 def key_layer(model: ModelInfo, layer: int) -> int | None:
     """The decoder layer whose keys DART reads for a stage at ``layer``: ``layer - 1``, or the last softmax-attention
     layer before it where ``layer - 1`` keeps no keys (linear attention); None when there is none."""
-    types = model.layer_types or ("full_attention",) * model.num_layers
-    usable = [i for i in range(layer) if types[i] in SOFTMAX_ATTENTION]
-    return usable[-1] if usable else None
+    return model.last_softmax_layer(layer)
 
 
 @register_method

@@ -112,9 +112,7 @@ def diverse_subset(features: Tensor, count: int, variant: str) -> Tensor:
 def relevance_layer(model: ModelInfo, layer: int) -> int | None:
     """The decoder layer whose attention ranks the tokens at ``layer``: ``layer`` itself, or the last softmax-attention
     layer before it where ``layer`` has none (linear attention); None when there is none."""
-    types = model.layer_types or ("full_attention",) * model.num_layers
-    usable = [i for i in range(layer + 1) if types[i] in SOFTMAX_ATTENTION]
-    return usable[-1] if usable else None
+    return model.last_softmax_layer(layer + 1)
 
 
 @register_method
