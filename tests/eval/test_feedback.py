@@ -23,13 +23,6 @@ def _text(output: str) -> str:
     return " ".join(output.replace("│", " ").split())
 
 
-@pytest.fixture(autouse=True)
-def _offline(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("VTPRUNE_TASKS_DIR", str(tmp_path_factory.getbasetemp() / "lmms_tasks"))
-
-
 def test_budgets_parse_per_part_and_name_the_bad_value():
     assert parse_budget("64") == 64 and parse_budget("0.25") == 0.25 and parse_budget("128/64") == (128, 64)
     assert budget_label((128, 64)) == "128/64" and budget_label(0.25) == "0.25" and budget_label(None) == "-"

@@ -16,13 +16,6 @@ from vtprune.testing import save_tiny_checkpoint
 TASK = "vtprune_digits_icl"
 
 
-@pytest.fixture(autouse=True)
-def _offline_task_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("VTPRUNE_TASKS_DIR", str(tmp_path_factory.getbasetemp() / "lmms_tasks"))
-
-
 @pytest.fixture(scope="module")
 def manager(tmp_path_factory):
     """One TaskManager for the module (indexing lmms-eval's task folders takes seconds)."""

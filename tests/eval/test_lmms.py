@@ -36,13 +36,6 @@ def _text(output: str) -> str:
     return " ".join(output.replace("│", " ").split())
 
 
-@pytest.fixture(autouse=True)
-def _offline_task_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("VTPRUNE_TASKS_DIR", str(tmp_path_factory.getbasetemp() / "lmms_tasks"))
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return save_tiny_checkpoint("llava", tmp_path_factory.mktemp("ckpt") / "llava")
