@@ -38,10 +38,9 @@ def _context(item_tokens: list[int], budgets: list[int], stage: Stage, attention
     return ctx
 
 
-def _single_item_context(n: int, budget: int, stage: Stage, **view_fields) -> PruneContext:
-    item = VisualItem(0, 0, "image", n, 0)
-    view = ItemView(item, 0, torch.arange(n), torch.arange(n), torch.ones(n, dtype=torch.bool), budget, **view_fields)
-    layout = Layout(
+def single_item_layout(n: int) -> Layout:
+    """The layout of one sample that is one image of ``n`` tokens (slot i = token i)."""
+    return Layout(
         token=torch.arange(n)[None],
         valid=torch.ones(1, n, dtype=torch.bool),
         item=torch.zeros(1, n, dtype=torch.long),
@@ -50,7 +49,12 @@ def _single_item_context(n: int, budget: int, stage: Stage, **view_fields) -> Pr
         shift=torch.zeros(1, dtype=torch.long),
         first_layer=0,
     )
-    return PruneContext(stage=stage, model=LLAVA, layout=layout, items=[view])
+
+
+def _single_item_context(n: int, budget: int, stage: Stage, **view_fields) -> PruneContext:
+    item = VisualItem(0, 0, "image", n, 0)
+    view = ItemView(item, 0, torch.arange(n), torch.arange(n), torch.ones(n, dtype=torch.bool), budget, **view_fields)
+    return PruneContext(stage=stage, model=LLAVA, layout=single_item_layout(n), items=[view])
 
 
 def _tower_cls_attention(model, pixel_values: torch.Tensor) -> torch.Tensor:

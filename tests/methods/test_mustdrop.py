@@ -12,7 +12,7 @@ from torch.testing import assert_close
 import vtprune
 import vtprune.methods.mustdrop  # registers "mustdrop" (not yet exported by vtprune.methods)
 from tests.helpers import FAMILIES, make_batch, samples_for, tiny_model, visual_mask, with_positions
-from tests.methods.common import LLAVA, QWEN
+from tests.methods.common import LLAVA, QWEN, single_item_layout
 from vtprune.api import adapter_for, model_info
 from vtprune.core.context import ItemView, PruneContext, Signals
 from vtprune.core.layout import GridPart, Layout, VisualItem
@@ -31,18 +31,6 @@ def _view(features: torch.Tensor, grid: GridPart, budget: int, final: int, **fie
     )  # fmt: skip
 
 
-def _layout(n: int) -> Layout:
-    return Layout(
-        token=torch.arange(n)[None],
-        valid=torch.ones(1, n, dtype=torch.bool),
-        item=torch.zeros(1, n, dtype=torch.long),
-        item_token=torch.arange(n)[None],
-        positions=torch.arange(n)[None],
-        shift=torch.zeros(1, dtype=torch.long),
-        first_layer=0,
-    )
-
-
 # -- stage 1 on hand-made grids -----------------------------------------------------------------------------------
 def test_a_window_of_identical_tokens_merges_into_its_bottom_right_token_and_others_stay():
     torch.manual_seed(0)
@@ -51,7 +39,7 @@ def test_a_window_of_identical_tokens_merges_into_its_bottom_right_token_and_oth
     assert window.tolist() == [21, 22, 23, 27, 28, 29, 33, 34, 35]
     features[window] = torch.tensor([1.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.0, 3.0])
     view = _view(features, GridPart(0, 6, 6, 6), budget=36, final=4)
-    ctx = PruneContext(stage=Stage(layer=None), model=LLAVA, layout=_layout(36), items=[view])
+    ctx = PruneContext(stage=Stage(layer=None), model=LLAVA, layout=single_item_layout(36), items=[view])
     (merged,) = MustDrop().select(ctx)
     assert isinstance(merged, Merged) and merged.space == "encoder"
     assert merged.indices.tolist() == [t for t in range(36) if t not in window[:-1].tolist()]  # 35 carries the rest
@@ -65,7 +53,7 @@ def test_merged_feature_is_the_window_mean_and_the_budget_floor_stops_merging():
     view = _view(features, GridPart(0, 6, 6, 6), budget=36, final=20)
     sims = window_similarity(features[grid_windows(GridPart(0, 6, 6, 6), 3, 3)])
     assert bool((sims > 0.9).all())
-    ctx = PruneContext(stage=Stage(layer=None), model=LLAVA, layout=_layout(36), items=[view])
+    ctx = PruneContext(stage=Stage(layer=None), model=LLAVA, layout=single_item_layout(36), items=[view])
     (merged,) = MustDrop().select(ctx)
     assert merged.indices.numel() == 36 - 8 * 2  # (36 - 20) // 8 = 2 windows, not 4: never below the final budget
     best = sims.argsort(descending=True)[:2]
@@ -75,7 +63,7 @@ def test_merged_feature_is_the_window_mean_and_the_budget_floor_stops_merging():
         assert_close(merged.features[row], features[window].mean(0))
     # keep = all: the final budget is every token, nothing merges
     dense = _view(features, GridPart(0, 6, 6, 6), budget=36, final=36)
-    (kept,) = MustDrop().select(PruneContext(stage=Stage(layer=None), model=LLAVA, layout=_layout(36), items=[dense]))
+    (kept,) = MustDrop().select(PruneContext(stage=Stage(layer=None), model=LLAVA, layout=single_item_layout(36), items=[dense]))
     assert not isinstance(kept, Merged) and kept.tolist() == list(range(36))
 
 
@@ -131,7 +119,7 @@ def test_decode_score_ranks_by_the_newest_tokens_attention_with_key_tokens_last(
     view = ItemView(item, 0, torch.tensor([1, 2, 4, 5]), torch.arange(4), torch.ones(4, dtype=torch.bool), 2)
     attention = torch.tensor([[0.1, 0.4, 0.0, 0.3]])
     ctx = PruneContext(
-        stage=Stage(layer=3), model=LLAVA, layout=_layout(4), items=[view], step=1,
+        stage=Stage(layer=3), model=LLAVA, layout=single_item_layout(4), items=[view], step=1,
         state={"mustdrop_keys": {0: torch.tensor([4])}}, signals=Signals(attention=lambda: attention),
     )  # fmt: skip
     (scores,) = MustDrop().decode_score(ctx)

@@ -83,11 +83,15 @@ class ModelInfo:
             self.check_layer(method, "layers (+1, where the drop happens)", layer + 1, minimum=1)
         return layers
 
-    def last_softmax_layer(self, before: int) -> int | None:
-        """The last decoder layer below ``before`` with softmax attention (whose attention rows and keys can be
-        recomputed), or None: on hybrid models (Qwen3.5's linear-attention layers) a method reads that one."""
+    def softmax_layers(self) -> list[int]:
+        """The decoder layers with softmax attention (whose attention rows and keys can be recomputed)."""
         types = self.layer_types or ("full_attention",) * self.num_layers
-        usable = [i for i in range(before) if types[i] in SOFTMAX_ATTENTION]
+        return [i for i, layer_type in enumerate(types) if layer_type in SOFTMAX_ATTENTION]
+
+    def last_softmax_layer(self, before: int) -> int | None:
+        """The last softmax-attention layer below ``before``, or None: on hybrid models (Qwen3.5's linear-attention
+        layers) a method reads that one."""
+        usable = [i for i in self.softmax_layers() if i < before]
         return usable[-1] if usable else None
 
     def _accepts(self, method: str) -> bool:

@@ -55,7 +55,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtprune.core.budget import Keep
-from vtprune.core.compat import SOFTMAX_ATTENTION
 from vtprune.core.context import PruneContext
 from vtprune.core.layout import Layout
 from vtprune.core.registry import Method, ModelInfo, Stage, register_method, top_budget
@@ -146,8 +145,7 @@ class CATP(Method):
         if self.layer is None:
             layer = model.scale_layers((STAGE2_LAYER,), REFERENCE_DEPTH, minimum=1)[0]
             if model.last_softmax_layer(layer) is None:  # linear-attention first layers (Qwen3.5): after the first
-                types = model.layer_types
-                usable = [i for i, t in enumerate(types) if t in SOFTMAX_ATTENTION and i + 1 < model.num_layers]
+                usable = [i for i in model.softmax_layers() if i + 1 < model.num_layers]
                 if not usable:
                     raise ValueError(f"{self.name}: {model.family_name or model.family} has no softmax-attention "
                                      "layer whose attention could rank the tokens before its last layer")  # fmt: skip
@@ -157,7 +155,7 @@ class CATP(Method):
             model.check_layer(self.name, "layer", layer, minimum=1)
         source = model.last_softmax_layer(layer)
         if source is None:
-            usable = [i for i, t in enumerate(model.layer_types) if t in SOFTMAX_ATTENTION]
+            usable = model.softmax_layers()
             hint = f"layer must be at least {usable[0] + 1}" if usable else "this model has none"
             raise ValueError(
                 f"{self.name}: layer={layer} has no softmax-attention layer before it whose attention could rank the "

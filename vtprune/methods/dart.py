@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtprune.core.budget import Keep
-from vtprune.core.compat import SOFTMAX_ATTENTION
 from vtprune.core.context import PruneContext
 from vtprune.core.registry import Method, ModelInfo, Stage, register_method
 from vtprune.core.signals import query_slots
@@ -118,7 +117,7 @@ class DART(Method):
         source = key_layer(model, self.layer)
         if source is None:
             types = model.layer_types
-            usable = [i for i, t in enumerate(types) if t in SOFTMAX_ATTENTION]
+            usable = model.softmax_layers()
             hint = f"layer must be at least {usable[0] + 1}" if usable else "this model has none"
             raise ValueError(
                 f"{self.name}: layer={self.layer} has no softmax-attention layer before it whose keys could choose "

@@ -68,7 +68,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtprune.core.budget import Keep
-from vtprune.core.compat import SOFTMAX_ATTENTION
 from vtprune.core.context import PruneContext
 from vtprune.core.registry import Method, ModelInfo, Stage, register_method, top_budget
 from vtprune.methods.divprune import max_min_diverse
@@ -161,7 +160,7 @@ class ToDRE(Method):
         source = relevance_layer(model, layer)
         if source is None:
             types = model.layer_types
-            usable = [i for i, t in enumerate(types) if t in SOFTMAX_ATTENTION]
+            usable = model.softmax_layers()
             hint = f"layer must be at least {usable[0]}" if usable else "this model has none"
             raise ValueError(
                 f"{self.name}: layer={layer} has no softmax-attention layer at or before it whose attention could "
