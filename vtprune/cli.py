@@ -117,7 +117,7 @@ def demo(
         for name, reason in skipped.items():
             Console().print(f"[dim]{name}: skipped ({reason})[/dim]")
     sweep(model="embedded", methods=",".join(names), keep=keep, tasks="vtprune_digits", limit=limit, out=out,
-          budget="final", batch_size=batch_size, device=None, dtype="auto", include_path=None, option=[],
+          budget="final", budget_unit="video", batch_size=batch_size, device=None, dtype="auto", include_path=None, option=[],
           metric="type_accuracy", use_ray=False, ray_address=None, ray_workers=None)  # fmt: skip
 
 
@@ -372,10 +372,13 @@ def sweep(
                                         "of the model's tokens per image, e.g. 32,16,8,4 of 64; fractions "
                                         "0.5..0.0625 where the count depends on the image)."),  # fmt: skip
     tasks: str = typer.Option("vtprune_digits", help="Comma-separated lmms-eval tasks (local: vtprune_digits, "
-                                                      "vtprune_digits_yesno)."),  # fmt: skip
+                                                      "vtprune_digits_yesno, vtprune_digits_icl, "
+                                                      "vtprune_digits_video)."),  # fmt: skip
     limit: float = typer.Option(None, help="Documents per task (int) or a fraction of them."),
     out: Path = typer.Option(Path("vtprune-sweep"), help="Folder for results.jsonl, summary.csv, pareto.png."),
     budget: str = typer.Option("final", help="What keep counts: final or average."),
+    budget_unit: str = typer.Option("video", help="What keep counts on a video: video (the whole video's tokens; a "
+                                                  "method may spread them over its frames) or frame (each frame's)."),
     batch_size: int = typer.Option(1, min=1, help="Prompts per generate call."),
     device: str = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
@@ -406,7 +409,7 @@ def sweep(
             model=model, methods=_split(methods) or [], keeps=keeps, tasks=_split(tasks) or [], out_dir=str(out),
             limit=int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit,
             budget=budget, batch_size=batch_size, device=device, dtype=dtype, include_path=include_path,
-            options=_parse_options(option),
+            options=_parse_options(option), budget_unit=budget_unit,
         )  # fmt: skip
         validate(spec)  # before the progress bar: bad arguments fail at once
         with Progress() as progress:

@@ -7,16 +7,27 @@
 ``model_args``: ``pretrained`` (checkpoint path or hub id, loaded with ``AutoModelForImageTextToText`` and its
 ``AutoProcessor``), ``method`` (a registered method, a composition such as ``divprune+random``, or ``dense``, the
 default), ``keep`` (``64``, ``0.25``, or ``128/64``: one budget per part of a composition), ``budget``, any field of the
-method's config (e.g. ``layer=3``), ``device``, ``dtype``, ``batch_size``, ``max_new_tokens`` (when a task sets
-none), ``chat_template`` (a Jinja string, when the processor has none), ``cost_path`` (a JSON file for the cost
-side). Prompts are built with the processor's chat template: the document's images first, then its text; a document
-whose text holds one ``<image>`` placeholder per image (several images) gets each image at its placeholder.
+method's config (e.g. ``layer=3``), ``budget_unit`` (what ``keep`` counts on a video: ``video``, the default, or
+``frame``), ``device``, ``dtype``, ``batch_size``, ``max_new_tokens`` (when a task sets none), ``chat_template`` (a
+Jinja string, when the processor has none), ``cost_path`` (a JSON file for the cost side). Prompts are built with the
+processor's chat template: the document's images and videos first, then its text; a document whose text holds one
+``<image>`` placeholder per image (several images) gets each image at its placeholder.
+
+Visuals (what a task's ``doc_to_visual`` returns): a ``PIL.Image`` is an image; a video is lmms-eval's media dict
+``{"type": "video", "url": ...}`` (also ``"path"``, ``"video"`` or ``"frames"``) holding a list of ``PIL.Image``
+frames or a video file path, or a bare path string that is not an image file (lmms-eval's convention for video
+files). Videos reach the processor as ``videos=`` (one list of frames, or one path, per video: the processor's video
+processor decodes a path), so only families whose processor has a video processor take them (Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, LLaVA-OneVision); others raise a ``ValueError`` naming the family. Qwen encodes frames in temporal pairs,
+so an odd frame count gets its last frame repeated by the processor.
 
 Requests: ``generate_until`` (batched with left padding, grouped by generation kwargs; greedy, sampling or beams as
 the task asks) and ``loglikelihood`` (the continuation's summed negative log-likelihood, read from the logits of
-the kept tokens, and whether greedy decoding would produce it). Multi-round generation and videos are not supported.
+the kept tokens, and whether greedy decoding would produce it). Multi-round generation is not supported.
 
-The cost side is gathered while lmms-eval runs: per sample, the visual tokens the LLM kept per image, the
+The cost side is gathered while lmms-eval runs: per sample, the visual tokens the LLM kept per image (per budgeted
+item: an image, a video, or with ``budget_unit=frame`` a video frame), all of the sample's kept visual tokens
+(``sample_visual_tokens``: per video, for a one-video document) and those it had before pruning, the
 analytical prefill FLOPs of what the forward really did, and the prefill time (time to first token of each
 ``generate`` batch, divided among its samples; the whole forward for a scored continuation, whose logits all
 count). :meth:`VtpruneLMM.cost_summary` returns the means, and counts both forwards and documents (a two-way
@@ -33,6 +44,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +59,14 @@ from vtprune.eval.flops import prefill_flops
 from vtprune.eval.inputs import load_model
 
 DENSE = "dense"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class VideoInput:
+    """One video of a document: its frames (``PIL.Image`` s, in order) or the path of a video file."""
+
+    frames: tuple[Any, ...] | str
 
 
 class VtpruneLMM(lmms):
@@ -60,6 +80,7 @@ class VtpruneLMM(lmms):
         method: str = DENSE,
         keep: Any = None,
         budget: str = "final",
+        budget_unit: str = "video",
         device: str | None = None,
         dtype: str = "auto",
         batch_size: int | str = 1,
@@ -104,6 +125,7 @@ class VtpruneLMM(lmms):
         self.cost_path = cost_path
         self.pretrained = pretrained
         self.method_name = str(method)
+        self.budget_unit = budget_unit
         if self.method_name == DENSE:
             if keep is not None or options:
                 given = ", ".join(["keep", *options] if keep is not None else list(options))
@@ -117,7 +139,8 @@ class VtpruneLMM(lmms):
             if isinstance(keep, str):  # model_args text: "64", "0.25", or per-part budgets "128/64"
                 keep = parse_budget(keep)
             self.pruning = vtprune.wrap(
-                model, self.method_name, keep=keep, budget=budget, tokenizer=self.tokenizer, **options
+                model, self.method_name, keep=keep, budget=budget, budget_unit=budget_unit, tokenizer=self.tokenizer,
+                **options,
             )  # fmt: skip
             self.config = self.pruning.config()
         self.costs: list[dict[str, float]] = []
@@ -207,12 +230,14 @@ class VtpruneLMM(lmms):
 
     def cost_summary(self) -> dict[str, Any]:
         """Means over the evaluated forwards (one per generated answer or scored continuation): visual tokens kept
-        per image, prefill TFLOPs, prefill ms; overall and per task under ``"tasks"``."""
+        per image (per budgeted item), per sample, and per sample before pruning, prefill TFLOPs, prefill ms; overall
+        and per task under ``"tasks"``."""
 
         def means(costs: list[dict[str, Any]]) -> dict[str, Any]:
             documents = len({(cost["task"], cost.get("doc")) for cost in costs})
             summary: dict[str, Any] = {"forwards": len(costs), "documents": documents}
-            for key in ("visual_tokens", "tflops_prefill", "prefill_ms"):
+            for key in ("visual_tokens", "sample_visual_tokens", "sample_visual_tokens_before", "tflops_prefill",
+                        "prefill_ms"):  # fmt: skip
                 values = [cost[key] for cost in costs if key in cost]
                 summary[key] = sum(values) / len(values) if values else None
             return summary
@@ -237,28 +262,63 @@ class VtpruneLMM(lmms):
         flops = prefill_flops(self.model, record, record.encoder_inputs, logits_rows=logits_rows)
         final = record.stages[-1].kept_per_item if record.stages else []
         per_sample: dict[int, list[int]] = defaultdict(list)
+        before: dict[int, int] = defaultdict(int)
         for item, kept in zip(record.items, final):
             per_sample[item["sample"]].append(kept.numel())
+        for item in record.items:
+            before[item["sample"]] += item["num_tokens"]
         for sample, (task, doc) in enumerate(docs):
             counts = per_sample.get(sample, [])
             cost = {"task": task, "doc": doc, "tflops_prefill": flops.prefill / 1e12 / batch, "prefill_ms": prefill_ms / batch}
             if counts:
                 cost["visual_tokens"] = sum(counts) / len(counts)
+                # a sample's items summed: comparable between budget units (a video is one item or one per frame)
+                cost["sample_visual_tokens"] = sum(counts)
+                cost["sample_visual_tokens_before"] = before[sample]
             self.costs.append(cost)
 
     # -- work --------------------------------------------------------------------------------------------------------
 
     def _visuals(self, doc_to_visual: Any, doc: dict[str, Any]) -> list[Any]:
+        """The document's images (RGB ``PIL.Image``) and videos (:class:`VideoInput`), in order."""
         visuals = doc_to_visual(doc) if doc_to_visual is not None else []
         flat = [v for group in visuals for v in (group if isinstance(group, (list, tuple)) else [group])]
-        for visual in flat:
-            if not hasattr(visual, "convert"):
-                raise NotImplementedError(f"vtprune's lmms-eval model takes images (PIL), got {type(visual).__name__}")
-        return [visual.convert("RGB") for visual in flat]
+        out = [self._visual(visual) for visual in flat]
+        if any(isinstance(v, VideoInput) for v in out) and getattr(self.processor, "video_processor", None) is None:
+            raise ValueError(
+                f"{type(self.model).__name__} takes no video input (its processor has no video processor), and this "
+                "task's documents hold a video; video tasks need a family with video input (Qwen2-VL, Qwen2.5-VL, "
+                "Qwen3-VL, LLaVA-OneVision)"
+            )
+        return out
 
-    def _prompt(self, context: str, images: list[Any]) -> str:
+    @staticmethod
+    def _visual(visual: Any) -> Any:
+        if hasattr(visual, "convert"):
+            return visual.convert("RGB")
+        if isinstance(visual, dict) and visual.get("type", "video") == "video":
+            source = next((visual[k] for k in ("url", "path", "video", "frames") if visual.get(k) is not None), None)
+            if isinstance(source, (list, tuple)) and source and all(hasattr(f, "convert") for f in source):
+                return VideoInput(tuple(frame.convert("RGB") for frame in source))
+            if isinstance(source, (str, Path)):
+                return VideoInput(str(source))
+            raise ValueError(
+                f"a video visual needs a list of PIL frames or a file path under 'url', got {visual!r:.80}"
+            )  # fmt: skip
+        if isinstance(visual, (str, Path)):  # lmms-eval: a path is a video unless it names an image file
+            if str(visual).lower().endswith(IMAGE_SUFFIXES):
+                from PIL import Image
+
+                return Image.open(visual).convert("RGB")
+            return VideoInput(str(visual))
+        raise NotImplementedError(
+            f"vtprune's lmms-eval model takes images (PIL), videos (frames or paths), got {type(visual).__name__}"
+        )
+
+    def _prompt(self, context: str, visuals: list[Any]) -> str:
+        images = [v for v in visuals if not isinstance(v, VideoInput)]
         pieces = context.split("<image>")
-        if len(images) > 1 and len(pieces) == len(images) + 1:
+        if len(images) > 1 and len(images) == len(visuals) and len(pieces) == len(images) + 1:
             # one placeholder per image (interleaved documents, e.g. few-shot demonstrations): each image where its
             # placeholder stands, the text between them in order
             content: list[dict[str, Any]] = []
@@ -268,13 +328,21 @@ class VtpruneLMM(lmms):
                 if index < len(images):
                     content.append({"type": "image"})
         else:
-            text = context.replace("<image>", "").strip()  # the template places the images
-            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+            text = context.replace("<image>", "").replace("<video>", "").strip()  # the template places the visuals
+            content = [{"type": "video" if isinstance(v, VideoInput) else "image"} for v in visuals]
+            content.append({"type": "text", "text": text})
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
-    def _encode(self, texts: list[str], images: list[Any]) -> dict[str, torch.Tensor]:
+    def _encode(self, texts: list[str], visuals: list[Any]) -> dict[str, torch.Tensor]:
         self.tokenizer.padding_side = "left"
-        batch = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        images = [v for v in visuals if not isinstance(v, VideoInput)]
+        videos = [
+            list(v.frames) if isinstance(v.frames, tuple) else v.frames for v in visuals if isinstance(v, VideoInput)
+        ]  # one list of frames (or one path) per video
+        media: dict[str, Any] = {"images": images or None}
+        if videos:  # only then: processors without a video processor take no videos argument
+            media["videos"] = videos
+        batch = self.processor(text=texts, **media, return_tensors="pt", padding=True)
         dtype = next(self.model.parameters()).dtype
         return {k: v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device) for k, v in batch.items()}
 

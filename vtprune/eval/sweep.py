@@ -5,6 +5,11 @@ Every finished grid point is appended at once to ``<out>/results.jsonl`` (one JS
 rerun with the same folder skips them. A line cut short by a kill is ignored and the point is evaluated again.
 Points run in this process (one model, wrapped and unwrapped per point) or as Ray tasks on a pool of actors, each
 holding one copy of the model (one GPU each where there are GPUs).
+
+``budget_unit`` (what ``keep`` counts on a video: ``"video"``, the default, or ``"frame"``) is part of a sweep's
+setup: it is written in every row's ``setup``, so points at another unit are other points (a rerun with another unit
+evaluates them, dense included, and the report names the unit where a folder holds both). Rows written before the
+unit existed count as ``"video"``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from vtprune.core.budget import BUDGET_CONVENTIONS, budget_label, validate_keep
+from vtprune.core.budget import BUDGET_CONVENTIONS, BUDGET_UNITS, budget_label, validate_keep
+from vtprune.core.compose import Compose
 from vtprune.core.registry import WRAPPABLE, make_method
 from vtprune.eval.inputs import check_model_spec
 
@@ -54,10 +60,11 @@ class SweepSpec:
     dtype: str = "auto"
     include_path: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    budget_unit: str = "video"
 
     def setup(self) -> dict[str, Any]:
         return {"model": self.model, "tasks": sorted(self.tasks), "limit": self.limit, "budget": self.budget,
-                "options": self.options}  # fmt: skip
+                "budget_unit": self.budget_unit, "options": self.options}  # fmt: skip
 
     def grid(self) -> list[GridPoint]:
         """Dense first (once, not once per method), then methods x keeps in the order given."""
@@ -122,10 +129,18 @@ def validate(spec: SweepSpec) -> None:
         raise ValueError("the grid is empty: give at least one method (--methods) and one budget (--keep)")
     if not spec.tasks:
         raise ValueError("tasks is empty: give at least one lmms-eval task (--tasks)")
+    if spec.budget_unit not in BUDGET_UNITS:
+        raise ValueError(f"budget_unit must be one of {BUDGET_UNITS} (what keep counts on a video), got "
+                         f"{spec.budget_unit!r}")  # fmt: skip
     for name in spec.methods:
         if name == DENSE:
             raise ValueError("dense is always evaluated once; leave it out of methods")
-        make_method(name, kind=WRAPPABLE, **spec.options)
+        config = make_method(name, kind=WRAPPABLE, **spec.options)
+        for part in config.parts if isinstance(config, Compose) else (config,):
+            units = getattr(part, "budget_units", BUDGET_UNITS)  # EVS moves budget between frames: "video" only
+            if spec.budget_unit not in units:
+                raise ValueError(f"{part.name} accepts budget_unit {' or '.join(map(repr, units))}, not "
+                                 f"{spec.budget_unit!r} (--budget-unit)")  # fmt: skip
     for keep in spec.keeps:
         for part in keep if isinstance(keep, (tuple, list)) else (keep,):
             validate_keep(part)
@@ -190,12 +205,25 @@ def append_result(out_dir: str | Path, row: dict[str, Any]) -> None:
         os.close(descriptor)
 
 
+def row_setup(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's setup, with the fields added since it was written at the value they had then (``budget_unit``:
+    ``"video"``), so older results files still resume and group with new rows."""
+    setup = row.get("setup")
+    if not isinstance(setup, dict):
+        return setup
+    return {**setup, "budget_unit": setup.get("budget_unit", "video")}
+
+
+def _same_setup(row: dict[str, Any], setup: dict[str, Any]) -> bool:
+    return row_setup(row) == json.loads(json.dumps(setup, default=str))
+
+
 def finished_keys(spec: SweepSpec) -> set[str]:
     setup = spec.setup()
     return {
         point_key(setup, GridPoint(row["method"], _as_keep(row.get("keep"))))
         for row in read_results(spec.out_dir)
-        if row.get("setup") == json.loads(json.dumps(setup, default=str))
+        if _same_setup(row, setup)
     }
 
 
@@ -207,13 +235,16 @@ def saved_points(spec: SweepSpec) -> int:
 # -- evaluation --------------------------------------------------------------------------------------------------
 
 
-def _task_manager(include_path: str | None) -> Any:
+def _task_manager(include_path: str | None, tasks: list[str] | None = None) -> Any:
+    """lmms-eval's task index over the local tasks, ``include_path`` and lmms-eval's own task folders; without the
+    latter when every task asked for is local (indexing lmms-eval's hundreds of YAMLs takes seconds)."""
     from lmms_eval.tasks import TaskManager
 
-    from vtprune.eval.tasks import task_dir
+    from vtprune.eval.tasks import LOCAL_TASKS, task_dir
 
     paths = [str(task_dir())] + ([include_path] if include_path else [])
-    return TaskManager(include_path=paths)
+    local_only = bool(tasks) and all(task in LOCAL_TASKS for task in tasks)
+    return TaskManager(include_path=paths, include_defaults=not local_only)
 
 
 def check_tasks(tasks: list[str], manager: Any) -> None:
@@ -231,7 +262,8 @@ def check_methods_apply(model: Any, spec: SweepSpec) -> None:
 
     for name in spec.methods:
         for keep in spec.keeps:
-            vtprune.wrap(model, name, keep=keep, budget=spec.budget, **spec.options).unwrap()
+            vtprune.wrap(model, name, keep=keep, budget=spec.budget, budget_unit=spec.budget_unit,
+                         **spec.options).unwrap()  # fmt: skip
 
 
 def evaluate_point(
@@ -252,7 +284,7 @@ def evaluate_point(
     keep = {"keep": point.keep} if point.method != DENSE else {}
     lm = VtpruneLMM(
         pretrained=spec.model, model=model, processor=processor, method=point.method, budget=spec.budget,
-        batch_size=spec.batch_size, on_progress=on_request, **keep, **options,
+        budget_unit=spec.budget_unit, batch_size=spec.batch_size, on_progress=on_request, **keep, **options,
     )  # fmt: skip
     began = time.perf_counter()
     try:
@@ -310,7 +342,7 @@ def run_sweep(
     done = finished_keys(spec)
     setup = spec.setup()
     pending = [point for point in spec.grid() if point_key(setup, point) not in done]
-    manager = _task_manager(spec.include_path)
+    manager = _task_manager(spec.include_path, spec.tasks)
     check_tasks(spec.tasks, manager)
     if on_start is not None:
         on_start(len(spec.grid()), len(pending))
@@ -319,7 +351,7 @@ def run_sweep(
             _run_on_ray(spec, pending, ray_address, ray_workers, on_row)
         else:
             _run_here(spec, pending, manager, on_row, on_point, on_request)
-    rows = [row for row in read_results(spec.out_dir) if row.get("setup") == json.loads(json.dumps(setup, default=str))]
+    rows = [row for row in read_results(spec.out_dir) if _same_setup(row, setup)]
     return rows
 
 
@@ -368,7 +400,7 @@ class _Evaluator:
             torch.set_num_threads(1)  # one CPU per actor
         self.spec = SweepSpec(**spec_fields)
         self.model, self.processor = _load(self.spec)
-        self.manager = _task_manager(self.spec.include_path)
+        self.manager = _task_manager(self.spec.include_path, self.spec.tasks)
 
     def evaluate(self, method: str, keep: Any) -> dict[str, Any]:
         return evaluate_point(self.model, self.processor, self.spec, GridPoint(method, keep), self.manager)

@@ -10,20 +10,20 @@ from typing import Any
 
 from vtprune.core.budget import budget_label
 from vtprune.eval.style import budget_axis, flops_unit, method_styles, plain_numbers
-from vtprune.eval.sweep import DENSE, read_results
+from vtprune.eval.sweep import DENSE, read_results, row_setup
 
 SUMMARY_FILE = "summary.csv"
 PLOT_FILE = "pareto.png"
 
 
 def split_setups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """The folder's setups (model, tasks, limit, budget, options) in the order first written, each with a short
-    label naming what sets it apart from the others (a folder may hold several: a rerun with another limit, another
-    model) and its rows."""
+    """The folder's setups (model, tasks, limit, budget, budget unit, options) in the order first written, each with
+    a short label naming what sets it apart from the others (a folder may hold several: a rerun with another limit,
+    another model, another budget unit) and its rows."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(json.dumps(row.get("setup"), sort_keys=True, default=str), []).append(row)
-    setups = [group[0].get("setup") or {} for group in groups.values()]
+        groups.setdefault(json.dumps(row_setup(row), sort_keys=True, default=str), []).append(row)
+    setups = [row_setup(group[0]) or {} for group in groups.values()]
     keys = list(dict.fromkeys(key for setup in setups for key in setup))
     differing = [key for key in keys if len({json.dumps(s.get(key), sort_keys=True, default=str) for s in setups}) > 1]
     labels = []
@@ -79,7 +79,8 @@ def _summarize_setup(rows: list[dict[str, Any]], metric: str | None) -> list[dic
                 "task": task, "metric": name, "method": row["method"], "keep": row.get("keep"),
                 "score": score, "vs_dense": score / reference if reference else None,
                 "tflops": cost.get("tflops_prefill"), "prefill_ms": cost.get("prefill_ms"),
-                "visual_tokens": cost.get("visual_tokens"), "documents": cost.get("documents"),
+                "visual_tokens": cost.get("visual_tokens"), "sample_visual_tokens": cost.get("sample_visual_tokens"),
+                "documents": cost.get("documents"),
             })  # fmt: skip
     order = {DENSE: -1}
     records.sort(key=lambda r: (tasks.index(r["task"]), order.get(r["method"], 0), r["method"], -_final(r["keep"])))
@@ -91,14 +92,22 @@ def table(records: list[dict[str, Any]], title: str = "vtprune sweep") -> Any:
 
     view = Table(title=title)
     several = len({r.get("setup") for r in records}) > 1
-    headers = ("task", "method", "keep", "visual tokens", "score", "vs dense", "prefill TFLOPs", "prefill ms")
+    # a sample's kept tokens where they differ from the per-item count (several images, or video frames budgeted
+    # one by one): the number that compares budget units
+    per_sample = any(
+        r.get("sample_visual_tokens") is not None and r["sample_visual_tokens"] != r["visual_tokens"] for r in records
+    )  # fmt: skip
+    headers = ("task", "method", "keep", "visual tokens", *(("tokens / sample",) if per_sample else ()), "score",
+               "vs dense", "prefill TFLOPs", "prefill ms")  # fmt: skip
     for header in (("setup",) if several else ()) + headers:
         view.add_column(header, justify="left" if header in ("setup", "task", "method") else "right")
     for r in records:
         view.add_row(
             *((r["setup"],) if several else ()),
             r["task"], r["method"], budget_label(r["keep"]),
-            _number(r["visual_tokens"], "{:.1f}"), f"{r['metric']} {r['score']:.3f}", _number(r["vs_dense"], "{:.1%}"),
+            _number(r["visual_tokens"], "{:.1f}"),
+            *((_number(r.get("sample_visual_tokens"), "{:.1f}"),) if per_sample else ()),
+            f"{r['metric']} {r['score']:.3f}", _number(r["vs_dense"], "{:.1%}"),
             _number(r["tflops"], "{:.3g}"), _number(r["prefill_ms"], "{:.1f}"),
         )  # fmt: skip
     return view

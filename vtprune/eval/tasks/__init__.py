@@ -4,6 +4,9 @@
   exact match of the first word; metrics ``accuracy`` (over documents) and ``type_accuracy`` (mean over the four
   question types).
 * ``vtprune_digits_yesno``: "is there a 4 ?" as a two-way multiple choice scored by log-likelihood (``acc``).
+* ``vtprune_digits_icl``: few-shot grids, several images per document (:mod:`vtprune.eval.tasks.icl`).
+* ``vtprune_digits_video``: clips of 4-8 changing grids, one video per document, questions about time ("which digit
+  is new in the last frame ?"), scored as ``vtprune_digits`` (:mod:`vtprune.eval.tasks.video`).
 
 lmms-eval reads a task's data from ``data_files`` paths, so :func:`task_dir` writes the task YAMLs with absolute
 paths to the shipped JSONL files into a folder and returns it: pass it as ``--include_path`` to ``python -m
@@ -25,6 +28,7 @@ DATA_FILES = {
     "vtprune_digits": HERE / "digits_test.jsonl",
     "vtprune_digits_yesno": HERE / "digits_yesno_test.jsonl",
     "vtprune_digits_icl": HERE / "digits_icl_test.jsonl",  # few-shot, several images per document (tasks/icl.py)
+    "vtprune_digits_video": HERE / "digits_video_test.jsonl",  # clips of changing grids, one video (tasks/video.py)
 }
 LOCAL_TASKS = tuple(DATA_FILES)
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
@@ -86,6 +90,9 @@ metadata:
 """,
     "vtprune_digits_icl": _OPEN_QUESTIONS.replace("{task}", "vtprune_digits_icl")
     .replace("{functions}", "{functions}.icl")
+    .replace("{results}", "{functions}"),
+    "vtprune_digits_video": _OPEN_QUESTIONS.replace("{task}", "vtprune_digits_video")
+    .replace("{functions}", "{functions}.video")
     .replace("{results}", "{functions}"),
 }
 
