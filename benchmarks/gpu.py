@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import importlib.util
 import json
 import math
@@ -399,6 +400,8 @@ def measure_row(bench: Bench, inputs: dict[str, Any], method: str | None, keep: 
         pruning = vtprune.wrap(model, method, keep=keep)
     try:
         samples = bench.prefill(inputs, plan.repeats)
+        # per step as well as the row's peak, so a memory outlier says which step allocated it
+        peaks = {"prefill": bench.peak()}
         output = bench.forward(inputs)
         row["kv_cache_bytes"] = kv_cache_bytes(output_cache(output))
         del output
@@ -413,9 +416,11 @@ def measure_row(bench: Bench, inputs: dict[str, Any], method: str | None, keep: 
                 overheads.append(sum(pruning.last.overhead.values()) * 1e3)
             pruning.synchronize_timers = False
             row["overhead_ms"] = median(overheads)
+        peaks["split_and_overhead"] = bench.peak()
         bench.generate(inputs, 1)  # generate's own warm-up (cache classes, logits processors)
         row["ttft_ms"] = median([bench.generate(inputs, 1) for _ in range(bench.side)])
-        row["peak_memory_bytes"] = bench.peak()
+        row["peak_memory_bytes"] = peaks["generate"] = bench.peak()
+        row["peak_bytes_by_step"] = peaks  # cumulative: each is the peak from the row's start to that step
     finally:
         if pruning is not None:
             pruning.unwrap()
@@ -955,6 +960,13 @@ def run(plan: argparse.Namespace, names: list[str], device: Any, dtype: Any, clo
         except Exception as error:  # noqa: BLE001 - recorded per row; the run goes on
             entry = results.error(where, error)
             row = {"error": entry["error"]}
+            failed = True
+        else:
+            failed = False
+        if failed:
+            # the traceback's frames held the failed forward's tensors until the except block ended: free them now,
+            # or one OOM (TransPrune at batch 8) makes every later row OOM too
+            gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         row.setdefault("where", where)

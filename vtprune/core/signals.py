@@ -230,8 +230,9 @@ def align_image_signals(
         flat = source.clamp(min=0)
 
         def pick(values: Tensor) -> Tensor:  # [views, T, ...] -> [n, ...], zero where no view produced the token
-            picked = values.flatten(0, 1)[flat]
-            return picked * found.view(-1, *[1] * (picked.ndim - 1)).to(picked.dtype)
+            picked = values.flatten(0, 1)[flat.to(values.device)]
+            # sources live on the CPU; the tower's signals on the model's device (a CUDA * CPU product fails)
+            return picked * found.to(picked.device, picked.dtype).view(-1, *[1] * (picked.ndim - 1))
 
         cls = {layer: pick(rows) for layer, rows in cls_rows.items()}
         features = pick(encoder_states) if encoder_states is not None else None
