@@ -1,8 +1,10 @@
 """Decode-time drops of cached visual tokens (DecodeStage): generation with drops equals a no-cache recomputation
-of the full sequence whose dropped tokens are masked for exactly the rows and layers the record says."""
+of the full sequence whose dropped tokens are masked for exactly the rows and layers the record says; the same for
+decode-time masks (``mask_from``: nothing evicted, later layers of a step hide the tokens its record names)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -11,6 +13,7 @@ from torch.testing import assert_close
 
 import vtprune
 from tests.helpers import make_batch, samples_for, tiny_model, visual_mask, with_positions
+from vtprune.core.engine.decode import decode_masks
 from vtprune.core.record import ForwardRecord
 from vtprune.core.registry import DecodeStage, register_method, unregister_method
 
@@ -33,11 +36,35 @@ class _FastVThenDecodeDrops(vtprune.FastV):
         return ctx.per_item(ctx.attention())
 
 
+@dataclass
+class _FastVThenDecodeMasks(vtprune.FastV):
+    """FastV in prefill, then a masking decode stage: layer ``decode_layer``'s attention chooses, layers
+    ``mask_from ..`` hide the rest; every ``fresh``-th step chooses anew, the others reuse (or unmask)."""
+
+    name = "_fastv_decode_masks"
+    decode_layer: int = 0
+    mask_from: int = 1
+    decode_keep: float = 0.5
+    fresh: int = 2
+    reuse: bool = True
+
+    def decode_stages(self, model, keep):
+        return [DecodeStage(layer=self.decode_layer, keep=self.decode_keep, every=1, mask_from=self.mask_from,
+                            reuse=self.reuse)]  # fmt: skip
+
+    def decode_score(self, ctx):
+        fresh = ctx.step % self.fresh == 1 or self.fresh == 1
+        scores = ctx.per_item(ctx.attention())
+        return [score if fresh or view.sample == 1 else None for view, score in zip(ctx.items, scores)]
+
+
 @pytest.fixture(autouse=True)
 def _registered():
     register_method(_FastVThenDecodeDrops)
+    register_method(_FastVThenDecodeMasks)
     yield
     unregister_method(_FastVThenDecodeDrops.name)
+    unregister_method(_FastVThenDecodeMasks.name)
 
 
 def masked_recomputation(model, batch: dict, sequences: torch.Tensor, record: ForwardRecord, steps: int) -> list:
@@ -60,6 +87,12 @@ def masked_recomputation(model, batch: dict, sequences: torch.Tensor, record: Fo
         for drop in record.decode_drops:
             for b, gone in enumerate(drop.dropped):
                 hidden[:, b, prompt + drop.step :, columns[b][gone]] = True
+        for mask in decode_masks(record):  # the row of step t (index prompt + t - 1) until the next record
+            later = [m.step for m in decode_masks(record) if m.layer == mask.layer and m.step > mask.step]
+            until = min(later or [steps])
+            for b, gone in enumerate(mask.hidden):
+                rows = slice(prompt + mask.step - 1, prompt + until - 1)
+                hidden[mask.first_layer :, b, rows, columns[b][gone]] = True
 
         def hook(index, hidden=hidden):
             def hide(module, args, kwargs):
@@ -104,6 +137,75 @@ def test_generation_with_decode_drops_equals_masked_recomputation(decode_layer, 
     reference = masked_recomputation(model, batch, generated.sequences, record, steps)
     for step in range(steps):
         assert_close(generated.logits[step], reference[step], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("decode_layer,mask_from,reuse", [(0, 1, True), (1, 3, False), (2, 3, True)])
+def test_generation_with_decode_masks_equals_masked_recomputation(decode_layer, mask_from, reuse):
+    """Masks at layers before (0, 1), across and after FastV's layer 2; sample 0 reuses (or unmasks) on even steps,
+    sample 1 chooses every step. Nothing is evicted: every layer's cache keeps every kept token."""
+    model = tiny_model("llava")
+    batch = make_batch(model, samples_for("llava")[:2])
+    assert bool((batch["attention_mask"][:, 0] == 0).any())  # left padding
+    steps = 6
+    options = {"decode_layer": decode_layer, "mask_from": mask_from, "reuse": reuse}
+    with vtprune.wrap(model, _FastVThenDecodeMasks.name, keep=12, **options) as pruning:
+        generated = model.generate(
+            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+            return_dict_in_generate=True, **NO_SPECIAL,
+        )  # fmt: skip
+        record = pruning.last
+    masks = decode_masks(record)
+    assert [m.step for m in masks] == list(range(1, steps))
+    assert not record.decode_drops
+    for mask in masks:
+        assert mask.first_layer == mask_from and mask.layer == decode_layer
+        fresh = mask.step % 2 == 1
+        assert mask.chosen == [fresh, True, True]  # items: sample 0's image, sample 1's two images
+        for item, gone in enumerate(mask.hidden_per_item):
+            # what the read layer caches: FastV's kept tokens from layer 2 on, every token before
+            kept = record.stages[0].kept_per_item[item].numel()
+            cached = record.items[item]["num_tokens"] if decode_layer < 2 else kept
+            if fresh or item > 0:
+                assert gone.numel() == cached - -(-cached // 2)  # ceil(0.5 n) kept
+            elif reuse:
+                previous = masks[mask.step - 2].hidden_per_item[item]
+                assert torch.equal(gone, previous)
+            else:
+                assert gone.numel() == 0
+    cache = generated.past_key_values
+    prompt_cached = record.tokens_per_layer
+    for layer in range(len(prompt_cached)):  # nothing evicted: the prefill's length plus the decoded tokens
+        assert cache.layers[layer].keys.shape[-2] == record.seq_lens[layer] + steps - 1
+    model.set_attn_implementation("eager")
+    reference = masked_recomputation(model, batch, generated.sequences, record, steps)
+    for step in range(steps):
+        assert_close(generated.logits[step], reference[step], rtol=1e-4, atol=1e-4)
+    unmasked = dataclasses.replace(record)
+    unmasked.__dict__["decode_masks"] = []  # the masks matter: the recomputation without them differs
+    [_, second] = masked_recomputation(model, batch, generated.sequences, unmasked, 2)
+    assert not torch.allclose(second, generated.logits[1], atol=1e-4)
+
+
+def test_frozen_generation_replays_the_decode_masks_and_masks_refuse_beams():
+    model = tiny_model("llava")
+    batch = make_batch(model, samples_for("llava")[:2])
+    options = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, **NO_SPECIAL}
+    with vtprune.wrap(model, _FastVThenDecodeMasks.name, keep=10) as pruning:
+        first = model.generate(**batch, **options)
+        masks = decode_masks(pruning.last)
+        with pruning.freeze():
+            again = model.generate(**batch, **options)
+            replayed = decode_masks(pruning.last)
+        with pytest.raises(RuntimeError, match="do not follow beam search's reordering"):
+            model.generate(**{k: v[:1] for k, v in batch.items()}, **options, num_beams=3)
+    assert torch.equal(first, again)
+    assert len(replayed) == len(masks) == 3
+    for a, b in zip(masks, replayed):
+        assert all(torch.equal(x, y) for x, y in zip(a.hidden, b.hidden)) and a.chosen == b.chosen
+    with pytest.raises(ValueError, match="decode stage mask_from=0 is outside"):
+        vtprune.wrap(model, _FastVThenDecodeMasks.name, keep=4, decode_layer=0, mask_from=0)
+    with pytest.raises(ValueError, match="decode-time masks hide cached tokens"):
+        vtprune.wrap(tiny_model("gemma3"), _FastVThenDecodeMasks.name, keep=4)
 
 
 def test_decode_drops_follow_the_budget_and_are_recorded_in_original_numbering():

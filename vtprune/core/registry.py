@@ -200,23 +200,39 @@ class Stage:
 
 @dataclass(frozen=True)
 class DecodeStage:
-    """A decode-time drop point: while generating, cached visual tokens leave the KV cache of every decoder layer.
+    """A decode-time pruning point: while generating, cached visual tokens leave the KV cache of every decoder
+    layer (``mask_from=None``, eviction: MustDrop) or are hidden from the attention of the later layers for a step
+    (``mask_from=M``, masking: DyCoke).
 
     During decode step ``t`` (1 = the forward that reads the first generated token) the engine recomputes the
     attention of the step's newest token in decoder layer ``layer`` (its query against that layer's cached keys
-    and its own) and asks :meth:`Method.decode_score` to rank each image's cached tokens; the lowest ones are
-    removed from every layer's cache before step ``t + 1`` (kept tokens and later tokens keep their positions).
-    Each image keeps ``ceil(keep * n)`` of its ``n`` cached selectable tokens (at least one; structural tokens such
-    as LLaVA-NeXT's newlines stay). It runs after step 1 only (``every=0``) or after every ``every``-th step.
+    and its own) and asks :meth:`Method.decode_score` to rank each image's cached tokens. Each image keeps
+    ``ceil(keep * n)`` of its ``n`` cached selectable tokens (at least one; structural tokens such as LLaVA-NeXT's
+    newlines stay). It runs after step 1 only (``every=0``) or at every ``every``-th step.
+
+    * Eviction (``mask_from=None``): the lowest ones are removed from every layer's cache before step ``t + 1``
+      (kept tokens and later tokens keep their positions).
+    * Masking (``mask_from=M``, ``layer < M``): nothing leaves the cache; in this step already, decoder layers
+      ``M ..`` attend to the kept visual tokens (and all text) only, and so does every later step until the stage
+      chooses again. ``decode_score`` may give ``None`` for an item: no new choice this time; with ``reuse`` the
+      item's previous selection stays (none yet: it is not masked), without it the item is unmasked for the step
+      (what DyCoke's reference code does when attention is stable).
     """
 
     layer: int
     keep: float
     every: int = 0
+    mask_from: int | None = None
+    reuse: bool = True
 
     def due(self, step: int) -> bool:
-        """Whether this stage drops after decode step ``step`` (1-based)."""
+        """Whether this stage chooses during (masking) / drops after (eviction) decode step ``step`` (1-based)."""
         return step == 1 if self.every == 0 else step % self.every == 0
+
+    @property
+    def evicts(self) -> bool:
+        """True for eviction from every layer's cache, False for per-step masking of layers ``mask_from ..``."""
+        return self.mask_from is None
 
 
 @dataclass

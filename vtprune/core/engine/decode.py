@@ -19,6 +19,15 @@ output-aware cache policy, DyCoke's decode-time KV pruning):
   later tokens stay in the original numbering, as FastV's drops do. Every later step then sees exactly the cache a
   no-cache recomputation would use if the dropped tokens' columns were masked for the rows from step ``t + 1`` on.
 
+Decode-time masks (a stage with ``mask_from=M``, DyCoke's decode-time KV pruning): the same attention and ranking
+during step ``t``, but nothing leaves the cache: from decoder layer ``M`` on, this step's (and, until the stage
+chooses again, later steps') newest token attends only to each image's selected cached tokens and to the text; the
+cached tokens that are not selected are masked columns of those layers' attention (:func:`masked_slots`). The choice
+can change from step to step; ``decode_score`` may return ``None`` for an item (no new choice: keep the previous
+one, or unmask the item for the step without ``DecodeStage.reuse``). ``ForwardRecord.decode_masks`` lists, per step
+the stage ran, the tokens hidden (:class:`DecodeMask`). Every step then equals a no-cache recomputation whose row of
+step ``t`` has, in layers ``M ..``, the columns its record names masked.
+
 Decode drops compact every layer's cache, so they need dynamic caches of full-attention layers that hold every
 token they saw (sliding-window or linear-attention layer types are refused by :func:`checked_decode_stages`; a
 sliding cache whose window has filled raises at the drop). They are made per row: beam search, which reorders cache
@@ -28,6 +37,7 @@ rows between steps, raises once drops have made rows differ (:func:`guard_reorde
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,6 +62,33 @@ from vtprune.core.signals import rotated_keys, rotated_queries
 from vtprune.kernels import compact_kv
 
 
+@dataclass
+class DecodeMask:
+    """Cached visual tokens a masking decode stage hid: during decode step ``step`` (1-based) the newest token's
+    attention in decoder layer ``layer`` chose, and in layers ``first_layer ..`` the token of this step (and of the
+    later steps until the stage's next record) did not attend to them; they stay cached. ``hidden[b]`` holds sample
+    b's hidden tokens in its original visual-token numbering (as ``StageRecord.kept``), ``hidden_per_item[i]`` the
+    same per image in its own numbering, ``chosen[i]`` whether the stage chose item i anew at this step (False: the
+    previous choice was reused, or the item is unmasked)."""
+
+    step: int
+    layer: int
+    first_layer: int
+    hidden: list[Tensor]
+    hidden_per_item: list[Tensor]
+    chosen: list[bool]
+
+
+def decode_masks(record: ForwardRecord) -> list[DecodeMask]:
+    """``record.decode_masks`` (created on records of a ``ForwardRecord`` without that field)."""
+    return record.__dict__.setdefault("decode_masks", [])
+
+
+def policy_masks(policy: DecodePolicy) -> dict[int, dict[int, Tensor]]:
+    """Per masking stage (its index in ``policy.stages``), per item index: the item's hidden tokens (own numbering)."""
+    return policy.__dict__.setdefault("masks", {})
+
+
 def checked_decode_stages(method: Method, stages: list[DecodeStage], info: ModelInfo) -> list[DecodeStage]:
     """A method's decode stages, with clear errors for layers, budgets or models they cannot apply to."""
     for stage in stages:
@@ -60,11 +97,18 @@ def checked_decode_stages(method: Method, stages: list[DecodeStage], info: Model
             raise ValueError(f"{method.name}: a decode stage's keep must lie in (0, 1], got {stage.keep}")
         if isinstance(stage.every, bool) or not isinstance(stage.every, int) or stage.every < 0:
             raise ValueError(f"{method.name}: a decode stage's every must be an int >= 0, got {stage.every!r}")
+        if stage.mask_from is not None:
+            info.check_layer(method.name, "decode stage mask_from", stage.mask_from, minimum=stage.layer + 1)
     other = sorted({t for t in info.layer_types if t != "full_attention"})
     if stages and other:
+        what = (
+            "decode-time drops remove cached tokens from every decoder layer's KV cache"
+            if any(stage.evicts for stage in stages)
+            else "decode-time masks hide cached tokens from the attention of later decoder layers"
+        )
         raise ValueError(
-            f"{method.name}: decode-time drops remove cached tokens from every decoder layer's KV cache, but "
-            f"{info.family_name or info.family} has {', '.join(other)} layers, whose caches hold other states"
+            f"{method.name}: {what}, but {info.family_name or info.family} has {', '.join(other)} layers, whose "
+            "caches hold other states"
         )
     return stages
 
@@ -134,24 +178,57 @@ def decode_layer(
     adapter: Adapter, current: Decode, index: int, hidden: Tensor, args: tuple, kwargs: dict
 ) -> tuple[tuple, dict] | None:
     """Decoder layer ``index``'s inputs in this step: its segment's mask and positions (None: the first segment's,
-    which the model built itself); runs the decode stages at this layer."""
-    segment = current.session.segment_of(index)
+    which the model built itself), with the columns of masking decode stages hidden; runs the decode stages at this
+    layer (before masking it: a stage reads a layer below the ones it masks)."""
+    session = current.session
+    segment = session.segment_of(index)
+    layer_type = adapter.layer_types()[index]
     replaced = None
     if segment != 0:
         if segment not in current.segment_inputs:
-            layout = current.session.segments[segment]
+            layout = session.segments[segment]
             mask = torch.cat([layout.valid.to(current.new_columns.dtype), current.new_columns], dim=1)
             positions = shifted(current.positions, layout.shift)
             current.segment_inputs[segment] = layer_inputs(adapter, hidden, current.cache, mask, positions, index)
-        layer_type = adapter.layer_types()[index]
         replaced = replace_layer_inputs(args, kwargs, hidden, current.segment_inputs[segment], layer_type)
-    policy = current.session.policy
-    if policy is not None:
-        for stage in policy.stages:
-            if stage.layer == index and stage.due(current.step):
-                position_embeddings = (replaced[1] if replaced is not None else kwargs)["position_embeddings"]
-                run_decode_stage(adapter, current, policy, stage, hidden, position_embeddings)
-    return replaced
+    policy = session.policy
+    if policy is None:
+        return replaced
+    for order, stage in enumerate(policy.stages):
+        if stage.layer == index and stage.due(current.step):
+            position_embeddings = (replaced[1] if replaced is not None else kwargs)["position_embeddings"]
+            run_decode_stage(adapter, current, policy, stage, hidden, position_embeddings, order)
+    active = tuple(
+        order
+        for order, stage in enumerate(policy.stages)
+        if stage.mask_from is not None and stage.mask_from <= index and policy_masks(policy).get(order)
+    )
+    if not active:
+        return replaced
+    key = ("masked", segment, active)  # per step, per segment and set of masking stages in effect
+    if key not in current.segment_inputs:
+        layout = session.segments[segment]
+        hidden_slots = masked_slots(layout, policy, active)
+        valid = layout.valid & ~hidden_slots
+        mask = torch.cat([valid.to(current.new_columns.dtype), current.new_columns], dim=1)
+        positions = shifted(current.positions, layout.shift)
+        current.segment_inputs[key] = layer_inputs(adapter, hidden, current.cache, mask, positions, index)
+    return replace_layer_inputs(args, kwargs, hidden, current.segment_inputs[key], layer_type)
+
+
+def masked_slots(layout: Layout, policy: DecodePolicy, stages: tuple[int, ...]) -> Tensor:
+    """``[B, layout.length]``: the cached slots the masking stages ``stages`` (indices into ``policy.stages``)
+    hide now."""
+    gone = torch.zeros_like(layout.valid)
+    masks = policy_masks(policy)
+    for order in stages:
+        for item in policy.items:
+            tokens = masks.get(order, {}).get(item.index)
+            if tokens is None or tokens.numel() == 0:
+                continue
+            row = item.sample
+            gone[row] |= (layout.item[row] == item.index) & torch.isin(layout.item_token[row], tokens)
+    return gone & layout.valid
 
 
 # -- decode-time drops -----------------------------------------------------------------------------------------
@@ -162,9 +239,11 @@ def decode_attention(
     hidden: Tensor,
     position_embeddings: tuple[Tensor, Tensor],
     layout: Layout,
+    hidden_slots: Tensor | None = None,
 ) -> Tensor:
     """Head-averaged attention of the step's newest token in decoder layer ``layer`` over the layer's cached prompt
-    slots (``layout``), ``[B, layout.length]`` (fp32); its softmax also spans the decoded tokens and the step's own."""
+    slots (``layout``), ``[B, layout.length]`` (fp32); its softmax also spans the decoded tokens and the step's own.
+    ``hidden_slots``: slots the layer does not attend to this step (masking decode stages), zero here too."""
     parts = adapter.decoder_parts(layer)
     cached = cache_layer(current.cache, layer)
     normed = parts.input_norm(hidden)
@@ -179,7 +258,8 @@ def decode_attention(
     softcap = getattr(parts.attention, "attn_logit_softcapping", None)
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    valid = torch.cat([layout.valid, current.new_columns.bool()], dim=1)
+    prompt = layout.valid if hidden_slots is None else layout.valid & ~hidden_slots
+    valid = torch.cat([prompt, current.new_columns.bool()], dim=1)
     if valid.shape[1] != keys.shape[2]:
         raise RuntimeError(
             f"decoder layer {layer}'s cache holds {keys.shape[2] - hidden.shape[1]} tokens but its layout expects "
@@ -197,8 +277,13 @@ def run_decode_stage(
     stage: DecodeStage,
     hidden: Tensor,
     position_embeddings: tuple[Tensor, Tensor],
+    order: int = 0,
 ) -> None:
-    """Rank each image's cached tokens at ``stage`` (or replay a frozen record) and note the drops for the next step."""
+    """Rank each image's cached tokens at ``stage`` (or replay a frozen record) and note the drops for the next step
+    (eviction) or the tokens later layers hide from now on (masking; ``order``: the stage's index in the policy)."""
+    if not stage.evicts:
+        run_mask_stage(adapter, current, policy, stage, hidden, position_embeddings, order)
+        return
     session = current.session
     layout = session.segments[session.segment_of(stage.layer)]
     views = cached_views(layout, policy.items, stage.keep)
@@ -239,6 +324,88 @@ def run_decode_stage(
             dropped_per_item=[gone.sort().values for gone in dropped],
         )
     )
+
+
+def run_mask_stage(
+    adapter: Adapter,
+    current: Decode,
+    policy: DecodePolicy,
+    stage: DecodeStage,
+    hidden: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    order: int,
+) -> None:
+    """A masking stage during step ``current.step``: choose (or replay, or reuse) each image's kept cached tokens;
+    the others are hidden from layers ``stage.mask_from ..`` from this step on, until the stage chooses again."""
+    session = current.session
+    layout = session.segments[session.segment_of(stage.layer)]
+    views = cached_views(layout, policy.items, stage.keep)
+    if not views:
+        return
+    masks = policy_masks(policy)
+    previous = masks.get(order, {})
+    chosen = [False] * len(views)
+    frozen = replayed_masks(policy.frozen, current.step, stage.layer) if policy.frozen is not None else None
+    if frozen is not None:
+        hidden_tokens = [frozen.hidden_per_item[view.order].to(view.tokens.device) for view in views]
+        chosen = list(frozen.chosen)
+    else:
+        others = tuple(
+            i
+            for i, other in enumerate(policy.stages)
+            if other.mask_from is not None and other.mask_from <= stage.layer and masks.get(i)
+        )
+        hidden_slots = masked_slots(layout, policy, others) if others else None
+        attention = decode_attention(adapter, current, stage.layer, hidden, position_embeddings, layout, hidden_slots)
+        ctx = PruneContext(
+            stage=Stage(layer=stage.layer, attention_from=stage.layer),
+            model=policy.info,
+            layout=layout,
+            items=views,
+            state=policy.state,
+            step=current.step,
+            signals=Signals(attention=lambda: attention),
+        )
+        scores = policy.method.decode_score(ctx)
+        if len(scores) != len(views):
+            raise ValueError(f"{policy.method.name}: decode_score gave {len(scores)} scores for {len(views)} items")
+        fresh = [i for i, score in enumerate(scores) if score is not None]
+        selections = dict(zip(fresh, top_budget([views[i] for i in fresh], [scores[i] for i in fresh])))
+        check_selections(policy.method.name, [views[i] for i in fresh], list(selections.values()))
+        empty = layout.token.new_empty(0)
+        hidden_tokens = []
+        for i, view in enumerate(views):
+            if i in selections:
+                gone = view.selectable.clone()
+                gone[selections[i]] = False
+                hidden_tokens.append(view.tokens[gone])
+                chosen[i] = True
+            elif stage.reuse:
+                hidden_tokens.append(previous.get(view.item.index, empty))
+            else:
+                hidden_tokens.append(empty)
+    masks[order] = {view.item.index: gone for view, gone in zip(views, hidden_tokens)}
+    per_sample: list[list[Tensor]] = [[] for _ in range(layout.batch_size)]
+    for view, gone in zip(views, hidden_tokens):
+        per_sample[view.sample].append(gone + view.item.visual_offset)
+    empty = layout.token.new_empty(0)
+    decode_masks(policy.record).append(
+        DecodeMask(
+            step=current.step,
+            layer=stage.layer,
+            first_layer=stage.mask_from,
+            hidden=[torch.cat(parts).sort().values if parts else empty for parts in per_sample],
+            hidden_per_item=[gone.sort().values for gone in hidden_tokens],
+            chosen=chosen,
+        )
+    )
+
+
+def replayed_masks(frozen: ForwardRecord, step: int, layer: int) -> DecodeMask | None:
+    for mask in decode_masks(frozen):
+        if mask.step == step and mask.layer == layer:
+            return mask
+    return None
 
 
 def cached_views(layout: Layout, items: list[VisualItem], keep: float) -> list[ItemView]:
@@ -286,10 +453,13 @@ def guard_reordering(policy: DecodePolicy, cache: Any) -> None:
 
     def reorder_cache(beam_idx: Tensor) -> None:
         identity = torch.equal(beam_idx.cpu(), torch.arange(beam_idx.numel()))
-        if not identity and any(bool(gone.numel()) for drop in policy.record.decode_drops for gone in drop.dropped):
+        differ = any(bool(gone.numel()) for drop in policy.record.decode_drops for gone in drop.dropped) or any(
+            bool(gone.numel()) for mask in decode_masks(policy.record) for gone in mask.hidden
+        )
+        if not identity and differ:
             raise RuntimeError(
-                f"{policy.method.name}: decode-time drops are made per row and do not follow beam search's reordering "
-                "of the cache; generate with num_beams=1, or turn the method's decode drops off"
+                f"{policy.method.name}: decode-time drops and masks are made per row and do not follow beam search's "
+                "reordering of the cache; generate with num_beams=1, or turn the method's decode drops off"
             )
         reorder(beam_idx)
 
