@@ -95,6 +95,14 @@ CONFIGS = [
     ("adaptinfer", {}),
     ("adaptinfer", {"layers": (1,), "ratio": 2.0, "positions": "keep"}),
     ("evs", {}),
+    ("dycoke", {}),
+    ("dycoke", {"k": 0.7, "stable": "dense", "threshold": 1.0, "positions": "keep"}),
+    ("fastvid", {}),
+    ("fastvid", {"c": 2, "ignore": None, "d": 0.0}),
+    ("holitom", {}),
+    ("holitom", {"inner_ratio": 0.0, "contextual": 0.5, "positions": "keep"}),
+    ("prunevid", {}),
+    ("prunevid", {"tau": 0.9, "temporal_segment_ratio": 0.5, "positions": "keep"}),
 ]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in CONFIGS]
 

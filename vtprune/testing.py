@@ -643,7 +643,9 @@ def tiny_processor(family: str, model: nn.Module | None = None) -> Any:
                               (VISION_START, "vision_start_token"), (VISION_END, "vision_end_token")):  # fmt: skip
             words[token_id] = names[key]
         image_part = "<|vision_start|> <|image_pad|> <|vision_end|> "
+        video_part = "{% elif c['type'] == 'video' %}<|vision_start|> <|video_pad|> <|vision_end|> "
     elif family == "llava":
+        video_part = ""
         names = {"image_token": "<image>"}
         words[IMAGE_TOKEN] = "<image>"
         image_part = "<image> "
@@ -656,7 +658,7 @@ def tiny_processor(family: str, model: nn.Module | None = None) -> Any:
     )
     template = (
         "{% for m in messages %}w4 {% for c in m['content'] %}{% if c['type'] == 'image' %}" + image_part
-        + "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}w5"
+        + video_part + "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}w5"
     )  # fmt: skip
     if qwen:
         from transformers import (
@@ -668,7 +670,8 @@ def tiny_processor(family: str, model: nn.Module | None = None) -> Any:
         sizes = dict(patch_size=2, merge_size=2, temporal_patch_size=2)
         return Qwen2VLProcessor(
             image_processor=Qwen2VLImageProcessor(**sizes, min_pixels=16 * 16, max_pixels=64 * 64),
-            video_processor=Qwen2VLVideoProcessor(**sizes),
+            # frames of at most 32 x 32 pixels: 64 tokens per temporal pair (the defaults make thousands)
+            video_processor=Qwen2VLVideoProcessor(**sizes, size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32}),
             tokenizer=tokenizer,
             chat_template=template,
         )

@@ -77,6 +77,8 @@ def _extend(batch: dict, ids: torch.Tensor, model=None) -> dict:
 def test_keep_all_equals_dense(family, method, options, keep):
     if options.get("drop_all"):
         pytest.skip("todre drop_all=True removes every visual token at its late layer, whatever the budget")
+    if method == "dycoke" and options.get("k") is not None:
+        pytest.skip("dycoke with k set keeps the authors' int((1 - k) * N) per pruned frame, whatever the budget")
     model = tiny_model(family)
     batch = make_batch(model, samples_for(family))
     dense = model(**batch).logits
@@ -187,6 +189,8 @@ def test_pre_llm_pruning_equals_born_short_prompt(family, method, positions):
 
 @pytest.mark.parametrize("method,options", CONFIGS, ids=IDS)
 def test_cached_decoding_equals_recomputation_with_frozen_selection(family, method, options):
+    if method == "dycoke" and options.get("p", 0.8) > 0:
+        options = {**options, "p": 0.0}  # its decode-time masks hide tokens per decode row: test_dycoke.py checks them
     model = tiny_model(family)
     batch = make_batch(model, samples_for(family))
     steps = 4
@@ -268,6 +272,9 @@ def test_recomputed_attention_rows_equal_eager_attention_map(family):
 
 @pytest.mark.parametrize("method,options", CONFIGS, ids=IDS)
 def test_sequence_lengths_and_kept_follow_the_budget(family, method, options):
+    if method == "prunevid":
+        pytest.skip("prunevid's merge keeps as many tokens as the clip's static / dynamic groups give (the authors' "
+                    "ratios), not a budget; test_prunevid.py checks its counts")  # fmt: skip
     model = tiny_model(family)
     samples = samples_for(family)
     batch = make_batch(model, samples)

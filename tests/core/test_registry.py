@@ -23,9 +23,10 @@ def test_method_configs_round_trip_through_json():
         assert data["method"] == config.name
         assert vtprune.Method.from_dict(data) == config
     llm = [
-        "adaptinfer", "catp", "dart", "divprune", "downsample", "entropyprune", "evs", "fastervlm", "fastv", "hiprune",
-        "infohorizon", "mmtok", "mustdrop", "pdrop", "pool", "random", "sparsevlm", "todre", "transprune", "uniform",
-        "vflowopt", "visiondrop", "visionzip", "vispruner", "vtc_cls", "zoo_prune",
+        "adaptinfer", "catp", "dart", "divprune", "downsample", "dycoke", "entropyprune", "evs", "fastervlm", "fastv",
+        "fastvid", "hiprune", "holitom", "infohorizon", "mmtok", "mustdrop", "pdrop", "pool", "prunevid", "random",
+        "sparsevlm", "todre", "transprune", "uniform", "vflowopt", "visiondrop", "visionzip", "vispruner", "vtc_cls",
+        "zoo_prune",
     ]  # fmt: skip
     assert vtprune.list_methods("llm") == llm
     assert vtprune.list_methods("vit") == ["evit", "flowcut", "tome"]
@@ -85,8 +86,11 @@ def test_methods_refuse_exactly_the_families_they_cannot_serve():
     }
     # schedules that read attention at a linear-attention layer of the tiny hybrid (layers 0 and 2 are linear)
     expected |= {(m, "qwen3_5") for m in ("fastv", "transprune", "pdrop", "sparsevlm", "adaptinfer")}
-    # EVS prunes videos by time: families whose adapters take no video refuse it
-    expected |= {("evs", f) for f in ("llava", "llava_next", "gemma3", "mistral3", "internvl", "smolvlm", "paligemma")}
+    # the video methods reduce videos over time: families whose adapters take no video refuse them
+    no_video = ("llava", "llava_next", "gemma3", "mistral3", "internvl", "smolvlm", "paligemma")
+    expected |= {(m, f) for m in ("evs", "dycoke", "fastvid", "holitom", "prunevid") for f in no_video}
+    # on Qwen3.5 DyCoke's decode-time masks refuse the linear-attention layers (p=0: TTM alone applies)
+    expected.add(("dycoke", "qwen3_5"))
     assert refused == expected
     assert "no [CLS] token" in inapplicable("qwen2_vl", "vtc_cls", {})
     assert inapplicable("qwen2_vl", "pool", {}) is None  # only where="before" is refused

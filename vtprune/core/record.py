@@ -70,3 +70,6 @@ class ForwardRecord:
     item_grids: list[list[tuple[int, int, int, int]]] = field(default_factory=list)
     # visual tokens decode stages removed from the KV cache while generating after this prefill, in step order
     decode_drops: list[DecodeDrop] = field(default_factory=list)
+    # visual tokens masking decode stages hid from later layers while generating (DyCoke), per step the stage ran:
+    # vtprune.core.engine.decode.DecodeMask (step, layer, first_layer, hidden, hidden_per_item, chosen)
+    decode_masks: list[Any] = field(default_factory=list)

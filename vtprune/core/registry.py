@@ -303,9 +303,11 @@ class Method:
         default."""
         return []
 
-    def decode_score(self, ctx: PruneContext) -> list[Tensor]:
+    def decode_score(self, ctx: PruneContext) -> list[Tensor | None]:
         """At a :class:`DecodeStage`: one score per cached token of each item in ``ctx.items`` (higher = keep);
-        ``ctx.attention()`` is the step's newest token's attention over the cached slots, ``ctx.step`` the step."""
+        ``ctx.attention()`` is the step's newest token's attention over the cached slots, ``ctx.step`` the step.
+        At a masking stage (``mask_from``) an item's entry may be None: no new choice at this step (see
+        :class:`DecodeStage`)."""
         raise NotImplementedError(f"{type(self).__name__} declares decode stages but implements no decode_score()")
 
     def scorer(self, stage: Stage, state: dict) -> tuple[Method, dict]:

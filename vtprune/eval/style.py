@@ -50,6 +50,7 @@ KNOWN_METHODS = (
     "dart", "divprune", "downsample", "dtop", "entropyprune", "evit", "fastervlm", "fastv", "hiprune", "mmtok",
     "pdrop", "pool", "random", "sparsevlm", "tome", "transprune", "uniform", "visiondrop", "visionzip", "vispruner",
     "vtc_cls", "vflowopt", "flowcut", "todre", "zoo_prune", "infohorizon", "catp", "adaptinfer", "mustdrop", "evs",
+    "dycoke", "fastvid", "holitom", "prunevid",
 )  # fmt: skip
 
 DENSE = "dense"

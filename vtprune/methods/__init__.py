@@ -6,18 +6,22 @@ from vtprune.methods.dart import DART
 from vtprune.methods.divprune import DivPrune
 from vtprune.methods.downsample import Downsample
 from vtprune.methods.dtop import DToPSegmenter
+from vtprune.methods.dycoke import DyCoke
 from vtprune.methods.entropyprune import EntropyPrune
 from vtprune.methods.evit import EViT
 from vtprune.methods.evs import EVS
 from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
+from vtprune.methods.fastvid import FastVID
 from vtprune.methods.flowcut import FlowCut
 from vtprune.methods.hiprune import HiPrune
+from vtprune.methods.holitom import HoliTom
 from vtprune.methods.infohorizon import InfoHorizon
 from vtprune.methods.mmtok import MMTok
 from vtprune.methods.mustdrop import MustDrop
 from vtprune.methods.pdrop import PyramidDrop
 from vtprune.methods.pool import Pool
+from vtprune.methods.prunevid import PruneVid
 from vtprune.methods.random import Random
 from vtprune.methods.sparsevlm import SparseVLM
 from vtprune.methods.todre import ToDRE
@@ -38,17 +42,21 @@ __all__ = [
     "DivPrune",
     "Downsample",
     "DToPSegmenter",
+    "DyCoke",
     "EViT",
     "EVS",
     "EntropyPrune",
     "FastV",
+    "FastVID",
     "FasterVLM",
     "FlowCut",
     "HiPrune",
+    "HoliTom",
     "InfoHorizon",
     "MMTok",
     "MustDrop",
     "Pool",
+    "PruneVid",
     "PyramidDrop",
     "Random",
     "SparseVLM",

@@ -76,6 +76,8 @@ class DecodePolicy:
     state: dict = field(default_factory=dict)
     steps: int = 0
     pending: dict[int, Tensor] = field(default_factory=dict)
+    # masking stages (index into ``stages``) -> item index -> the item's tokens (own numbering) hidden from now on
+    masks: dict[int, dict[int, Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,7 +132,8 @@ class Decode:
     new_columns: Tensor
     positions: Tensor
     query_length: int
-    segment_inputs: dict[int, LayerInputs] = field(default_factory=dict)
+    # per segment of layers; ("masked", segment, stages): the same with masking decode stages' columns hidden
+    segment_inputs: dict[Any, LayerInputs] = field(default_factory=dict)
     # the decode step (1-based) this forward is
     step: int = 0
     prefill = False
