@@ -148,3 +148,19 @@ def test_video_pruning_equals_born_short_prompt(family, method, keep):
     ).logits
     assert valid.sum(1).max() < batch["input_ids"].shape[1]
     assert_close(pruned[valid], born_short[valid], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "unit,prompt,noun",
+    [
+        ("video", [3, Video(2, (16, 16)), 4], "1 videos"),
+        ("frame", [3, Video(2, (16, 16)), 4], "2 video frames"),
+        ("video", [3, Image((16, 16)), 2, Video(2, (16, 16)), 4], "2 images and videos"),
+    ],
+)
+def test_the_whole_budget_warning_names_videos_and_frames(unit, prompt, noun):
+    model = tiny_model("qwen2_vl")
+    batch = make_batch(model, [prompt])
+    with vtprune.wrap(model, "random", keep=10_000, budget_unit=unit):
+        with pytest.warns(UserWarning, match=rf"of the {noun} in this batch"):
+            model(**batch)

@@ -41,6 +41,8 @@ COLUMNS = (
     ("method", "method", None),
     ("keep", "keep", None),
     ("visual_tokens", "visual\ntokens", None),
+    ("video_tokens_per_frame", "video tok\n/ frame", None),
+    ("tflops_per_frame", "GFLOPs\n/ frame", 1e3),
     ("llm_tokens", "LLM tokens\n/ layer", None),
     ("tflops_prefill", "prefill\nGFLOPs", 1e3),
     ("tflops_llm", "LLM\nGFLOPs", 1e3),
@@ -55,6 +57,7 @@ COLUMNS = (
     ("pruned_vs_born_short", "pruned /\nborn-short", None),
     ("noisy", "timing", None),
 )
+VIDEO_COLUMNS = ("video_tokens_per_frame", "tflops_per_frame")
 
 
 def _finite(value: Any) -> bool:
@@ -148,11 +151,13 @@ class Report:
                 caption.append(f"\n  {line}", style="red")
         table = Table(title=self.context.get("title", "vtprune cost report"), caption=caption,
                       caption_justify="left")  # fmt: skip
-        for _, header, _ in COLUMNS:
+        # the per-frame columns only where a row has videos
+        columns = [c for c in COLUMNS if c[0] not in VIDEO_COLUMNS or any(c[0] in row for row in self.rows)]
+        for _, header, _ in columns:
             table.add_column(header, justify="right")
         for row in self.rows:
             cells: list[Any] = []
-            for key, _, scale in COLUMNS:
+            for key, _, scale in columns:
                 value = row.get(key)
                 text = _format(value * scale if scale is not None and value is not None else value)
                 if key == "noisy":
@@ -274,9 +279,27 @@ def _row(
         predicted = dense["tflops_prefill"] / row["tflops_prefill"]
         realized = dense["prefill_ms"] / row["prefill_ms"]
         row.update(predicted_speedup=predicted, realized_speedup=realized, speedup_vs_predicted=realized / predicted)
+    row.update(video_fields(record.items, visual, flops.prefill))
     reasons = noise_reasons(row)
     row.update(noisy=bool(reasons), noise=", ".join(reasons))
     return row
+
+
+def video_fields(items: list[dict[str, Any]], kept: list[int], prefill_flops: float) -> dict[str, Any]:
+    """What a row says about the batch's videos (nothing when it has none): frames, video tokens per frame before
+    and after pruning, and the prefill TFLOPs per frame (the whole prefill, text and images included, over the
+    video frames). A video budgeted as a whole is one item listing its frames; with ``budget_unit="frame"`` every
+    frame is an item of its own."""
+    videos = [(item, count) for item, count in zip(items, kept) if item.get("modality") == "video"]
+    if not videos:
+        return {}
+    frames = sum(len(item.get("frames") or (item["num_tokens"],)) for item, _ in videos)
+    return {
+        "video_frames": frames,
+        "video_tokens_per_frame_before": sum(item["num_tokens"] for item, _ in videos) / frames,
+        "video_tokens_per_frame": sum(count for _, count in videos) / frames,
+        "tflops_per_frame": prefill_flops / 1e12 / frames,
+    }
 
 
 def build_report(

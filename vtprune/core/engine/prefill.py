@@ -185,10 +185,15 @@ class PrefillPlanner:
         if whole and not self._warned_whole:
             self._warned_whole = True
             sizes = sorted({item.num_selectable for item in whole})
+            kinds = {item.modality for item in items}
+            # name what the batch holds: a frame-budgeted video is one item per frame
+            noun = "images" if kinds == {"image"} else "videos" if kinds == {"video"} else "images and videos"
+            if "video" in kinds and any(item.modality == "video" and not item.frames for item in items):
+                noun = noun.replace("videos", "video frames")
             warnings.warn(
                 f"keep={keep} is at least the {', '.join(map(str, sizes))} tokens of {len(whole)} of the "
-                f"{len(items)} images in this batch: those reach the LLM whole (the record's stage budgets say what "
-                "each image kept); pass a smaller keep, or a fraction such as keep=0.25",
+                f"{len(items)} {noun} in this batch: those reach the LLM whole (the record's stage budgets say what "
+                "each kept); pass a smaller keep, or a fraction such as keep=0.25",
                 stacklevel=2,
             )
 
