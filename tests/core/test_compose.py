@@ -117,3 +117,24 @@ def test_compositions_of_compositions_and_single_parts_are_refused():
     inner = vtprune.Compose(vtprune.DivPrune(), vtprune.FastV())
     with pytest.raises(ValueError, match="not nested compositions"):
         vtprune.Compose(inner, vtprune.Random(layer=3))
+
+
+def test_a_parts_decode_stages_run_in_the_composition_with_its_own_state():
+    """MustDrop's decode-time cache policy inside a composition: with a second part that keeps everything it sees,
+    the composition generates and drops exactly what MustDrop alone does (before, compositions lost decode stages)."""
+    model = tiny_model("llava")
+    batch = make_batch(model, samples_for("llava")[:2])
+    must = {"spatial_threshold": 0.0, "decode_every": 1, "decode_ratio": 0.3, "layer": 1}
+    composed = vtprune.Compose(vtprune.MustDrop(**must), vtprune.Random(layer=3))
+    info = vtprune.api.model_info(vtprune.adapter_for(model))
+    assert [s.part for s in composed.decode_stages(info, 8)] == [0]
+    options = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    runs = []
+    for method, keep in ((vtprune.MustDrop(**must), 8), (composed, (8, 8))):
+        with vtprune.wrap(model, method, keep=keep) as pruning:
+            runs.append((model.generate(**batch, **options), pruning.last))
+    (alone, alone_record), (together, together_record) = runs
+    assert torch.equal(alone, together)
+    assert [d.step for d in together_record.decode_drops] == [1, 2, 3] == [d.step for d in alone_record.decode_drops]
+    for one, other in zip(alone_record.decode_drops, together_record.decode_drops):
+        assert all(torch.equal(a, b) for a, b in zip(one.dropped_per_item, other.dropped_per_item))

@@ -11,7 +11,8 @@ image to 128 tokens before the LLM by DivPrune, then to 64 at decoder layer 16 a
   LLM, and it comes first).
 * Positions: each part's stages number positions by the part's own convention (pre-LLM parts usually renumber,
   FastV-like parts keep), unless ``positions=`` sets one for all.
-* Each part scores its own stages with its own ``state`` (``observe`` sees the layers it asked for).
+* Each part scores its own stages with its own ``state`` (``observe`` sees the layers it asked for), decode-time
+  stages included (MustDrop's cache policy, DyCoke's decode masks: each part's ``DecodeStage`` carries its index).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor
 from vtprune.core.budget import Keep, validate_keep
 from vtprune.core.registry import (
     POSITION_CONVENTIONS,
+    DecodeStage,
     Method,
     ModelInfo,
     Stage,
@@ -118,6 +120,14 @@ class Compose(Method):
             last = own[-1].layer
             previous = (part.name, -1 if last is None else last)
         return stages
+
+    def decode_stages(self, model: ModelInfo, keep: Keep) -> list[DecodeStage]:
+        # every part's decode stages, each ranked by its own part (DecodeStage.part)
+        return [
+            dataclasses.replace(stage, part=index)
+            for index, (part, part_keep) in enumerate(zip(self.parts, self.part_keeps(keep)))
+            for stage in part.decode_stages(model, part_keep)
+        ]
 
     def observed_layers(self, model: ModelInfo) -> tuple[int, ...]:
         # the engine asks once, at wrap: remember which part observes which layer

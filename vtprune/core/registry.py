@@ -217,6 +217,8 @@ class DecodeStage:
       chooses again. ``decode_score`` may give ``None`` for an item: no new choice this time; with ``reuse`` the
       item's previous selection stays (none yet: it is not masked), without it the item is unmasked for the step
       (what DyCoke's reference code does when attention is stable).
+
+    ``part``: in a composition (``vtprune.Compose``), the part whose ``decode_score`` ranks and whose state it reads.
     """
 
     layer: int
@@ -224,6 +226,7 @@ class DecodeStage:
     every: int = 0
     mask_from: int | None = None
     reuse: bool = True
+    part: int = 0
 
     def due(self, step: int) -> bool:
         """Whether this stage chooses during (masking) / drops after (eviction) decode step ``step`` (1-based)."""

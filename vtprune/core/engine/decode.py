@@ -294,17 +294,19 @@ def run_decode_stage(
         dropped = [frozen.dropped_per_item[view.order].to(view.tokens.device) for view in views]
     else:
         attention = decode_attention(adapter, current, stage.layer, hidden, position_embeddings, layout)
+        scoring = Stage(layer=stage.layer, attention_from=stage.layer, part=stage.part)
+        scorer, state = policy.method.scorer(scoring, policy.state)  # a composition's part and its own state
         ctx = PruneContext(
-            stage=Stage(layer=stage.layer, attention_from=stage.layer),
+            stage=scoring,
             model=policy.info,
             layout=layout,
             items=views,
-            state=policy.state,
+            state=state,
             step=current.step,
             signals=Signals(attention=lambda: attention),
         )
-        selections = top_budget(views, policy.method.decode_score(ctx))
-        check_selections(policy.method.name, views, selections)
+        selections = top_budget(views, scorer.decode_score(ctx))
+        check_selections(scorer.name, views, selections)
         dropped = []
         for view, chosen in zip(views, selections):
             gone = view.selectable.clone()
@@ -357,21 +359,23 @@ def run_mask_stage(
         )
         hidden_slots = masked_slots(layout, policy, others) if others else None
         attention = decode_attention(adapter, current, stage.layer, hidden, position_embeddings, layout, hidden_slots)
+        scoring = Stage(layer=stage.layer, attention_from=stage.layer, part=stage.part)
+        scorer, state = policy.method.scorer(scoring, policy.state)  # a composition's part and its own state
         ctx = PruneContext(
-            stage=Stage(layer=stage.layer, attention_from=stage.layer),
+            stage=scoring,
             model=policy.info,
             layout=layout,
             items=views,
-            state=policy.state,
+            state=state,
             step=current.step,
             signals=Signals(attention=lambda: attention),
         )
-        scores = policy.method.decode_score(ctx)
+        scores = scorer.decode_score(ctx)
         if len(scores) != len(views):
-            raise ValueError(f"{policy.method.name}: decode_score gave {len(scores)} scores for {len(views)} items")
+            raise ValueError(f"{scorer.name}: decode_score gave {len(scores)} scores for {len(views)} items")
         fresh = [i for i, score in enumerate(scores) if score is not None]
         selections = dict(zip(fresh, top_budget([views[i] for i in fresh], [scores[i] for i in fresh])))
-        check_selections(policy.method.name, [views[i] for i in fresh], list(selections.values()))
+        check_selections(scorer.name, [views[i] for i in fresh], list(selections.values()))
         empty = layout.token.new_empty(0)
         hidden_tokens = []
         for i, view in enumerate(views):
