@@ -44,6 +44,9 @@ __all__ = [
     "pooled",
     "view_count",
     "is_mrope",
+    "extend_prompt",
+    "generate_matches_frozen_recomputation",
+    "NO_SPECIAL",
 ]
 
 
@@ -158,6 +161,41 @@ def with_positions(model, batch: dict) -> dict:
         return batch
     mask = batch["attention_mask"]
     return {**batch, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+
+
+def extend_prompt(batch: dict, ids: torch.Tensor, model=None) -> dict:
+    """The batch with its prompt extended by generated tokens (PaliGemma's causal suffix: token type 1)."""
+    extra = ids.shape[1] - batch["input_ids"].shape[1]
+    full = {**batch, "input_ids": ids}
+    full["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(ids.shape[0], extra, dtype=torch.long)], 1)
+    suffix = int(type(model).__name__.startswith("PaliGemma"))
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in batch:
+            fill = torch.full((ids.shape[0], extra), suffix if key == "token_type_ids" else 0, dtype=batch[key].dtype)
+            full[key] = torch.cat([batch[key], fill], 1)
+    return full
+
+
+NO_SPECIAL = {"suppress_tokens": list(range(120, 128)), "pad_token_id": 0}  # tiny vocabularies' special ids
+
+
+def generate_matches_frozen_recomputation(model, batch: dict, pruning, steps: int = 4):
+    """Greedy-generate ``steps`` tokens with the wrapped ``model``, then check every step's logits against a forward
+    without cache that replays the prefill's selection (``pruning.freeze()``) on the prompt extended by the tokens
+    generated so far; returns generate's output."""
+    from torch.testing import assert_close
+
+    generated = model.generate(
+        **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+        return_dict_in_generate=True, **NO_SPECIAL,
+    )  # fmt: skip
+    prompt = batch["input_ids"].shape[1]
+    with pruning.freeze():
+        for step in range(steps):
+            full = extend_prompt(batch, generated.sequences[:, : prompt + step], model)
+            logits = model(**with_positions(model, full), use_cache=False).logits
+            assert_close(logits[:, -1], generated.logits[step], rtol=1e-4, atol=1e-4)
+    return generated
 
 
 def rows_of(logits: torch.Tensor, index: torch.Tensor, sample: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from tests.helpers import (
     visual_counts,
     visual_mask,
     with_positions,
+    extend_prompt,
 )
 from vtprune.core.layout import VisualItem
 
@@ -56,19 +57,6 @@ def _skip_inapplicable(request):
 
 def _hook_count(model) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-
-
-def _extend(batch: dict, ids: torch.Tensor, model=None) -> dict:
-    """The batch with its prompt extended by generated tokens (PaliGemma's causal suffix: token type 1)."""
-    extra = ids.shape[1] - batch["input_ids"].shape[1]
-    full = {**batch, "input_ids": ids}
-    full["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(ids.shape[0], extra, dtype=torch.long)], 1)
-    suffix = int(type(model).__name__.startswith("PaliGemma"))
-    for key in ("mm_token_type_ids", "token_type_ids"):
-        if key in batch:
-            fill = torch.full((ids.shape[0], extra), suffix if key == "token_type_ids" else 0, dtype=batch[key].dtype)
-            full[key] = torch.cat([batch[key], fill], 1)
-    return full
 
 
 @pytest.mark.parametrize("method,options", CONFIGS, ids=IDS)
@@ -207,7 +195,7 @@ def test_cached_decoding_equals_recomputation_with_frozen_selection(family, meth
         prompt = batch["input_ids"].shape[1]
         with pruning.freeze():
             for step in range(steps):
-                full = _extend(batch, generated.sequences[:, : prompt + step], model)
+                full = extend_prompt(batch, generated.sequences[:, : prompt + step], model)
                 logits = model(**with_positions(model, full), use_cache=False).logits
                 assert_close(logits[:, -1], generated.logits[step], rtol=1e-4, atol=1e-4)
 
@@ -431,7 +419,7 @@ def test_progressive_schedule_with_two_stages(family):
         lengths = pruning.seq_lens
         assert lengths[0] == lengths[1] > lengths[2] == lengths[3]
         with pruning.freeze():
-            full = _extend(batch, generated.sequences[:, : batch["input_ids"].shape[1] + 2], model)
+            full = extend_prompt(batch, generated.sequences[:, : batch["input_ids"].shape[1] + 2], model)
             logits = model(**with_positions(model, full), use_cache=False).logits
     assert_close(logits[:, -1], generated.logits[2], rtol=1e-4, atol=1e-4)
 
@@ -457,7 +445,7 @@ def test_beam_search_scores_equal_recomputation(family, method, options):
             expanded[key] = value.repeat_interleave(beams, dim=0)
         expanded.update(_repeat_visual_inputs(batch, beams))
         with pruning.freeze():
-            full = _extend(expanded, out.sequences, model)
+            full = extend_prompt(expanded, out.sequences, model)
             logits = model(**with_positions(model, full), use_cache=False).logits
     logprobs = logits.log_softmax(-1)  # beam search normalises before the processors suppress tokens
     prompt = batch["input_ids"].shape[1]

@@ -12,13 +12,11 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import vtprune
-from tests.helpers import Image, Video, collate, make_batch, rows_of, tiny_model, visual_mask
+from tests.helpers import NO_SPECIAL, Image, Video, collate, make_batch, rows_of, tiny_model, visual_mask
 from vtprune.core.engine.decode import decode_masks
 from vtprune.core.layout import VisualItem
 from vtprune.core.registry import make_method
 from vtprune.methods.dycoke import DyCoke, frame_counts, frame_roles, merge_order
-
-NO_SPECIAL = {"suppress_tokens": list(range(120, 128)), "pad_token_id": 0}
 
 
 def authors_ttm(features: torch.Tensor, per_frame: int, k: float) -> set[int]:

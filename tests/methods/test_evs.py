@@ -9,12 +9,10 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import vtprune
-from tests.helpers import Image, Video, collate, make_batch, rows_of, tiny_model, with_positions
+from tests.helpers import Image, Video, collate, generate_matches_frozen_recomputation, make_batch, rows_of, tiny_model
 from vtprune.core.layout import VisualItem
 from vtprune.core.registry import make_method
 from vtprune.methods.evs import EVS, item_count, retained_count, retention_order
-
-NO_SPECIAL = {"suppress_tokens": list(range(120, 128)), "pad_token_id": 0}
 
 
 def vllm_retention_mask(embeds: torch.Tensor, thw: tuple[int, int, int], merge: int, q: float) -> torch.Tensor:
@@ -153,32 +151,12 @@ def test_cached_generate_equals_recomputation():
     batch = make_batch(model, [[3, Video(3, (16, 24)), 4], [2, Image((16, 16)), 3, Video(2, (16, 16)), 2]])
     steps = 4
     with vtprune.wrap(model, "evs", keep=0.3) as pruning:
-        generated = model.generate(
-            **batch,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **NO_SPECIAL,
-        )
-        prompt = batch["input_ids"].shape[1]
+        generate_matches_frozen_recomputation(model, batch, pruning, steps)
         videos = [i for i, item in enumerate(pruning.last.items) if item["modality"] == "video"]
         assert [pruning.last.stages[0].kept_per_item[i].numel() for i in videos] == [
             max(24, int(72 * 0.3)),
             max(16, int(32 * 0.3)),
         ]
-        with pruning.freeze():
-            for step in range(steps):
-                ids = generated.sequences[:, : prompt + step]
-                extra = ids.shape[1] - prompt
-                full = {**batch, "input_ids": ids}
-                full["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(2, extra, dtype=torch.long)], 1)
-                full["mm_token_type_ids"] = torch.cat(
-                    [batch["mm_token_type_ids"], torch.zeros(2, extra, dtype=batch["mm_token_type_ids"].dtype)], 1
-                )
-                logits = model(**with_positions(model, full), use_cache=False).logits
-                assert_close(logits[:, -1], generated.logits[step], rtol=1e-4, atol=1e-4)
 
 
 def test_clear_errors_and_config():

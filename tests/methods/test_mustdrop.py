@@ -11,15 +11,13 @@ from torch.testing import assert_close
 
 import vtprune
 import vtprune.methods.mustdrop  # registers "mustdrop" (not yet exported by vtprune.methods)
-from tests.helpers import FAMILIES, make_batch, samples_for, tiny_model, visual_mask, with_positions
+from tests.helpers import FAMILIES, NO_SPECIAL, make_batch, samples_for, tiny_model, visual_mask, with_positions
 from tests.methods.common import LLAVA, QWEN, single_item_layout
 from vtprune.api import adapter_for, model_info
 from vtprune.core.context import ItemView, PruneContext, Signals
 from vtprune.core.layout import GridPart, Layout, VisualItem
 from vtprune.core.registry import DecodeStage, Merged, Stage
 from vtprune.methods.mustdrop import MustDrop, grid_windows, window_similarity
-
-NO_SPECIAL = {"suppress_tokens": list(range(120, 128)), "pad_token_id": 0}
 
 
 def _view(features: torch.Tensor, grid: GridPart, budget: int, final: int, **fields) -> ItemView:

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 import vtprune
-from tests.helpers import Image, Video, collate, make_batch, rows_of, tiny_model, with_positions
+from tests.helpers import Image, Video, collate, generate_matches_frozen_recomputation, make_batch, rows_of, tiny_model
 from vtprune.core.context import ItemView, PruneContext, Signals
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.registry import ModelInfo, Stage, make_method
@@ -25,8 +25,6 @@ from vtprune.methods.prunevid import (
     static_locations,
     video_segments,
 )
-
-NO_SPECIAL = {"suppress_tokens": list(range(120, 128)), "pad_token_id": 0}
 
 
 @pytest.mark.parametrize(
@@ -202,27 +200,7 @@ def test_cached_generate_equals_recomputation():
     batch = make_batch(model, [[3, Video(4, (16, 24)), 4], [2, Image((16, 16)), 3, Video(2, (16, 16)), 2]])
     steps = 4
     with vtprune.wrap(model, "prunevid", keep=0.3) as pruning:
-        generated = model.generate(
-            **batch,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **NO_SPECIAL,
-        )
-        prompt = batch["input_ids"].shape[1]
-        with pruning.freeze():
-            for step in range(steps):
-                ids = generated.sequences[:, : prompt + step]
-                extra = ids.shape[1] - prompt
-                full = {**batch, "input_ids": ids}
-                full["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(2, extra, dtype=torch.long)], 1)
-                full["mm_token_type_ids"] = torch.cat(
-                    [batch["mm_token_type_ids"], torch.zeros(2, extra, dtype=batch["mm_token_type_ids"].dtype)], 1
-                )
-                logits = model(**with_positions(model, full), use_cache=False).logits
-                assert_close(logits[:, -1], generated.logits[step], rtol=1e-4, atol=1e-4)
+        generate_matches_frozen_recomputation(model, batch, pruning, steps)
 
 
 def test_clear_errors_and_config():

@@ -10,15 +10,13 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import vtprune
 import vtprune.methods.visiondrop  # registers "visiondrop" (not yet imported by vtprune.methods)
-from tests.helpers import FAMILIES, make_batch, samples_for, tiny_model, visual_mask
+from tests.helpers import FAMILIES, NO_SPECIAL, make_batch, samples_for, tiny_model, visual_mask
 from tests.methods.common import LLAVA, QWEN
 from vtprune.core.budget import stage_budgets
 from vtprune.core.context import ItemView, PruneContext, Signals
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.registry import Stage
 from vtprune.methods.visiondrop import VisionDrop, contextual_merge
-
-NO_SPECIAL = {"suppress_tokens": list(range(120, 128)), "pad_token_id": 0}
 
 
 def test_schedule_reproduces_the_authors_48_35_26_19():

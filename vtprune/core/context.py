@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from vtprune.core.layout import Layout, VisualItem
@@ -60,6 +61,20 @@ class ItemView:
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.numel())
+
+    def video_frames(self, method: str, compares: str) -> tuple[Tensor, int]:
+        """A video's selectable tokens (indices into its current tokens, frame after frame) and how many each frame
+        holds, for methods that compare frames place by place; raises when the frames hold different counts (an
+        earlier stage pruned the video). ``compares`` says what ``method`` does, for the message."""
+        candidates = self.selectable.nonzero().squeeze(1)
+        frame = self.item.frame_of_tokens(self.tokens.device)[self.tokens[candidates]]
+        counts = torch.bincount(frame, minlength=self.item.num_frames)
+        if bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"{method} {compares}, but this video's frames hold {counts.tolist()} tokens here; {method} must see "
+                "every token of the video (put it first)"
+            )
+        return candidates, int(counts[0])
 
     def budget_groups(self) -> list[tuple[Tensor, int]]:
         """(indices of selectable tokens, how many of them to keep) per budget group: the whole item, or each view."""

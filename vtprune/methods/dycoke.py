@@ -189,15 +189,9 @@ class DyCoke(Method):
                 selections.append(candidates)  # images (and a video kept whole) pass through
                 continue
             frames = view.item.num_frames
-            frame = view.item.frame_of_tokens(view.tokens.device)[view.tokens[candidates]]
-            sizes = torch.bincount(frame, minlength=frames)
-            if bool((sizes != sizes[0]).any()):
-                raise ValueError(
-                    f"dycoke compares each frame's tokens with the same places in an anchor frame, but this video's "
-                    f"frames hold {sizes.tolist()} tokens here; dycoke must see every token of the video (put it "
-                    "first)"
-                )
-            per_frame = int(sizes[0])
+            candidates, per_frame = view.video_frames(
+                "dycoke", "compares each frame's tokens with the same places in an anchor frame"
+            )
             counts = frame_counts(view.budget, frames, per_frame, self.k)  # the budget rule's total, per frame
             features = view.features[candidates].reshape(frames, per_frame, -1)
             selections.append(candidates[merge_order(features, counts)])

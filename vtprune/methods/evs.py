@@ -107,15 +107,10 @@ class EVS(Method):
             if view.item.modality != "video" or view.budget >= candidates.numel():
                 selections.append(candidates)  # images (and a video kept whole) pass through
                 continue
-            frames = view.item.num_frames
-            frame = view.item.frame_of_tokens(view.tokens.device)[view.tokens[candidates]]
-            counts = torch.bincount(frame, minlength=frames)
-            if bool((counts != counts[0]).any()):
-                raise ValueError(
-                    f"evs compares each patch with the same patch in the previous frame, but this video's frames hold "
-                    f"{counts.tolist()} tokens here; evs must see every token of the video (put it first)"
-                )
-            features = view.features[candidates].reshape(frames, int(counts[0]), -1)
+            candidates, per_frame = view.video_frames(
+                "evs", "compares each patch with the same patch in the previous frame"
+            )
+            features = view.features[candidates].reshape(view.item.num_frames, per_frame, -1)
             order = retention_order(features)
             selections.append(candidates[order[: view.budget]].sort().values)
         return selections

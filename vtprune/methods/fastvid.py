@@ -264,14 +264,7 @@ class FastVID(Method):
         if view.item.modality != "video" or view.budget >= candidates.numel():
             return candidates
         frames = view.item.num_frames
-        frame = view.item.frame_of_tokens(view.tokens.device)[view.tokens[candidates]]
-        counts = torch.bincount(frame, minlength=frames)
-        if bool((counts != counts[0]).any()):
-            raise ValueError(
-                f"fastvid segments a video by whole frames, but this video's frames hold {counts.tolist()} tokens "
-                f"here; fastvid must see every token of the video (put it first)"
-            )
-        per_frame = int(counts[0])
+        candidates, per_frame = view.video_frames("fastvid", "segments a video by whole frames")
         features = view.features[candidates].reshape(frames, per_frame, -1)
         attention = view.vision_maps[0][candidates].reshape(frames, per_frame)
         retain = split_budget(view.budget, [per_frame] * frames)  # the budget rule's per-frame counts, again

@@ -363,14 +363,7 @@ class HoliTom(Method):
         if view.item.modality != "video" or view.budget >= candidates.numel():
             return candidates  # images, and a video whose budget covers it, pass through
         frames = view.item.num_frames
-        frame = view.item.frame_of_tokens(view.tokens.device)[view.tokens[candidates]]
-        counts = torch.bincount(frame, minlength=frames)
-        if bool((counts != counts[0]).any()):
-            raise ValueError(
-                f"holitom compares each place with the same place in the next frame, but this video's frames hold "
-                f"{counts.tolist()} tokens here; holitom must see every token of the video (put it first)"
-            )
-        places = int(counts[0])
+        candidates, places = view.video_frames("holitom", "compares each place with the same place in the next frame")
         plan = outer_stage(
             view.features[candidates].reshape(frames, places, -1),
             view.received_attention[0][candidates].reshape(frames, places),

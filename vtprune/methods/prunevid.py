@@ -353,14 +353,8 @@ class PruneVid(Method):
             if view.item.modality != "video" or whole:
                 selections.append(candidates)
                 continue
-            frame = view.item.frame_of_tokens(view.tokens.device)[view.tokens[candidates]]
-            counts = torch.bincount(frame, minlength=view.item.num_frames)
-            if bool((counts != counts[0]).any()):
-                raise ValueError(
-                    f"prunevid compares each location across a segment's frames, but this video's frames hold "
-                    f"{counts.tolist()} tokens here; prunevid must see every token of the video (put it first)"
-                )
-            shape = (view.item.num_frames, int(counts[0]))
+            candidates, per_frame = view.video_frames("prunevid", "compares each location across a segment's frames")
+            shape = (view.item.num_frames, per_frame)
             kept, features, combined, video = merge_video(
                 view.features[candidates].reshape(*shape, -1),
                 candidates.reshape(shape),

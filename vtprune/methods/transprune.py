@@ -124,7 +124,11 @@ class TransPrune(Method):
         scores = []
         for view in ctx.items:
             positions = ctx.layout.token[view.sample, view.slots]
-            ttv = total[view.sample, positions] if total is not None else positions.new_zeros(view.num_tokens, dtype=torch.float)
+            ttv = (
+                total[view.sample, positions]
+                if total is not None
+                else positions.new_zeros(view.num_tokens, dtype=torch.float)  # on the model's device
+            )
             score = normalised(ttv)
             if attention is not None:
                 score = score + normalised(attention[view.sample, view.slots])
