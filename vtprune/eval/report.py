@@ -197,7 +197,7 @@ class Report:
                              label="dense", zorder=3)  # fmt: skip
                 if key == "prefill_ms":
                     _error_bars(axis, [dense], key, "black")
-            axis.set_xlabel("visual tokens kept per image")
+            axis.set_xlabel("visual tokens kept per image (or video)")
             budget_axis(axis, [row["visual_tokens"] for row in self.rows])
             axis.set_ylabel(label)
             plain_numbers(axis.yaxis)

@@ -144,7 +144,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def plot(records: list[dict[str, Any]], path: str | Path, title: str = "vtprune sweep") -> Path:
     """Per task: score vs prefill FLOPs (each method's points, its Pareto front drawn as a line, dense as a star)
-    and score vs visual tokens kept per image. Each method keeps its colour and marker of
+    and score vs visual tokens kept per image (or per video). Each method keeps its colour and marker of
     :func:`vtprune.eval.style.method_style` in every plot; FLOPs read in GFLOPs or TFLOPs by their size."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -176,7 +176,7 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str = "vtprune 
         metric = mine[0]["metric"] if mine else ""
         row[0].set_xlabel(f"prefill {unit} per sample")
         plain_numbers(row[0].xaxis)
-        row[1].set_xlabel("visual tokens kept per image")
+        row[1].set_xlabel("visual tokens kept per image (or video)")
         budget_axis(row[1], [r["visual_tokens"] for r in mine if r["method"] != DENSE])
         for axis in row:
             axis.set_ylabel(f"{task}: {metric}")
