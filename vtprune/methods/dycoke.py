@@ -58,8 +58,8 @@ Choices that are ours (the reference's quirks and what it leaves open):
   columns masked, so what the model attends to is the reference's but the decode-time attention compute is not
   reduced here (the reference gathers K/V per step), and cost reports count the whole cache while decoding;
 * stage 2 needs every decoder layer to be full attention (refused on sliding-window / linear-attention families;
-  ``p=0`` turns it off, and TTM alone applies there). In a composition (``"dycoke+fastv"``) only the parts'
-  prefill stages run: the composition does not forward decode stages (as for MustDrop's).
+  ``p=0`` turns it off, and TTM alone applies there). In a composition (``"dycoke+fastv"``) stage 2 runs too:
+  a composition forwards each part's decode stages to that part.
 """
 
 from __future__ import annotations
