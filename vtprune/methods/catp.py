@@ -56,6 +56,7 @@ from torch import Tensor
 
 from vtprune.core.budget import Keep
 from vtprune.core.context import PruneContext
+from vtprune.core.greedy import greedy_max_min
 from vtprune.core.layout import Layout
 from vtprune.core.registry import Method, ModelInfo, Stage, register_method, top_budget
 from vtprune.core.signals import query_slots
@@ -83,15 +84,8 @@ def aligned_diverse(features: Tensor, text: Tensor, count: int, alpha: float) ->
         return torch.zeros(1, dtype=torch.long, device=features.device)
     # first pick: farthest nearest neighbour (DivPrune's start), plus the alignment bonus
     nearest = distance.topk(2, dim=0, largest=False).values[1]
-    picked = [int(((1 - alpha) * nearest / 2 + alpha * bonus).argmax())]
-    closest = distance[picked[0]].clone()
-    for _ in range(count - 1):
-        gain = (1 - alpha) * closest / 2 + alpha * bonus
-        gain[picked] = float("-inf")
-        choice = int(gain.argmax())
-        picked.append(choice)
-        closest = torch.minimum(closest, distance[choice])
-    return torch.tensor(picked, dtype=torch.long, device=features.device)
+    first = ((1 - alpha) * nearest / 2 + alpha * bonus).argmax()
+    return greedy_max_min(distance, first, count, lambda closest: (1 - alpha) * closest / 2 + alpha * bonus)
 
 
 def text_after_items(layout: Layout, items: list) -> dict[int, Tensor]:

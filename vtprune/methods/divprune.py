@@ -18,6 +18,7 @@ from torch import Tensor
 
 from vtprune.core.budget import Keep
 from vtprune.core.context import PruneContext
+from vtprune.core.greedy import greedy_max_min
 from vtprune.core.registry import Method, ModelInfo, Stage, register_method
 
 
@@ -30,17 +31,8 @@ def max_min_diverse(features: Tensor, count: int) -> Tensor:
     if n == 1:
         return torch.zeros(1, dtype=torch.long, device=features.device)
     # first pick: the largest nearest-neighbour distance (the 2nd smallest of each column, the smallest is itself)
-    choice = distance.topk(2, dim=0, largest=False).values[1].argmax().view(1)
-    picked = torch.empty(count, dtype=torch.long, device=features.device)
-    closest = torch.full((n,), float("inf"), device=features.device)
-    # Indices stay on the device (index_select / index_fill_, no int()): on a GPU an int() per pick waited for the
-    # device every step, 64 round trips per image at keep 64. A picked token's -inf survives the minimum.
-    for step in range(count):
-        picked[step] = choice[0]
-        closest = torch.minimum(closest, distance.index_select(0, choice)[0]).index_fill_(0, choice, float("-inf"))
-        if step + 1 < count:
-            choice = closest.argmax().view(1)
-    return picked
+    first = distance.topk(2, dim=0, largest=False).values[1].argmax()
+    return greedy_max_min(distance, first, count)
 
 
 @register_method

@@ -87,16 +87,17 @@ def max_sum_diverse(features: Tensor, count: int) -> Tensor:
     count = min(count, n)
     if count <= 0:
         return torch.empty(0, dtype=torch.long, device=features.device)
-    first = int(distance.sum(0).argmax())  # ours: the seed (see the module docstring)
-    picked = [first]
-    total = distance[first].clone()  # each row's summed distance to the picked rows
-    total[first] = float("-inf")
-    for _ in range(count - 1):
-        choice = int(total.argmax())
-        picked.append(choice)
-        total += distance[choice]  # rows already picked stay at -inf
-        total[choice] = float("-inf")
-    return torch.tensor(picked, dtype=torch.long, device=features.device)
+    choice = distance.sum(0).argmax().reshape(1)  # ours: the seed (see the module docstring)
+    picked = torch.empty(count, dtype=torch.long, device=features.device)
+    total = torch.zeros(n, dtype=distance.dtype, device=distance.device)  # each row's summed distance to the picks
+    # indices stay on the device, as in vtprune.core.greedy (an int() per pick waits for a GPU)
+    for step in range(count):
+        picked[step] = choice[0]
+        total += distance.index_select(0, choice)[0]  # rows already picked stay at -inf
+        total.index_fill_(0, choice, float("-inf"))
+        if step + 1 < count:
+            choice = total.argmax().reshape(1)
+    return picked
 
 
 def diverse_subset(features: Tensor, count: int, variant: str) -> Tensor:

@@ -74,6 +74,7 @@ from torch import Tensor
 
 from vtprune.core.budget import Keep
 from vtprune.core.context import ItemView, PruneContext
+from vtprune.core.greedy import greedy_max_min
 from vtprune.core.registry import Method, ModelInfo, Stage, register_method
 
 # the authors' run_zoo_prune.sh: NOISERECOV_NUM=64, NOISERECOV_INTENS=0.01
@@ -127,16 +128,7 @@ def sensitive_diverse(features: Tensor, sensitivity: Tensor, count: int) -> Tens
     weight = (s - low) / (high - low + 1e-8) if bool(high > low) else torch.ones_like(s)
     x = F.normalize(features.float(), dim=-1)
     distance = 1 - x @ x.T
-    first = int(weight.argmax())
-    picked = [first]
-    closest = distance[first].clone()  # each row's distance to its nearest picked row
-    for _ in range(count - 1):
-        score = closest * weight
-        score[picked] = float("-inf")
-        choice = int(score.argmax())
-        picked.append(choice)
-        closest = torch.minimum(closest, distance[choice])
-    return torch.tensor(picked, dtype=torch.long, device=features.device)
+    return greedy_max_min(distance, weight.argmax(), count, lambda closest: closest * weight)
 
 
 @register_method
