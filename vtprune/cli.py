@@ -117,8 +117,8 @@ def demo(
         for name, reason in skipped.items():
             Console().print(f"[dim]{name}: skipped ({reason})[/dim]")
     sweep(model="embedded", methods=",".join(names), keep=keep, tasks="vtprune_digits", limit=limit, out=out,
-          budget="final", budget_unit="video", batch_size=batch_size, device=None, dtype="auto", include_path=None, option=[],
-          metric="type_accuracy", use_ray=False, ray_address=None, ray_workers=None)  # fmt: skip
+          budget="final", budget_unit="video", batch_size=batch_size, device=None, dtype="auto", include_path=None,
+          option=[], metric="type_accuracy", use_ray=False, ray_address=None, ray_workers=None)  # fmt: skip
 
 
 @app.command("methods")
@@ -212,7 +212,9 @@ MODEL_HELP = (
 )
 
 
-def _load(model: str, image: Path | None, prompt: str, dtype: str, device: str) -> tuple:
+def _load(
+    model: str, image: Path | None, prompt: str, dtype: str, device: str, video: Path | None = None
+) -> tuple:
     """(model, inputs, tokenizer, prompt) for a command, with bad input turned into a clear usage error."""
     from vtprune.embedded import EMBEDDED
     from vtprune.eval.inputs import embedded_example, load_model, prepare_inputs
@@ -220,22 +222,27 @@ def _load(model: str, image: Path | None, prompt: str, dtype: str, device: str) 
     try:
         loaded, processor = load_model(model, dtype=dtype, device=device)
         picture: Path | object | None = image
-        if model == EMBEDDED and image is None:
+        if video is not None and image is not None:
+            raise ValueError("give --image or --video, not both")
+        if model == EMBEDDED and image is None and video is None:
             picture, prompt = embedded_example(prompt)
-        inputs = prepare_inputs(loaded, processor, image=picture, prompt=prompt)
+        inputs = prepare_inputs(loaded, processor, image=picture, prompt=prompt, video=video)
     except (ValueError, TypeError) as error:
         raise typer.BadParameter(str(error)) from error
     return loaded, inputs, getattr(processor, "tokenizer", None), prompt
 
 
-def _check_methods(model, names: list[str], keeps: list, budget: str, tokenizer) -> None:
+def _check_methods(model, names: list[str], keeps: list, budget: str, tokenizer, budget_unit: str = "video") -> None:
     """Fail before measuring anything when a method or budget does not apply to the model."""
     import vtprune
 
     for name in names:
         for value in keeps:
             try:
-                vtprune.wrap(model, name, keep=value, budget=budget, tokenizer=tokenizer).unwrap()
+                pruning = vtprune.wrap(
+                    model, name, keep=value, budget=budget, budget_unit=budget_unit, tokenizer=tokenizer
+                )
+                pruning.unwrap()
             except (ValueError, TypeError) as error:
                 raise typer.BadParameter(str(error)) from error
 
@@ -247,8 +254,13 @@ def report(
     keep: str = typer.Option("576,192,128,64", help="Comma-separated budgets: tokens per image or fractions."),
     out: Path = typer.Option(Path("vtprune-report"), help="Folder for report.json, report.csv and report.png."),
     image: Path = typer.Option(None, help="Image for the prompt (required with a checkpoint; embedded: a digit grid)."),
+    video: Path = typer.Option(
+        None, help="Folder of video frames (images, in name order) for the prompt instead of an image; a family with "
+        "video input (random models: random frames, as many as the folder holds)."
+    ),
     prompt: str = typer.Option("Describe the image in detail.", help="Question asked about the image."),
     budget: str = typer.Option("final", help="What keep counts: final or average (see the README)."),
+    budget_unit: str = typer.Option("video", help="What keep counts on a video: video (all its frames) or frame."),
     new_tokens: int = typer.Option(8, min=1, help="Tokens generated per timed run (decode speed)."),
     repeats: int = typer.Option(3, min=1, help="Timed runs per row; medians are reported."),
     warmup: int = typer.Option(1, min=0, help="Untimed runs before timing each row."),
@@ -267,8 +279,8 @@ def report(
         raise typer.BadParameter(str(error)) from error
     if not names or not keeps:
         raise typer.BadParameter("methods and keep each need at least one value")
-    loaded, inputs, tokenizer, _ = _load(model, image, prompt, dtype, device)
-    _check_methods(loaded, names, keeps, budget, tokenizer)
+    loaded, inputs, tokenizer, _ = _load(model, image, prompt, dtype, device, video)
+    _check_methods(loaded, names, keeps, budget, tokenizer, budget_unit)
     out.mkdir(parents=True, exist_ok=True)
 
     def save(partial) -> None:  # after every row: an interrupted run keeps what it measured
@@ -285,8 +297,8 @@ def report(
     try:
         with Progress(transient=True) as progress:
             result = build_report(
-                loaded, inputs, names, keeps, budget=budget, new_tokens=new_tokens, warmup=warmup, repeats=repeats,
-                tokenizer=tokenizer, progress=progress, on_row=save_row,
+                loaded, inputs, names, keeps, budget=budget, budget_unit=budget_unit, new_tokens=new_tokens,
+                warmup=warmup, repeats=repeats, tokenizer=tokenizer, progress=progress, on_row=save_row,
             )  # fmt: skip
     except KeyboardInterrupt:
         rows = saved[0] if saved else 0

@@ -47,3 +47,56 @@ def test_image_only_reports_have_no_per_frame_columns():
     report = build_report(model, make_batch(model, [[3, Image(), 4]]), ["random"], [8], new_tokens=1, warmup=0, repeats=1)
     assert all("video_frames" not in row for row in report.rows)
     assert "video tok\n/ frame" not in [column.header for column in report.table().columns]
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    from PIL import Image as PILImage
+
+    folder = tmp_path_factory.mktemp("frames")
+    for index in range(4):  # named so that name order is time order
+        PILImage.new("RGB", (32, 32), (60 * index, 30, 90)).save(folder / f"frame_{index:02d}.png")
+    return folder
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from vtprune.cli import app
+
+    return CliRunner().invoke(app, ["report", *args, "--repeats", "1", "--warmup", "0", "--new-tokens", "1"])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kind", ["random model", "checkpoint"])
+def test_report_cli_measures_a_video_of_frames(tmp_path, frames, kind):
+    import json
+
+    from vtprune.testing import save_tiny_checkpoint
+
+    model = "tiny:qwen2_vl" if kind == "random model" else str(save_tiny_checkpoint("qwen2_vl", tmp_path / "ckpt"))
+    out = tmp_path / "report"
+    result = _cli("--model", model, "--video", str(frames), "--methods", "evs", "--keep", "0.5", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    dense, evs = rows
+    assert dense["video_frames"] == evs["video_frames"] == 2  # 4 raw frames: 2 temporal slices on Qwen
+    assert evs["video_tokens_per_frame"] == dense["video_tokens_per_frame_before"] / 2  # EVS at 0.5: half the video
+    assert json.loads((out / "report.json").read_text())["context"]["budget_unit"] == "video"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "tiny:llava", "--video", "FRAMES"], "LLaVA-1.5 takes no video input"),
+        (["--model", "tiny:qwen2_vl", "--video", "/nonexistent/frames"], "is not a folder of frame images"),
+        (["--model", "tiny:qwen2_vl", "--video", "FRAMES", "--image", "FRAMES"], "--image or --video, not both"),
+        (["--model", "tiny:qwen2_vl", "--video", "FRAMES", "--methods", "evs", "--budget-unit", "frame"],
+         "budget_unit 'video', not 'frame'"),
+    ],
+)
+def test_report_cli_rejects_bad_video_input_before_measuring(tmp_path, frames, args, message):
+    args = [str(frames) if a == "FRAMES" else a for a in args]
+    result = _cli(*args, "--out", str(tmp_path / "r"))
+    assert result.exit_code != 0 and message in " ".join(result.output.replace("│", " ").split())
+    assert not (tmp_path / "r" / "report.json").exists()

@@ -138,15 +138,23 @@ def _first_line(error: BaseException) -> str:
 
 
 def prepare_inputs(
-    model: nn.Module, processor: Any, *, image: str | Path | Any | None = None, prompt: str = DEFAULT_PROMPT
+    model: nn.Module,
+    processor: Any,
+    *,
+    image: str | Path | Any | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    video: str | Path | list[Any] | None = None,
 ) -> dict[str, Tensor]:
-    """One prompt with one image (a file or a ``PIL.Image``), as the model's processor and chat template build it.
+    """One prompt with one image (a file or a ``PIL.Image``), or with one video (``video``: a folder of frame images,
+    read in name order, or a list of ``PIL.Image`` frames), as the model's processor and chat template build it.
 
     Embedded random models have no tokenizer: their prompt is random text tokens around the image (LLaVA-shaped:
     35 before and 20 after, like LLaVA-1.5's system prompt and a short question), and ``image`` (if given)
-    replaces the random pixels, resized to what the tower takes.
+    replaces the random pixels, resized to what the tower takes; a video there is random frames, as many as given.
     """
     device = next(model.parameters()).device
+    if video is not None:
+        return _video_inputs(model, processor, video, prompt, device)
     picture = _open(image) if isinstance(image, (str, Path)) else image
     if processor is not None:
         if picture is None:
@@ -167,6 +175,41 @@ def prepare_inputs(
     if picture is not None:
         _replace_pixels(model, batch, picture)
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def _video_inputs(model: nn.Module, processor: Any, video: str | Path | list[Any], prompt: str, device: Any) -> dict:
+    """:func:`prepare_inputs` for a video: refused on families without video input, frames read from a folder."""
+    from vtprune.api import adapter_for, model_info
+
+    info = model_info(adapter_for(model))
+    if "video" not in info.modalities:
+        raise ValueError(f"video: {info.family_name or info.family} takes no video input; use --image, or a family "
+                         "with video input (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, GLM-4V)")  # fmt: skip
+    frames = _frames(video) if isinstance(video, (str, Path)) else list(video)
+    if not frames:
+        raise ValueError("video: no frames given")
+    if processor is not None:
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        batch = processor(videos=[frames], text=[text], return_tensors="pt")
+        dtype = next(model.parameters()).dtype
+        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+    from vtprune.testing import Video, make_batch
+
+    # a random model's video: random pixels; Qwen packs two raw frames into one temporal slice
+    slices = max(1, len(frames) // 2) if info.mrope else len(frames)
+    batch = make_batch(model, [[35, Video(slices), 20]])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _frames(folder: str | Path) -> list[Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"video: {str(folder)!r} is not a folder of frame images")
+    names = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+    if not names:
+        raise ValueError(f"video: no frame images (.png, .jpg, ...) in {str(folder)!r}")
+    return [_open(name) for name in names]
 
 
 def embedded_example(prompt: str = DEFAULT_PROMPT) -> tuple[Any, str]:

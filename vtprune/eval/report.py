@@ -309,6 +309,7 @@ def build_report(
     keep: list[Any] | tuple[Any, ...] = (64,),
     *,
     budget: str = "final",
+    budget_unit: str = "video",
     new_tokens: int = 8,
     warmup: int = 1,
     repeats: int = 3,
@@ -319,7 +320,8 @@ def build_report(
 ) -> Report:
     """Dense model first, then every (method, keep): FLOPs from what the forward really did, times measured.
 
-    ``progress``: a rich ``Progress`` to advance; ``on_row(report_so_far)`` runs after every row (the CLI writes
+    ``budget_unit``: what ``keep`` counts on a video (see ``vtprune.wrap``). ``progress``: a rich ``Progress`` to
+    advance; ``on_row(report_so_far)`` runs after every row (the CLI writes
     its files there, so an interrupted run keeps what it measured).
     """
     import vtprune
@@ -354,6 +356,7 @@ def build_report(
         "torch": torch.__version__,
         "flops": "multiply-adds x 2; prefill for generate (LM head on the last row); full n x n attention",
         "budget": budget,
+        "budget_unit": budget_unit,
         "timing": f"median (min, max) of {repeats} after {warmup} warm-up; prefill = one cached forward; decode "
                   "from generate",
         "repeats": repeats,
@@ -365,7 +368,9 @@ def build_report(
     grid = list(product(methods, keep))
     task = progress.add_task("measuring", total=len(grid)) if progress is not None else None
     for method, budget_value in grid:
-        with vtprune.wrap(model, method, keep=budget_value, budget=budget, tokenizer=tokenizer) as pruning:
+        with vtprune.wrap(
+            model, method, keep=budget_value, budget=budget, budget_unit=budget_unit, tokenizer=tokenizer
+        ) as pruning:
             measured = measure(model, inputs, **modules, **timing)
             record = pruning.last
         rows.append(_row(method, budget_value, record, flops_of(record), measured, dense, born_short(record)))
