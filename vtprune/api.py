@@ -192,6 +192,14 @@ def checked_stages(config: Method, stages: list[Stage], info: ModelInfo) -> list
                 raise ValueError(
                     f"{config.name}: vision layer {layer} is outside the vision tower ({info.vision_layers} layers)"
                 )
+        other = sorted({t for t in info.layer_types if t != "full_attention"})
+        if stage.earlier_caches and (stage.layer is None or other):
+            family = info.family_name or info.family
+            where = "it prunes before the LLM" if stage.layer is None else f"{family} has {', '.join(other)} layers"
+            raise ValueError(
+                f"{config.name}: earlier_caches cuts the stage's dropped tokens from the KV caches of the layers "
+                f"before it, which needs an in-LLM stage and full-attention caches, but {where}"
+            )
         if not (stage.scale > 0 or (stage.scale == 0 and stage.layer is not None)):
             raise ValueError(
                 f"{config.name}: stage scale must be positive (0 only inside the LLM: drop every visual token), "

@@ -37,6 +37,16 @@ class _FastVThenDecodeDrops(vtprune.FastV):
 
 
 @dataclass
+class _FastVCutEarlier(vtprune.FastV):
+    """FastV whose dropped tokens also leave the earlier layers' caches after the prefill (``earlier_caches``)."""
+
+    name = "_fastv_cut_earlier"
+
+    def stages(self, model, keep):
+        return [dataclasses.replace(stage, earlier_caches=True) for stage in super().stages(model, keep)]
+
+
+@dataclass
 class _FastVThenDecodeMasks(vtprune.FastV):
     """FastV in prefill, then a masking decode stage: layer ``decode_layer``'s attention chooses, layers
     ``mask_from ..`` hide the rest; every ``fresh``-th step chooses anew, the others reuse (or unmask)."""
@@ -62,9 +72,11 @@ class _FastVThenDecodeMasks(vtprune.FastV):
 def _registered():
     register_method(_FastVThenDecodeDrops)
     register_method(_FastVThenDecodeMasks)
+    register_method(_FastVCutEarlier)
     yield
     unregister_method(_FastVThenDecodeDrops.name)
     unregister_method(_FastVThenDecodeMasks.name)
+    unregister_method(_FastVCutEarlier.name)
 
 
 def masked_recomputation(model, batch: dict, sequences: torch.Tensor, record: ForwardRecord, steps: int) -> list:
@@ -261,3 +273,50 @@ def test_beam_search_is_refused_once_drops_make_rows_differ():
         model.generate(**batch, **options)
     with vtprune.wrap(model, _FastVThenDecodeDrops.name, keep=10, decode_keep=1.0):  # nothing dropped: beams work
         model.generate(**batch, **options)
+
+
+@pytest.mark.parametrize("layer", [1, 3])
+def test_the_earlier_caches_cut_equals_masked_recomputation_and_every_layer_holds_the_kept_tokens(layer):
+    """``Stage.earlier_caches`` (PruneVid's retroactive cut): after the prefill, FastV's dropped tokens leave the
+    caches of layers < ``layer`` too; decoding equals a no-cache recomputation hiding them from the decode rows in
+    every layer (the record's step-0 drop), batch of two with left padding, and every layer caches as many tokens."""
+    model = tiny_model("llava")
+    batch = make_batch(model, samples_for("llava")[:2])
+    steps = 4
+    with vtprune.wrap(model, _FastVCutEarlier.name, keep=12, layer=layer) as pruning:
+        generated = model.generate(
+            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+            return_dict_in_generate=True, **NO_SPECIAL,
+        )  # fmt: skip
+        record = pruning.last
+    (cut,) = record.decode_drops
+    assert cut.step == 0 and cut.layer == layer
+    for gone, kept, visual in zip(cut.dropped, record.stages[0].kept, visual_mask(batch).sum(1).tolist()):
+        assert sorted(gone.tolist() + kept.tolist()) == list(range(visual))  # every visual token: kept or cut
+    lengths = {tuple(cached.keys.shape) for cached in generated.past_key_values.layers}
+    assert len(lengths) == 1  # layers before the stage hold only the kept tokens, like the ones after it
+    model.set_attn_implementation("eager")
+    try:
+        reference = masked_recomputation(model, batch, generated.sequences, record, steps)
+    finally:
+        model.set_attn_implementation("sdpa")
+    for step in range(steps):
+        assert_close(generated.logits[step], reference[step], rtol=1e-4, atol=1e-4)
+
+
+def test_the_earlier_caches_cut_is_refused_before_the_llm_and_on_linear_attention():
+    @dataclass
+    class _PreLLMCut(vtprune.Random):
+        name = "_pre_llm_cut"
+
+        def stages(self, model, keep):
+            return [dataclasses.replace(stage, earlier_caches=True) for stage in super().stages(model, keep)]
+
+    register_method(_PreLLMCut)
+    try:
+        with pytest.raises(ValueError, match="earlier_caches .* needs an in-LLM stage .* prunes before the LLM"):
+            vtprune.wrap(tiny_model("llava"), _PreLLMCut.name, keep=8)
+    finally:
+        unregister_method(_PreLLMCut.name)
+    with pytest.raises(ValueError, match="earlier_caches .* linear_attention layers"):
+        vtprune.wrap(tiny_model("qwen3_5"), _FastVCutEarlier.name, keep=8, layer=2)  # layer 1: softmax

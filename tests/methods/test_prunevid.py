@@ -8,7 +8,16 @@ import torch
 from torch.testing import assert_close
 
 import vtprune
-from tests.helpers import Image, Video, collate, generate_matches_frozen_recomputation, make_batch, rows_of, tiny_model
+from tests.helpers import (
+    NO_SPECIAL,
+    Image,
+    Video,
+    collate,
+    generate_matches_frozen_recomputation,
+    make_batch,
+    rows_of,
+    tiny_model,
+)
 from vtprune.core.context import ItemView, PruneContext, Signals
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.registry import ModelInfo, Stage, make_method
@@ -199,8 +208,29 @@ def test_cached_generate_equals_recomputation():
     model = tiny_model("qwen2_vl")
     batch = make_batch(model, [[3, Video(4, (16, 24)), 4], [2, Image((16, 16)), 3, Video(2, (16, 16)), 2]])
     steps = 4
-    with vtprune.wrap(model, "prunevid", keep=0.3) as pruning:
+    # without the cut of the earlier caches, a no-cache forward is the same computation
+    with vtprune.wrap(model, "prunevid", keep=0.3, cut_earlier_caches=False) as pruning:
         generate_matches_frozen_recomputation(model, batch, pruning, steps)
+
+
+def test_the_pruned_tokens_leave_the_earlier_layers_caches_as_the_reference_slices_them():
+    model = tiny_model("qwen2_vl")
+    batch = make_batch(model, [[3, Video(4, (16, 24)), 4], [2, Image((16, 16)), 3, Video(2, (16, 16)), 2]])
+    options = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True, **NO_SPECIAL)
+    with vtprune.wrap(model, "prunevid", keep=0.3) as pruning:
+        generated = model.generate(**batch, **options)
+        record = pruning.last
+    (cut,) = record.decode_drops
+    merged, pruned = record.stages
+    assert cut.step == 0 and cut.layer == pruned.layer == 2  # selected_layer 1 (10 of 32, scaled to 4) + 1
+    for gone, before, after in zip(cut.dropped, merged.kept, pruned.kept):
+        assert sorted(gone.tolist() + after.tolist()) == before.tolist()  # what the in-LLM stage dropped
+    assert len({tuple(cached.keys.shape) for cached in generated.past_key_values.layers}) == 1
+    with vtprune.wrap(model, "prunevid", keep=0.3, cut_earlier_caches=False) as pruning:
+        generated = model.generate(**batch, **options)
+        assert pruning.last.decode_drops == []
+    layers = generated.past_key_values.layers
+    assert layers[0].keys.shape[-2] > layers[-1].keys.shape[-2]  # layers 0..1 keep every merged token
 
 
 def test_clear_errors_and_config():
@@ -211,6 +241,7 @@ def test_clear_errors_and_config():
         vtprune.wrap(model, "prunevid", keep=0.5, budget_unit="frame")
     bad = [("alpha", 0.0), ("alpha", 1.5), ("tau", 2.0), ("cluster_ratio", 0), ("k", 0)]
     bad += [("temporal_segment_ratio", 1.5), ("min_cluster_tokens", -1), ("selected_layer", 1.5)]
+    bad += [("cut_earlier_caches", "yes")]
     for option, value in bad:
         with pytest.raises(ValueError, match=f"prunevid: {option} must"):
             PruneVid(**{option: value})

@@ -163,6 +163,10 @@ class Stage:
     * ``budget_rule``: ``fn(keep, item) -> int``, the tokens an item keeps at this stage instead of the engine's
       count (capped at the item's selectable tokens), e.g. EVS's ``max(N, int(T * N * keep))`` that keeps a video's
       first frame whole; for a rule that depends on the budget and the item's shape alone.
+    * ``earlier_caches``: an in-LLM stage whose dropped tokens also leave the KV caches of the decoder layers before
+      it once the prefill is done (PruneVid's retroactive cut), so every decode step attends to the kept tokens
+      only, in every layer. The prefill is unchanged; the record lists the cut as a decode drop of step 0. Needs
+      caches of full-attention layers (as decode drops).
     """
 
     layer: int | None
@@ -185,6 +189,7 @@ class Stage:
     part: int = 0
     positions: str | None = None
     budget_rule: Callable[[Keep, VisualItem], int] | None = None
+    earlier_caches: bool = False
 
     @property
     def needs_vision_call(self) -> bool:

@@ -45,10 +45,12 @@ Choices that are ours:
   (LLaVA-OneVision) and the in-LLM stage always keeps positions. On M-RoPE families (Qwen) vtprune keeps the model's
   own (t, h, w) ids of the kept tokens in both stages (the unwrapped model fed only the kept tokens);
 * **the reference's retroactive KV slice**: after pruning at layer ``selected_layer`` it also slices the KV cache of
-  layers ``0..selected_layer`` so decoding attends to the kept tokens only at every layer. vtprune's in-LLM prune
-  changes layers ``> selected_layer`` only; layers up to ``selected_layer`` keep every merged token in their cache
-  (prefill is unchanged; decoding at those layers sees more tokens than the reference's, and costs more). The core
-  offers no prefill-time drop from earlier layers' caches (its decode-time drops act after decode step 1);
+  layers ``0..selected_layer`` so decoding attends to the kept tokens only at every layer. Here the in-LLM stage
+  declares ``Stage.earlier_caches``: once the prefill is done the dropped tokens leave those layers' caches before
+  the first decode step (the record lists the cut as a decode drop of step 0); the prefill itself is the
+  reference's. ``cut_earlier_caches=None`` (default) cuts wherever every layer's cache is full attention (on
+  Qwen3.5's linear-attention layers there is no cache to cut: off there), ``False`` keeps the earlier layers'
+  caches whole;
 * the reference clusters ``int(T * 0.25)`` segments, 0 for ``T < 4`` (which fails); here at least one;
 * its segments come from batch item 0 and it asserts batch 1; here every video gets its own, in any batch;
 * the scoring rows are the real non-visual tokens after the video (another image's tokens there are skipped);
@@ -291,6 +293,9 @@ class PruneVid(Method):
     cluster_ratio: float = 0.5
     k: int = 7
     min_cluster_tokens: int = 14
+    # the reference's retroactive cut of layers 0..selected_layer's KV caches; None: where every layer's cache is
+    # full attention (the cut cannot shorten a linear-attention state)
+    cut_earlier_caches: bool | None = None
     positions: str = "renumber"
 
     def __post_init__(self) -> None:
@@ -311,6 +316,11 @@ class PruneVid(Method):
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{self.name}: {option} must be an int >= {least}, got {value!r}")
+        if self.cut_earlier_caches not in (None, True, False):
+            raise ValueError(
+                f"{self.name}: cut_earlier_caches must be None (where the caches allow it), True or False, "
+                f"got {self.cut_earlier_caches!r}"
+            )
         if self.selected_layer is not None and (
             isinstance(self.selected_layer, bool) or not isinstance(self.selected_layer, int)
         ):
@@ -330,10 +340,14 @@ class PruneVid(Method):
             model.check_layer(self.name, "selected_layer (+1, where the drop happens)", self.selected_layer + 1, 1)
             given = (self.selected_layer,)
         [layer] = model.output_pruned_layers(self.name, given, (AUTHORS_LAYER,), REFERENCE_DEPTH)
+        cut = self.cut_earlier_caches
+        if cut is None:
+            cut = all(kind == "full_attention" for kind in model.layer_types)
         return [
             Stage(layer=None, modalities=("video",), budget_rule=whole_item),
-            # scored by layer l's own attention, dropped from its output (the reference keeps positions here)
-            Stage(layer=layer + 1, attention_from=layer, modalities=("video",), positions="keep"),
+            # scored by layer l's own attention, dropped from its output (the reference keeps positions here); the
+            # dropped tokens then leave layers 0..l's caches too, as the reference slices them
+            Stage(layer=layer + 1, attention_from=layer, modalities=("video",), positions="keep", earlier_caches=cut),
         ]
 
     def select(self, ctx: PruneContext) -> list[Tensor | Merged]:

@@ -129,6 +129,37 @@ def decode_policy(
     return DecodePolicy(method, stages, info, items, record, frozen, state)
 
 
+def earlier_cache_cut(stages: list[Stage], record: ForwardRecord, items: list[VisualItem]) -> DecodeDrop | None:
+    """What the in-LLM stages marked ``earlier_caches`` dropped, as one decode drop of step 0 (None when nothing):
+    removed from the caches of the layers before them before the first decode step, as a decode drop is."""
+    cut = [torch.empty(0, dtype=torch.long) for _ in items]
+    for index, (stage, stage_record) in enumerate(zip(stages, record.stages)):
+        if not stage.earlier_caches or stage.layer is None:
+            continue
+        for i, item in enumerate(items):
+            after = stage_record.kept_per_item[i]
+            before = (
+                record.stages[index - 1].kept_per_item[i]
+                if index
+                else torch.arange(item.num_tokens, device=after.device)
+            )
+            gone = before[~torch.isin(before, after)]
+            cut[i] = torch.cat([cut[i].to(gone.device), gone]).unique()
+    if not any(gone.numel() for gone in cut):
+        return None
+    samples = max((item.sample for item in items), default=-1) + 1
+    per_sample: list[list[Tensor]] = [[] for _ in range(samples)]
+    for item, gone in zip(items, cut):
+        per_sample[item.sample].append(gone + item.visual_offset)
+    empty = cut[0].new_empty(0)
+    return DecodeDrop(
+        step=0,
+        layer=min(s.layer for s in stages if s.earlier_caches and s.layer is not None),
+        dropped=[torch.cat(parts).sort().values if parts else empty for parts in per_sample],
+        dropped_per_item=[gone.sort().values for gone in cut],
+    )
+
+
 def start_decode(adapter: Adapter, inputs: dict[str, Any], session: Session) -> tuple[Decode, dict[str, Any]]:
     """The decode step's state and the multimodal forward's inputs for the first segment of layers."""
     reference = inputs.get("input_ids")

@@ -31,13 +31,20 @@ from torch import Tensor, nn
 from vtprune.core.adapter import Adapter
 from vtprune.core.budget import Keep, stage_budgets
 from vtprune.core.compat import get_cache
-from vtprune.core.engine.decode import checked_decode_stages, decode_layer, decode_policy, start_decode
+from vtprune.core.engine.decode import (
+    checked_decode_stages,
+    decode_layer,
+    decode_policy,
+    earlier_cache_cut,
+    start_decode,
+)
 from vtprune.core.engine.hooks import HookSet
 from vtprune.core.engine.observer import VisionObserver
 from vtprune.core.engine.prefill import PrefillPlanner
 from vtprune.core.engine.stages import StageRunner
 from vtprune.core.engine.state import (
     Decode,
+    DecodePolicy,
     Prefill,
     Schedule,
     Session,
@@ -203,15 +210,20 @@ class PruningEngine:
         ]
         self.last = record
         self._output_index = current.layout.token
+        policy = decode_policy(
+            self.method, self.decode_stages, self.info, current.items, record, self.runner.frozen, current.state
+        )
+        cut = earlier_cache_cut(self.stages, record, current.items) if current.cache is not None else None
+        if cut is not None:  # PruneVid's retroactive cut: leaves the earlier layers' caches before decode step 1
+            if policy is None:
+                frozen = self.runner.frozen
+                policy = DecodePolicy(self.method, [], self.info, current.items, record, frozen, current.state)
+            record.decode_drops.append(cut)
+            for item, gone in zip(current.items, cut.dropped_per_item):
+                if gone.numel():
+                    policy.pending[item.index] = gone
         self._session = (
-            Session(
-                weakref.ref(current.cache),
-                current.segments,
-                record.input_length,
-                policy=decode_policy(
-                    self.method, self.decode_stages, self.info, current.items, record, self.runner.frozen, current.state
-                ),
-            )
+            Session(weakref.ref(current.cache), current.segments, record.input_length, policy=policy)
             if current.cache is not None
             else None
         )
