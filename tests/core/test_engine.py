@@ -16,6 +16,8 @@ from tests.helpers import (
     Image,
     Video,
     collate,
+    extend_prompt,
+    generate_matches_frozen_recomputation,
     inapplicable,
     is_mrope,
     make_batch,
@@ -29,7 +31,6 @@ from tests.helpers import (
     visual_counts,
     visual_mask,
     with_positions,
-    extend_prompt,
 )
 from vtprune.core.layout import VisualItem
 
@@ -183,23 +184,8 @@ def test_cached_decoding_equals_recomputation_with_frozen_selection(family, meth
         options = {**options, "cut_earlier_caches": False}  # (test_prunevid.py / test_decode_drops.py check it)
     model = tiny_model(family)
     batch = make_batch(model, samples_for(family))
-    steps = 4
     with vtprune.wrap(model, method, keep=3, **options) as pruning:
-        generated = model.generate(
-            **batch,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **NO_SPECIAL,
-        )
-        prompt = batch["input_ids"].shape[1]
-        with pruning.freeze():
-            for step in range(steps):
-                full = extend_prompt(batch, generated.sequences[:, : prompt + step], model)
-                logits = model(**with_positions(model, full), use_cache=False).logits
-                assert_close(logits[:, -1], generated.logits[step], rtol=1e-4, atol=1e-4)
+        generate_matches_frozen_recomputation(model, batch, pruning, steps=4)
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch.testing import assert_close
 
+import vtprune
+from tests.helpers import Image, Video, make_batch, tiny_model
 from vtprune.core.context import ItemView, PruneContext, Signals
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.registry import ModelInfo, Stage
@@ -63,3 +66,19 @@ def _tower_cls_attention(model, pixel_values: torch.Tensor) -> torch.Tensor:
     tower.set_attn_implementation("eager")
     attentions = tower(pixel_values, output_attentions=True).attentions
     return torch.stack([a.mean(1)[:, 0] for a in attentions])
+
+
+def video_keep_all(family: str, method: str, frames: int = 3, **options):
+    """Check ``method`` at keep=1.0 equals the dense model on an image then a video of ``frames`` temporal frames
+    (GLM-4V: the video alone; it fails on both in one call, unwrapped too); returns (model, batch, record)."""
+    model = tiny_model(family)
+    if family == "llava_onevision":
+        image, video = Image((32, 32)), Video(frames)
+    else:
+        image, video = Image((16, 16)), Video(frames, (16, 24))
+    batch = make_batch(model, [[3, video, 4]] if family == "glm4v" else [[3, image, 2, video, 4]])
+    dense = model(**batch).logits
+    with vtprune.wrap(model, method, keep=1.0, **options) as pruning:
+        logits = model(**batch).logits
+    assert_close(logits, dense, rtol=1e-5, atol=1e-5)
+    return model, batch, pruning.last

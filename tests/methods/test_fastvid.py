@@ -21,6 +21,7 @@ from tests.helpers import (
     rows_of,
     tiny_model,
 )
+from tests.methods.common import video_keep_all
 from vtprune.core.layout import VisualItem
 from vtprune.core.registry import make_method
 from vtprune.methods.fastvid import (
@@ -161,14 +162,8 @@ def test_pseudo_cls_attention_averages_keys_over_merge_units():
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
 def test_keep_all_equals_dense(family):
-    model = tiny_model(family)
-    image, video = (Image((32, 32)), Video(3)) if family == "llava_onevision" else (Image((16, 16)), Video(3, (16, 24)))
-    batch = make_batch(model, [[3, image, 2, video, 4]])
-    dense = model(**batch).logits
-    with vtprune.wrap(model, "fastvid", keep=1.0) as pruning:
-        logits = model(**batch).logits
-    assert_close(logits, dense, rtol=1e-5, atol=1e-5)
-    assert pruning.last.stages[0].kept_per_item[1].numel() == pruning.last.items[1]["num_tokens"]
+    _, _, record = video_keep_all(family, "fastvid")
+    assert record.stages[0].kept_per_item[1].numel() == record.items[1]["num_tokens"]
 
 
 def test_video_counts_on_qwen2_5_vl():

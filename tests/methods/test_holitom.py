@@ -13,6 +13,7 @@ from torch.testing import assert_close
 import vtprune
 import vtprune.methods.holitom  # registers "holitom" without vtprune/methods/__init__.py
 from tests.helpers import Image, Video, collate, generate_matches_frozen_recomputation, make_batch, rows_of, tiny_model
+from tests.methods.common import video_keep_all
 from vtprune.core.registry import make_method
 from vtprune.methods.holitom import (
     HoliTom,
@@ -218,14 +219,8 @@ def test_counts_are_exact_and_images_pass_through():
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
 def test_keep_all_equals_dense(family):
-    model = tiny_model(family)
-    image, video = (Image((32, 32)), Video(3)) if family == "llava_onevision" else (Image((16, 16)), Video(3, (16, 24)))
-    batch = make_batch(model, [[3, image, 2, video, 4]])
-    dense = model(**batch).logits
-    with vtprune.wrap(model, "holitom", keep=1.0) as pruning:
-        logits = model(**batch).logits
-    assert_close(logits, dense, rtol=1e-5, atol=1e-5)
-    assert [s.kept_per_item[1].numel() for s in pruning.last.stages] == [pruning.last.items[1]["num_tokens"]] * 2
+    _, _, record = video_keep_all(family, "holitom")
+    assert [s.kept_per_item[1].numel() for s in record.stages] == [record.items[1]["num_tokens"]] * 2
 
 
 def test_llava_onevision_keeps_its_final_newline():

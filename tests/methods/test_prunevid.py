@@ -18,6 +18,7 @@ from tests.helpers import (
     rows_of,
     tiny_model,
 )
+from tests.methods.common import video_keep_all
 from vtprune.core.context import ItemView, PruneContext, Signals
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.registry import ModelInfo, Stage, make_method
@@ -160,14 +161,8 @@ def test_prune_keeps_the_most_attended_per_group_by_max_over_heads_and_rows():
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
 def test_keep_all_equals_dense(family):
-    model = tiny_model(family)
-    image, video = (Image((32, 32)), Video(4)) if family == "llava_onevision" else (Image((16, 16)), Video(4, (16, 24)))
-    batch = make_batch(model, [[3, image, 2, video, 4]])
-    dense = model(**batch).logits
-    with vtprune.wrap(model, "prunevid", keep=1.0) as pruning:
-        logits = model(**batch).logits
-    assert_close(logits, dense, rtol=1e-5, atol=1e-5)
-    assert pruning.last.stages[0].kept_per_item[1].numel() == pruning.last.items[1]["num_tokens"]
+    _, _, record = video_keep_all(family, "prunevid", frames=4)
+    assert record.stages[0].kept_per_item[1].numel() == record.items[1]["num_tokens"]
 
 
 def test_video_is_merged_then_pruned_to_keep_and_images_pass():

@@ -94,6 +94,20 @@ class ModelInfo:
         usable = [i for i in self.softmax_layers() if i < before]
         return usable[-1] if usable else None
 
+    def softmax_source(
+        self, method: str, layer: int, what: str = "attention could rank the tokens", hint: str = ""
+    ) -> int:
+        """:meth:`last_softmax_layer` below ``layer``, or a clear error naming the first layer that has one
+        (``what`` the method reads there; ``hint`` another way out, e.g. an option that drops the stage)."""
+        source = self.last_softmax_layer(layer)
+        if source is None:
+            usable = self.softmax_layers()
+            need = f"layer must be at least {usable[0] + 1}" if usable else "this model has none"
+            raise ValueError(
+                f"{method}: layer={layer} has no softmax-attention layer before it whose {what}; {need}{hint}"
+            )
+        return source
+
     def _accepts(self, method: str) -> bool:
         """Whether ``method`` with its defaults would accept this model (its own ``stages()`` raises otherwise)."""
         try:

@@ -147,14 +147,7 @@ class CATP(Method):
         else:
             layer = self.layer
             model.check_layer(self.name, "layer", layer, minimum=1)
-        source = model.last_softmax_layer(layer)
-        if source is None:
-            usable = model.softmax_layers()
-            hint = f"layer must be at least {usable[0] + 1}" if usable else "this model has none"
-            raise ValueError(
-                f"{self.name}: layer={layer} has no softmax-attention layer before it whose attention could rank the "
-                f"tokens; {hint}"
-            )
+        source = model.softmax_source(self.name, layer)
         # ours: stage 1 at the input of layer 0, where the hidden states hold the text around every image
         return [
             Stage(layer=0, scale=float(self.stage1_scale)),

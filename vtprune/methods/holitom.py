@@ -334,14 +334,7 @@ class HoliTom(Method):
         if self.inner_ratio == 0:  # the authors' "HoliTom (w/o M)"
             return [outer]
         layer = self.inner_layer(model)
-        source = model.last_softmax_layer(layer)
-        if source is None:
-            usable = model.softmax_layers()
-            hint = f"layer must be at least {usable[0] + 1}" if usable else "this model has none"
-            raise ValueError(
-                f"{self.name}: layer={layer} has no softmax-attention layer before it whose attention could rank the "
-                f"tokens; {hint} (or inner_ratio=0: no inner stage)"
-            )
+        source = model.softmax_source(self.name, layer, hint=" (or inner_ratio=0: no inner stage)")
         # the authors' inner stage keeps its tokens' positions (keep_indexs), whatever the outer stage did
         inner = Stage(
             layer=layer,
