@@ -6,7 +6,7 @@ import torch
 from torch.testing import assert_close
 
 import vtprune
-from tests.helpers import Image, Video, make_batch, tiny_model
+from tests.helpers import Image, Video, collate, make_batch, rows_of, tiny_model
 from vtprune.core.context import ItemView, PruneContext, Signals
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.registry import ModelInfo, Stage
@@ -82,3 +82,22 @@ def video_keep_all(family: str, method: str, frames: int = 3, **options):
         logits = model(**batch).logits
     assert_close(logits, dense, rtol=1e-5, atol=1e-5)
     return model, batch, pruning.last
+
+
+def batch_equals_each_alone(family: str, method: str, prompts: list[list], padding_side: str, keep, **options) -> None:
+    """A padded batch of ``prompts`` gives each sample the logits (on its kept rows) and the kept tokens, at every
+    stage, that the sample gets alone."""
+    model = tiny_model(family)
+    singles = [make_batch(model, [prompt], seed=i) for i, prompt in enumerate(prompts)]
+    batch = collate(model, singles, padding_side=padding_side)
+    with vtprune.wrap(model, method, keep=keep, **options) as pruning:
+        batched = model(**batch).logits
+        index = pruning.last.output_index
+        kept = [[k.clone() for k in stage] for stage in pruning.kept]
+        for sample, single in enumerate(singles):
+            alone = model(**single).logits
+            assert_close(
+                rows_of(batched, index, sample), rows_of(alone, pruning.last.output_index, 0), rtol=1e-4, atol=1e-4
+            )
+            for stage, stage_kept in zip(pruning.kept, kept):
+                assert torch.equal(stage[0], stage_kept[sample])

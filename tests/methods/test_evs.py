@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import vtprune
-from tests.helpers import Image, Video, collate, generate_matches_frozen_recomputation, make_batch, rows_of, tiny_model
-from tests.methods.common import video_keep_all
+from tests.helpers import Image, Video, generate_matches_frozen_recomputation, make_batch, tiny_model
+from tests.methods.common import batch_equals_each_alone, video_keep_all
 from vtprune.core.layout import VisualItem
 from vtprune.core.registry import make_method
 from vtprune.methods.evs import EVS, item_count, retained_count, retention_order
@@ -126,19 +126,8 @@ def test_llava_onevision_keeps_the_final_newline_and_vllms_count():
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_batch_equals_each_clip_alone(padding_side):
-    model = tiny_model("qwen2_vl")
     prompts = [[3, Video(2, (16, 24)), 4], [2, Image((16, 16)), 5, Video(4, (16, 16)), 2]]
-    singles = [make_batch(model, [prompt], seed=i) for i, prompt in enumerate(prompts)]
-    batch = collate(model, singles, padding_side=padding_side)
-    with vtprune.wrap(model, "evs", keep=0.4) as pruning:
-        batched = model(**batch).logits
-        index, kept = pruning.last.output_index, [k.clone() for k in pruning.kept[0]]
-        for sample, single in enumerate(singles):
-            alone = model(**single).logits
-            assert_close(
-                rows_of(batched, index, sample), rows_of(alone, pruning.last.output_index, 0), rtol=1e-4, atol=1e-4
-            )
-            assert torch.equal(pruning.kept[0][0], kept[sample])
+    batch_equals_each_alone("qwen2_vl", "evs", prompts, padding_side, keep=0.4)
 
 
 def test_cached_generate_equals_recomputation():

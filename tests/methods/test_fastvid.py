@@ -14,14 +14,12 @@ import vtprune
 from tests.helpers import (
     Image,
     Video,
-    collate,
     generate_matches_frozen_recomputation,
     make_batch,
     pooled,
-    rows_of,
     tiny_model,
 )
-from tests.methods.common import video_keep_all
+from tests.methods.common import batch_equals_each_alone, video_keep_all
 from vtprune.core.layout import VisualItem
 from vtprune.core.registry import make_method
 from vtprune.methods.fastvid import (
@@ -179,19 +177,8 @@ def test_video_counts_on_qwen2_5_vl():
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_batch_equals_each_clip_alone(padding_side):
-    model = tiny_model("qwen2_5_vl")
     prompts = [[3, Video(2, (16, 24)), 4], [2, Image((16, 16)), 5, Video(5, (16, 16)), 2]]
-    singles = [make_batch(model, [prompt], seed=i) for i, prompt in enumerate(prompts)]
-    batch = collate(model, singles, padding_side=padding_side)
-    with vtprune.wrap(model, "fastvid", keep=0.4, c=2) as pruning:
-        batched = model(**batch).logits
-        index, kept = pruning.last.output_index, [k.clone() for k in pruning.kept[0]]
-        for sample, single in enumerate(singles):
-            alone = model(**single).logits
-            assert_close(
-                rows_of(batched, index, sample), rows_of(alone, pruning.last.output_index, 0), rtol=1e-4, atol=1e-4
-            )
-            assert torch.equal(pruning.kept[0][-1], kept[-1 if sample else 0])
+    batch_equals_each_alone("qwen2_5_vl", "fastvid", prompts, padding_side, keep=0.4, c=2)
 
 
 def test_cached_generate_equals_recomputation():

@@ -12,13 +12,11 @@ from tests.helpers import (
     NO_SPECIAL,
     Image,
     Video,
-    collate,
     generate_matches_frozen_recomputation,
     make_batch,
-    rows_of,
     tiny_model,
 )
-from tests.methods.common import video_keep_all
+from tests.methods.common import batch_equals_each_alone, video_keep_all
 from vtprune.core.context import ItemView, PruneContext, Signals
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.registry import ModelInfo, Stage, make_method
@@ -184,19 +182,8 @@ def test_video_is_merged_then_pruned_to_keep_and_images_pass():
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_batch_equals_each_clip_alone(padding_side):
-    model = tiny_model("qwen2_vl")
     prompts = [[3, Video(2, (16, 24)), 4], [2, Image((16, 16)), 5, Video(4, (16, 16)), 2]]
-    singles = [make_batch(model, [prompt], seed=i) for i, prompt in enumerate(prompts)]
-    batch = collate(model, singles, padding_side=padding_side)
-    with vtprune.wrap(model, "prunevid", keep=0.3) as pruning:
-        batched = model(**batch).logits
-        index, kept = pruning.last.output_index, [k.clone() for k in pruning.kept[-1]]
-        for sample, single in enumerate(singles):
-            alone = model(**single).logits
-            assert_close(
-                rows_of(batched, index, sample), rows_of(alone, pruning.last.output_index, 0), rtol=1e-4, atol=1e-4
-            )
-            assert torch.equal(pruning.kept[-1][0], kept[sample])
+    batch_equals_each_alone("qwen2_vl", "prunevid", prompts, padding_side, keep=0.3)
 
 
 def test_cached_generate_equals_recomputation():

@@ -301,6 +301,25 @@ def decode_attention(
     return probs[:, : layout.length]
 
 
+def decode_context(
+    policy: DecodePolicy, stage: DecodeStage, layout: Layout, views: list[ItemView], step: int, attention: Tensor
+) -> tuple[Method, PruneContext]:
+    """The method that ranks at ``stage`` (a composition's part) and its context: the cached views, the part's own
+    state and the step's newest token's ``attention`` over the cached slots."""
+    scoring = Stage(layer=stage.layer, attention_from=stage.layer, part=stage.part)
+    scorer, state = policy.method.scorer(scoring, policy.state)
+    ctx = PruneContext(
+        stage=scoring,
+        model=policy.info,
+        layout=layout,
+        items=views,
+        state=state,
+        step=step,
+        signals=Signals(attention=lambda: attention),
+    )
+    return scorer, ctx
+
+
 def run_decode_stage(
     adapter: Adapter,
     current: Decode,
@@ -325,17 +344,7 @@ def run_decode_stage(
         dropped = [frozen.dropped_per_item[view.order].to(view.tokens.device) for view in views]
     else:
         attention = decode_attention(adapter, current, stage.layer, hidden, position_embeddings, layout)
-        scoring = Stage(layer=stage.layer, attention_from=stage.layer, part=stage.part)
-        scorer, state = policy.method.scorer(scoring, policy.state)  # a composition's part and its own state
-        ctx = PruneContext(
-            stage=scoring,
-            model=policy.info,
-            layout=layout,
-            items=views,
-            state=state,
-            step=current.step,
-            signals=Signals(attention=lambda: attention),
-        )
+        scorer, ctx = decode_context(policy, stage, layout, views, current.step, attention)
         selections = top_budget(views, scorer.decode_score(ctx))
         check_selections(scorer.name, views, selections)
         dropped = []
@@ -390,17 +399,7 @@ def run_mask_stage(
         )
         hidden_slots = masked_slots(layout, policy, others) if others else None
         attention = decode_attention(adapter, current, stage.layer, hidden, position_embeddings, layout, hidden_slots)
-        scoring = Stage(layer=stage.layer, attention_from=stage.layer, part=stage.part)
-        scorer, state = policy.method.scorer(scoring, policy.state)  # a composition's part and its own state
-        ctx = PruneContext(
-            stage=scoring,
-            model=policy.info,
-            layout=layout,
-            items=views,
-            state=state,
-            step=current.step,
-            signals=Signals(attention=lambda: attention),
-        )
+        scorer, ctx = decode_context(policy, stage, layout, views, current.step, attention)
         scores = scorer.decode_score(ctx)
         if len(scores) != len(views):
             raise ValueError(f"{scorer.name}: decode_score gave {len(scores)} scores for {len(views)} items")
