@@ -47,6 +47,7 @@ __all__ = [
     "extend_prompt",
     "generate_matches_frozen_recomputation",
     "NO_SPECIAL",
+    "mrope_born_short_logits",
 ]
 
 
@@ -196,6 +197,25 @@ def generate_matches_frozen_recomputation(model, batch: dict, pruning, steps: in
             logits = model(**with_positions(model, full), use_cache=False).logits
             assert_close(logits[:, -1], generated.logits[step], rtol=1e-4, atol=1e-4)
     return generated
+
+
+def mrope_born_short_logits(model, batch: dict, index: torch.Tensor, encoder_outputs: dict) -> torch.Tensor:
+    """The unwrapped M-RoPE model fed only the prompt slots ``index [B, L]`` (-1: padding) with ``encoder_outputs``
+    for their visual tokens and the full prompt's 3-D position ids sliced (gaps kept, text after the video too)."""
+    valid = index >= 0
+    full_positions, _ = model.model.get_rope_index(
+        batch["input_ids"],
+        batch["mm_token_type_ids"],
+        batch["image_grid_thw"],
+        batch["video_grid_thw"],
+        attention_mask=batch["attention_mask"],
+    )
+    return model(
+        input_ids=batch["input_ids"].gather(1, index.clamp(min=0)).masked_fill(~valid, 0),
+        attention_mask=valid.long(),
+        position_ids=full_positions.gather(-1, index.clamp(min=0).expand(3, -1, -1)),
+        mm_encoder_outputs=encoder_outputs,
+    ).logits
 
 
 def rows_of(logits: torch.Tensor, index: torch.Tensor, sample: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 import vtprune
 import vtprune.methods.evs  # noqa: F401  (registers "evs" before vtprune.methods lists it)
-from tests.helpers import Image, Video, make_batch, pooled, tiny_model
+from tests.helpers import Image, Video, make_batch, mrope_born_short_logits, pooled, tiny_model
 from vtprune.core.adapter import ItemSpec, VisualChunk
 from vtprune.core.engine.prefill import join_frames
 from vtprune.core.layout import GridPart
@@ -131,21 +131,7 @@ def test_video_pruning_equals_born_short_prompt(family, method, keep):
         encoder_outputs["video"]["deepstack_features"] = [tuple(v) for _, v in sets]
     if method == "evs":  # frame 0 whole, and at 0.3 of 3 frames of 24 later frames keep few or none
         assert kept[1][:24].tolist() == list(range(24)) and kept[1].numel() == 24
-    full_positions, _ = vlm.get_rope_index(
-        batch["input_ids"],
-        batch["mm_token_type_ids"],
-        batch["image_grid_thw"],
-        batch["video_grid_thw"],
-        attention_mask=batch["attention_mask"],
-    )
-    short_ids = batch["input_ids"].gather(1, index.clamp(min=0)).masked_fill(~valid, 0)
-    short_positions = full_positions.gather(-1, index.clamp(min=0).expand(3, -1, -1))
-    born_short = model(
-        input_ids=short_ids,
-        attention_mask=valid.long(),
-        position_ids=short_positions,
-        mm_encoder_outputs=encoder_outputs,
-    ).logits
+    born_short = mrope_born_short_logits(model, batch, index, encoder_outputs)
     assert valid.sum(1).max() < batch["input_ids"].shape[1]
     assert_close(pruned[valid], born_short[valid], rtol=1e-4, atol=1e-5)
 

@@ -16,6 +16,7 @@ from tests.helpers import (
     Video,
     generate_matches_frozen_recomputation,
     make_batch,
+    mrope_born_short_logits,
     pooled,
     tiny_model,
 )
@@ -210,21 +211,7 @@ def test_positions_equal_the_born_short_prompt(family):
         "image": pooled([images[0][kept[0]]]),
         "video": pooled([videos[0][kept[1]], videos[1][kept[2]]]),
     }
-    full_positions, _ = vlm.get_rope_index(
-        batch["input_ids"],
-        batch["mm_token_type_ids"],
-        batch["image_grid_thw"],
-        batch["video_grid_thw"],
-        attention_mask=batch["attention_mask"],
-    )
-    short_ids = batch["input_ids"].gather(1, index.clamp(min=0)).masked_fill(~valid, 0)
-    short_positions = full_positions.gather(-1, index.clamp(min=0).expand(3, -1, -1))
-    born_short = model(
-        input_ids=short_ids,
-        attention_mask=valid.long(),
-        position_ids=short_positions,
-        mm_encoder_outputs=encoder_outputs,
-    ).logits
+    born_short = mrope_born_short_logits(model, batch, index, encoder_outputs)
     assert valid.sum(1).max() < batch["input_ids"].shape[1]
     assert_close(pruned[valid], born_short[valid], rtol=1e-4, atol=1e-5)
 
