@@ -29,7 +29,9 @@ import argparse
 import json
 import math
 import random
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +152,8 @@ class AuxiliaryHeads(nn.Module):
         self.tower = nn.ModuleDict({name: nn.Linear(width, 11) for name in ("count", "left")})
         heads = {name: nn.Linear(text_width, n, bias=False) for name, n in FEATURES.items()}
         self.said = nn.ModuleDict({**heads, "presence": nn.Linear(text_width, DIGITS, bias=False)})
+        # the place a cell question asks for, read off the answering token's state after a few LLM layers
+        self.parse = nn.ModuleDict({"row": nn.Linear(text_width, GRID.rows), "col": nn.Linear(text_width, GRID.cols)})
         for head in self.said.values():  # as long as a word embedding, so the symbolic tokens hear every feature
             nn.init.normal_(head.weight, std=INIT_STD)
 
@@ -181,13 +185,29 @@ def batch_for(processor: Any, docs: list[dict[str, Any]], with_answers: bool = T
     return batch
 
 
+PLACE_ASKED = re.compile(r"row (\w+) column (\w+)")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question of a training dialogue: ``position`` is the token whose next-token logits give the answer."""
+
+    row: int
+    position: int
+    kind: str
+    place_row: int = -1  # the place a ``cell`` question asks for
+    place_col: int = -1
+
+
 def dialogue_batch(
     processor: Any, docs: list[dict[str, Any]], turns: int, rng: random.Random, read_share: float,
-    type_weights: dict[str, float] | None = None,
+    type_weights: dict[str, float] | None = None, turns_out: list[Turn] | None = None,
 ) -> dict[str, Tensor]:
     """Several question turns per image (the document's own first, as evaluation asks it; then others about the
     same grid, drawn by ``type_weights`` (default: uniform), or the reading task), so one image pass supervises
-    many answers. Built token by token so the labels cover exactly the answers and their end-of-turn tokens."""
+    many answers. Built token by token so the labels cover exactly the answers and their end-of-turn tokens.
+    ``turns_out`` (if given) receives one :class:`Turn` per question: where its answer is predicted, its type and,
+    for ``cell``, the place asked."""
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     kinds = list(QUESTION_TYPES)
@@ -195,22 +215,30 @@ def dialogue_batch(
     seqs, labels = [], []
     for doc in docs:
         pairs = [(doc["question"], doc["answer"])]
+        asked_kinds = [doc["type"]]
         reading = turns > 1 and rng.random() < read_share
         while len(pairs) < turns - reading:
-            asked = ask(rng.choices(kinds, weights)[0], rng, doc["cells"])
+            kind = rng.choices(kinds, weights)[0]
+            asked = ask(kind, rng, doc["cells"])
             if asked is not None:
                 pairs.append(asked)
+                asked_kinds.append(kind)
         if reading:  # last: its answer spells out the grid, which later questions could otherwise copy from
             read = reading_task(doc)
             pairs.append((read["question"], read["answer"]))
+            asked_kinds.append("read")
         ids: list[int] = []
         targets: list[int] = []
-        for turn, (question, answer) in enumerate(pairs):
+        for turn, ((question, answer), kind) in enumerate(zip(pairs, asked_kinds)):
             # the first turn is exactly what evaluation asks; later ones skip the instruction to stay short
             user = f"USER: <image>\n{question}{POST_PROMPT} ASSISTANT:" if turn == 0 else f" USER: {question} ASSISTANT:"
             user_ids = tokenizer(user, add_special_tokens=False)["input_ids"]
             user_ids = [t for u in user_ids for t in ([image_id] * IMAGE_TOKENS if u == image_id else [u])]
             answer_ids = tokenizer(f" {answer}</s>", add_special_tokens=False)["input_ids"]
+            if turns_out is not None:
+                place = PLACE_ASKED.search(question) if kind == "cell" else None
+                row, col = (PLACE_WORDS.index(w) for w in place.groups()) if place else (-1, -1)
+                turns_out.append(Turn(len(seqs), len(ids) + len(user_ids) - 1, kind, row, col))
             ids += user_ids + answer_ids
             targets += [-100] * len(user_ids) + answer_ids
         seqs.append(ids)
@@ -308,7 +336,7 @@ def tower_losses(heads: AuxiliaryHeads, features: Tensor, targets: dict[str, Ten
 
 def drop_image_tokens(
     embeds: Tensor, inputs: dict[str, Tensor], is_image: Tensor, rng: random.Random, share: float,
-    renumber: float = 0.0,
+    renumber: float = 0.0, kept_out: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Model inputs where, in a ``share`` of the sequences, some image tokens stay (a budget drawn log-uniformly in
     2..63 per image, so the small budgets sweeps probe are trained as often as the large ones) and the others are
@@ -320,7 +348,8 @@ def drop_image_tokens(
     the same steps (held-out 0.76 at step 1,400, cell 0.26); fine-tuning the shipped model with original positions
     only does not fix its ``exists`` answers under pruning, whose cause is the renumbered positions most methods use
     (see the README); an 8-layer run (width 128, ``share=0.4``, ``renumber=0.5``) did not learn the lookups at all
-    in its warm-up, so it says nothing yet about dropping (issue 22)."""
+    in its warm-up, so it says nothing yet about dropping (issue 22). ``kept_out`` (if given) receives each row's
+    kept token indices."""
     batch, length = is_image.shape
     kept, renumbered = [], []
     for row in range(batch):
@@ -333,6 +362,8 @@ def drop_image_tokens(
         kept.append(keep.nonzero().flatten())
         renumbered.append(dropped and renumber > 0 and rng.random() < renumber)
     longest = max(len(rows) for rows in kept)
+    if kept_out is not None:
+        kept_out.extend(kept)
 
     def gather(values: Tensor, pad: float) -> Tensor:
         return torch.stack([
@@ -383,10 +414,17 @@ def train(
     eval_docs: int = 400, eval_every: int = 4, turns: int = 12, read_share: float = 0.0, threads: int | None = None,
     text_layers: int = 3, vision_layers: int = 5, symbolic_steps: int = 1000, tower_steps: int = 0, drop_share: float = 0.0,
     renumber_share: float = 0.0, text_width: int = 192, text_intermediate: int = 512,
+    type_weights: dict[str, float] | None = None, parse_weight: float = 0.0, parse_layer: int = 2,
 ) -> tuple[nn.Module, Any, dict[str, float]]:
     """Train the tower alone on its auxiliary targets for ``tower_steps`` steps, then the whole model for ``steps``
     steps (the first ``symbolic_steps`` with the grid given to the LLM as words); save to ``out`` (if given);
-    returns (model, processor, held-out accuracy per question type)."""
+    returns (model, processor, held-out accuracy per question type).
+
+    ``type_weights`` draws the extra dialogue turns (default :data:`TYPE_WEIGHTS`). With ``parse_weight`` > 0, a
+    cell question's answering token must name the asked row and column (linear read-outs) after ``parse_layer``
+    LLM layers: the lookup by place then has its query ready there. The log prints, per question type, the
+    training turns' answer accuracy (each batch is new grids, so it tracks held-out accuracy without a pass)."""
+    type_weights = dict(TYPE_WEIGHTS if type_weights is None else type_weights)
     recipe = {k: v for k, v in locals().items() if k not in ("out", "threads", "log_every", "eval_every")}
     if threads:
         torch.set_num_threads(threads)
@@ -395,7 +433,8 @@ def train(
     model = build_model(len(processor.tokenizer), seed, text_layers, vision_layers, text_width, text_intermediate)
     heads = AuxiliaryHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
     # clipped apart: the projector's early regression error would otherwise scale the LLM's steps down to nothing
-    language = list(model.model.language_model.parameters()) + list(heads.said.parameters())
+    language = list(model.model.language_model.parameters()) + list(heads.said.parameters()) + \
+        list(heads.parse.parameters())
     taken = {id(p) for p in language}
     vision = [p for p in list(model.parameters()) + list(heads.parameters()) if id(p) not in taken]
     parameters = language + vision
@@ -421,10 +460,12 @@ def train(
     hook = layer.register_forward_hook(lambda _m, _i, out: captured.__setitem__("features", out[0] if isinstance(out, tuple) else out))
     model.train()
     began, chunk = time.time(), 0
+    right: dict[str, list[float]] = {}
     pretrain_tower(model, heads, captured, processor.image_processor, tower_steps, batch_size, seed, lr, log_every)
     for step in range(steps):
         docs = generate("train", batch_size, seed=seed * 1_000_003 + step)
-        inputs = dialogue_batch(processor, docs, turns, rng, read_share, TYPE_WEIGHTS)
+        asked: list[Turn] = []
+        inputs = dialogue_batch(processor, docs, turns, rng, read_share, type_weights, asked)
         targets = patch_targets(docs)
         model.model.get_image_features(pixel_values=inputs["pixel_values"])  # the tower and projector, hooked
         is_image = inputs["input_ids"] == image_id
@@ -437,7 +478,24 @@ def train(
         embeds = embeds.masked_scatter(is_image[..., None], image_rows.flatten(0, 1).to(embeds.dtype))
         # dropping starts with the projected tokens (from the first step it slowed the 3-layer LLM's lookups)
         share = drop_share if step >= symbolic_steps else 0.0
-        output = model(**drop_image_tokens(embeds, inputs, is_image, rng, share, renumber_share))
+        kept: list[Tensor] = []
+        output = model(**drop_image_tokens(embeds, inputs, is_image, rng, share, renumber_share, kept),
+                       output_hidden_states=parse_weight > 0)
+        # each turn's answering token where it sits after the drop (text tokens are never dropped)
+        rows = torch.tensor([turn.row for turn in asked])
+        at = torch.tensor([int((kept[turn.row] < turn.position).sum()) for turn in asked])
+        answers = inputs["input_ids"][rows, torch.tensor([turn.position + 1 for turn in asked])]
+        hits = (output.logits[rows, at].argmax(-1) == answers).tolist()
+        for turn, hit in zip(asked, hits):
+            right.setdefault(turn.kind, []).append(float(hit))
+        # a cell question's answering token names the asked place after parse_layer layers
+        parse_loss = output.loss.new_zeros(())
+        cells = [i for i, turn in enumerate(asked) if turn.kind == "cell"]
+        if parse_weight > 0 and cells:
+            state = output.hidden_states[parse_layer][rows[cells], at[cells]]
+            for name in ("row", "col"):
+                asked_place = torch.tensor([getattr(asked[i], f"place_{name}") for i in cells])
+                parse_loss = parse_loss + nn.functional.cross_entropy(heads.parse[name](state), asked_place)
         projected = captured["projected"]
         tower_loss = tower_losses(heads, captured["features"], targets)
         # projected patches read through the (tied) LM head as their cell's digit word, and along each feature's
@@ -450,7 +508,7 @@ def train(
         # ... and land on the symbolic embedding itself (a fixed target here: only the projector side moves)
         target = symbolic_image.detach()
         align_loss = (projected - target).pow(2).mean() / target.pow(2).mean()
-        loss = output.loss + 0.5 * (tower_loss + said_loss) + align_loss
+        loss = output.loss + 0.5 * (tower_loss + said_loss) + align_loss + parse_weight * parse_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(language, 1.0)
@@ -459,9 +517,11 @@ def train(
         scheduler.step()
         if log_every and (step + 1) % log_every == 0:
             chunk += 1
+            typed = "  ".join(f"{kind} {sum(v) / len(v):.2f}" for kind, v in sorted(right.items()))
+            right.clear()
             print(f"step {step + 1}/{steps}  answer {output.loss.item():.3f}  tower {tower_loss.item():.3f}  "
-                  f"said {said_loss.item():.3f}  align {align_loss.item():.3f}  {time.time() - began:.0f}s",
-                  flush=True)  # fmt: skip
+                  f"said {said_loss.item():.3f}  align {align_loss.item():.3f}  parse {parse_loss.item():.3f}  "
+                  f"[{typed}]  {time.time() - began:.0f}s", flush=True)  # fmt: skip
             if chunk % eval_every == 0:
                 print("  held-out", json.dumps(answer_accuracy(model, processor, held_out[:200])), flush=True)
     hook.remove()
@@ -494,6 +554,10 @@ def main() -> None:
     parser.add_argument("--renumber-share", type=float, default=0.0)
     parser.add_argument("--text-width", type=int, default=192)
     parser.add_argument("--text-intermediate", type=int, default=512)
+    parser.add_argument("--cell-weight", type=float, default=TYPE_WEIGHTS["cell"],
+                        help="weight of cell questions among the extra dialogue turns")
+    parser.add_argument("--parse-weight", type=float, default=0.0)
+    parser.add_argument("--parse-layer", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -502,7 +566,8 @@ def main() -> None:
                            turns=args.turns, text_layers=args.text_layers, vision_layers=args.vision_layers,
                            symbolic_steps=args.symbolic_steps, tower_steps=args.tower_steps, drop_share=args.drop_share,
                            renumber_share=args.renumber_share, text_width=args.text_width,
-                           text_intermediate=args.text_intermediate,
+                           text_intermediate=args.text_intermediate, parse_weight=args.parse_weight,
+                           parse_layer=args.parse_layer, type_weights={**TYPE_WEIGHTS, "cell": args.cell_weight},
                            threads=args.threads)  # fmt: skip
     print("held-out accuracy", json.dumps(accuracy))
 
