@@ -221,8 +221,8 @@ def dialogue_batch(
     """Several question turns per image (the document's own first, as evaluation asks it; then others about the
     same grid, drawn by ``type_weights`` (default: uniform), or the reading task), so one image pass supervises
     many answers. Built token by token so the labels cover exactly the answers and their end-of-turn tokens.
-    ``turns_out`` (if given) receives one :class:`Turn` per question: where its answer is predicted, its type and,
-    for ``cell``, the place asked."""
+    ``turns_out`` (if given) receives one :class:`Turn` per question: where its answer is predicted, its type and
+    what it asks about (a ``cell`` question's place, the others' digit)."""
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     kinds = list(QUESTION_TYPES)
@@ -436,8 +436,11 @@ def train(
 
     ``type_weights`` draws the extra dialogue turns (default :data:`TYPE_WEIGHTS`). With ``parse_weight`` > 0, each
     question's answering token must name what it asks about (linear read-outs: a cell question's row and column,
-    the digit of the others) after ``parse_layer`` LLM layers, so the lookups have their query ready there. The log prints, per question type, the
-    training turns' answer accuracy (each batch is new grids, so it tracks held-out accuracy without a pass)."""
+    the digit of the others) after ``parse_layer`` LLM layers, so the lookups have their query ready there. The
+    log prints, per question type, the training turns' answer accuracy (each batch is new grids, so it tracks
+    held-out accuracy without an evaluation pass)."""
+    if parse_weight > 0 and not 1 <= parse_layer <= text_layers:
+        raise ValueError(f"parse_layer must lie in [1, {text_layers}] (text_layers), got {parse_layer}")
     type_weights = dict(TYPE_WEIGHTS if type_weights is None else type_weights)
     recipe = {k: v for k, v in locals().items() if k not in ("out", "threads", "log_every", "eval_every")}
     if threads:
