@@ -105,7 +105,7 @@ def demo(
     keep: str = typer.Option("32,16,8,4", help="Comma-separated budgets (the embedded model sees 64 tokens)."),
     limit: int = typer.Option(200, min=1, help="Held-out documents per point."),
     out: Path = typer.Option(Path("vtprune-demo"), help="Folder for results.jsonl, summary.csv, pareto.png."),
-    batch_size: int = typer.Option(16, min=1, help="Prompts per generate call."),
+    batch_size: int = typer.Option(50, min=1, help="Prompts per generate call."),
 ) -> None:
     """The main job: sweep the methods at several budgets on the embedded digits model through lmms-eval."""
     from vtprune.demo import applicable_methods
