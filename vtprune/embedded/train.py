@@ -229,22 +229,19 @@ def dialogue_batch(
     weights = [(type_weights or {}).get(kind, 1.0) for kind in kinds]
     seqs, labels = [], []
     for doc in docs:
-        pairs = [(doc["question"], doc["answer"])]
-        asked_kinds = [doc["type"]]
+        questions = [(doc["question"], doc["answer"], doc["type"])]
         reading = turns > 1 and rng.random() < read_share
-        while len(pairs) < turns - reading:
+        while len(questions) < turns - reading:
             kind = rng.choices(kinds, weights)[0]
             asked = ask(kind, rng, doc["cells"])
             if asked is not None:
-                pairs.append(asked)
-                asked_kinds.append(kind)
+                questions.append((*asked, kind))
         if reading:  # last: its answer spells out the grid, which later questions could otherwise copy from
             read = reading_task(doc)
-            pairs.append((read["question"], read["answer"]))
-            asked_kinds.append("read")
+            questions.append((read["question"], read["answer"], read["type"]))
         ids: list[int] = []
         targets: list[int] = []
-        for turn, ((question, answer), kind) in enumerate(zip(pairs, asked_kinds)):
+        for turn, (question, answer, kind) in enumerate(questions):
             # the first turn is exactly what evaluation asks; later ones skip the instruction to stay short
             user = f"USER: <image>\n{question}{POST_PROMPT} ASSISTANT:" if turn == 0 else f" USER: {question} ASSISTANT:"
             user_ids = tokenizer(user, add_special_tokens=False)["input_ids"]
