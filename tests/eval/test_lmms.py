@@ -87,6 +87,22 @@ def test_shipped_task_files_match_the_generator():
         assert shipped == docs, f"{name}: regenerate with vtprune.eval.tasks.write_data_files()"
 
 
+def test_task_yamls_are_replaced_whole_never_truncated_in_place(tmp_path):
+    # Ray actors call task_dir at once: a reader holding the old file must still read it whole (a rename, not an
+    # in-place rewrite), and an up-to-date file is left alone
+    yaml = local_tasks.task_dir(tmp_path) / "vtprune_digits.yaml"
+    fresh = yaml.read_text()
+    yaml.write_text(fresh + "# stale\n")
+    with yaml.open() as held:
+        local_tasks.task_dir(tmp_path)
+        assert held.read() == fresh + "# stale\n"
+    assert yaml.read_text() == fresh
+    before = yaml.stat()
+    local_tasks.task_dir(tmp_path)
+    assert (yaml.stat().st_ino, yaml.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_scoring_functions_on_hand_made_answers():
     assert normalise_answer(" Yes.") == "yes" and normalise_answer("7\nthe") == "7" and normalise_answer("") == ""
     doc = {"type": "count", "answer": "2"}

@@ -111,14 +111,27 @@ def write_data_files() -> None:
 
 def task_dir(root: str | Path | None = None) -> Path:
     """A folder holding the local tasks' YAMLs (absolute data paths); default ``$VTPRUNE_TASKS_DIR`` or
-    ``~/.cache/vtprune/lmms_tasks``. Rewritten on every call, so it always points at this installation."""
+    ``~/.cache/vtprune/lmms_tasks``. Checked on every call, so it always points at this installation."""
     folder = Path(root or os.environ.get("VTPRUNE_TASKS_DIR") or Path.home() / ".cache" / "vtprune" / "lmms_tasks")
     folder.mkdir(parents=True, exist_ok=True)
     for name, template in _YAML.items():
         text = template.format(data=json.dumps(str(DATA_FILES[name])), functions=_FUNCTIONS,
                                post_prompt=json.dumps(POST_PROMPT))  # fmt: skip
-        (folder / f"{name}.yaml").write_text(text)
+        _write_if_changed(folder / f"{name}.yaml", text)
     return folder
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Replace ``path`` in one rename: several processes (Ray actors, parallel sweeps) call :func:`task_dir` at once,
+    and a reader must never see a YAML another process has just truncated (lmms-eval fails on an empty one)."""
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 # -- functions the YAMLs name ----------------------------------------------------------------------------------
