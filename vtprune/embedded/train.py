@@ -27,6 +27,10 @@ column, the others' digit) after two LLM layers (the *parse* loss, linear read-o
 1,000; with it for every type, all four passed 0.93 on the training turns by step 650. It also means a cell's place
 is known only from layer 2 on, so the LLM reads the image there and after, as pruning at layer 2 should find.
 
+The loop knows a model family only through :class:`Family` (:data:`LLAVA` here; the Qwen2-VL twin's in
+:mod:`vtprune.embedded.train_qwen`): where the tower, its read layer and the projector are, how the tower orders
+its patches, what the positions are.
+
 The run is seeded (data, initialisation, order; results also depend on the thread count, recorded); it writes
 safetensors weights, config, tokenizer, processor and ``training.json`` (recipe, time, held-out accuracy), so
 ``from_pretrained(path)`` + ``AutoProcessor.from_pretrained(path)`` work offline like any checkpoint.
@@ -42,7 +46,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -140,6 +144,69 @@ def build_model(
     return model
 
 
+class Family:
+    """What the training loop needs to know of a model family; this one is the LLaVA (CLIP tower with [CLS] and
+    absolute position embeddings, MLP projector, 1D positions). :mod:`vtprune.embedded.train_qwen` has the Qwen2-VL
+    twin's."""
+
+    name: ClassVar[str] = "llava"
+    default_out: ClassVar[Path] = DEFAULT_OUT
+    image_text: ClassVar[str] = "<image>"  # the image in a prompt; the processor repeats its image token
+    has_cls: ClassVar[bool] = True
+    # what the tower learns per patch besides its cell's digit (counting and looking left are done there)
+    tower_features: ClassVar[tuple[str, ...]] = ("count", "left")
+    renumbers: ClassVar[bool] = True  # whether pruning may renumber positions (so training drops under both)
+    # the shipped run's step counts (the command line's defaults); 2 threads: 35 min
+    schedule: ClassVar[dict[str, int]] = {"tower_steps": 2000, "steps": 1400, "symbolic_steps": 950}
+    # the features the projected tokens must carry: the place too, since the tower has absolute positions
+    token_features: ClassVar[tuple[str, ...]] = ("row", "col", "count", "left")
+
+    def build_processor(self) -> Any:
+        return build_processor()
+
+    def build_model(self, vocab_size: int, seed: int, **sizes: int) -> nn.Module:
+        return build_model(vocab_size, seed, **sizes)
+
+    def tower(self, model: nn.Module) -> nn.Module:
+        return model.model.vision_tower
+
+    def tower_width(self, model: nn.Module) -> int:
+        return model.config.vision_config.hidden_size
+
+    def feature_layer(self, model: nn.Module) -> nn.Module:
+        """The tower layer whose output the projector reads (the auxiliary tower losses apply there)."""
+        tower = self.tower(model)
+        return getattr(tower, "vision_model", tower).encoder.layers[model.config.vision_feature_layer]
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        return model.model.multi_modal_projector
+
+    def per_image(self, values: Tensor, images: int) -> Tensor:
+        """A hooked tower or projector output as ``[images, tokens, width]``."""
+        return values[0] if isinstance(values, tuple) else values
+
+    def tower_cells(self) -> Tensor:
+        """The grid cell of each tower patch, in the order the tower holds them."""
+        return patch_cells()
+
+    def pixel_inputs(self, processor: Any, images: list[Any]) -> dict[str, Tensor]:
+        return {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"]}
+
+    def run_tower(self, model: nn.Module, pixels: dict[str, Tensor]) -> None:
+        self.tower(model)(pixels["pixel_values"])
+
+    def encode(self, model: nn.Module, inputs: dict[str, Tensor]) -> None:
+        """Run the tower and projector (their outputs are read through hooks)."""
+        model.model.get_image_features(pixel_values=inputs["pixel_values"])
+
+    def positions(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        """The full prompt's position ids, before any image token is dropped."""
+        batch, length = inputs["input_ids"].shape
+        return torch.arange(length).expand(batch, -1)
+
+
+LLAVA = Family()
+
 FEATURES = {"row": GRID.rows, "col": GRID.cols, "count": 11, "left": 11}  # one class per image token each
 DIGITS = 10
 # Extra dialogue turns lean on the lookup by place, the slowest to learn; counting and existence need their share
@@ -154,11 +221,11 @@ class AuxiliaryHeads(nn.Module):
     the projected tokens the LLM reads: the same features plus the patch's grid row and column, one linear read-out
     each, whose weight rows are also the directions the symbolic warm-up adds to digit words."""
 
-    def __init__(self, width: int, text_width: int) -> None:
+    def __init__(self, width: int, text_width: int, tower_features: tuple[str, ...] = ("count", "left")) -> None:
         super().__init__()
         self.cell = nn.Linear(width, 11)
         self.presence = nn.Linear(width, DIGITS)
-        self.tower = nn.ModuleDict({name: nn.Linear(width, 11) for name in ("count", "left")})
+        self.tower = nn.ModuleDict({name: nn.Linear(width, 11) for name in tower_features})
         heads = {name: nn.Linear(text_width, n, bias=False) for name, n in FEATURES.items()}
         self.said = nn.ModuleDict({**heads, "presence": nn.Linear(text_width, DIGITS, bias=False)})
         # what a question asks about (a cell's place, or a digit), read off the answering token's state after a few
@@ -170,9 +237,9 @@ class AuxiliaryHeads(nn.Module):
         for head in self.said.values():  # as long as a word embedding, so the symbolic tokens hear every feature
             nn.init.normal_(head.weight, std=INIT_STD)
 
-    def directions(self, targets: dict[str, Tensor]) -> Tensor:
-        """Per patch, the sum of its features' directions (``[batch, patches, text_width]``)."""
-        per_patch = sum(self.said[name].weight[targets[name]] for name in FEATURES)
+    def directions(self, targets: dict[str, Tensor], features: tuple[str, ...] = tuple(FEATURES)) -> Tensor:
+        """Per patch, the sum of its ``features``' directions (``[batch, patches, text_width]``)."""
+        per_patch = sum(self.said[name].weight[targets[name]] for name in features)
         return per_patch + (targets["presence"] @ self.said["presence"].weight)[:, None]
 
 
@@ -216,7 +283,7 @@ class Turn:
 
 def dialogue_batch(
     processor: Any, docs: list[dict[str, Any]], turns: int, rng: random.Random, read_share: float,
-    type_weights: dict[str, float] | None = None, turns_out: list[Turn] | None = None,
+    type_weights: dict[str, float] | None = None, turns_out: list[Turn] | None = None, family: Family = LLAVA,
 ) -> dict[str, Tensor]:
     """Several question turns per image (the document's own first, as evaluation asks it; then others about the
     same grid, drawn by ``type_weights`` (default: uniform), or the reading task), so one image pass supervises
@@ -224,7 +291,7 @@ def dialogue_batch(
     ``turns_out`` (if given) receives one :class:`Turn` per question: where its answer is predicted, its type and
     what it asks about (a ``cell`` question's place, the others' digit)."""
     tokenizer = processor.tokenizer
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
     kinds = list(QUESTION_TYPES)
     weights = [(type_weights or {}).get(kind, 1.0) for kind in kinds]
     seqs, labels = [], []
@@ -243,7 +310,8 @@ def dialogue_batch(
         targets: list[int] = []
         for turn, (question, answer, kind) in enumerate(questions):
             # the first turn is exactly what evaluation asks; later ones skip the instruction to stay short
-            user = f"USER: <image>\n{question}{POST_PROMPT} ASSISTANT:" if turn == 0 else f" USER: {question} ASSISTANT:"
+            user = f"USER: {family.image_text}\n{question}{POST_PROMPT} ASSISTANT:" if turn == 0 else \
+                f" USER: {question} ASSISTANT:"
             user_ids = tokenizer(user, add_special_tokens=False)["input_ids"]
             user_ids = [t for u in user_ids for t in ([image_id] * IMAGE_TOKENS if u == image_id else [u])]
             answer_ids = tokenizer(f" {answer}</s>", add_special_tokens=False)["input_ids"]
@@ -264,7 +332,7 @@ def dialogue_batch(
         "input_ids": input_ids,
         "attention_mask": torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in seqs]),
         "labels": torch.tensor([t + [-100] * (length - len(t)) for t in labels]),
-        "pixel_values": processor.image_processor([render(d) for d in docs], return_tensors="pt")["pixel_values"],
+        **family.pixel_inputs(processor, [render(d) for d in docs]),
     }
 
 
@@ -283,11 +351,14 @@ def patch_cells(spec: GridSpec = GridSpec()) -> Tensor:
     return (index[:, None] * spec.cols + index[None, :]).reshape(-1)
 
 
-def patch_targets(docs: list[dict[str, Any]], spec: GridSpec = GridSpec()) -> dict[str, Tensor]:
+def patch_targets(
+    docs: list[dict[str, Any]], spec: GridSpec = GridSpec(), cells: Tensor | None = None
+) -> dict[str, Tensor]:
     """Per patch (raster order, ``[batch, patches]``): ``cell`` its cell's digit or 10 for empty, ``count`` how
     often that digit occurs in the image (0 for empty), ``left`` the digit left of its cell (10: none or edge),
-    ``row`` and ``col`` its grid place; per image (``[batch, 10]``): ``presence``, the multi-hot digits present."""
-    cell_of_patch = patch_cells(spec)
+    ``row`` and ``col`` its grid place; per image (``[batch, 10]``): ``presence``, the multi-hot digits present.
+    ``cells``: each patch's cell in another order than the raster one (a tower that holds patches otherwise)."""
+    cell_of_patch = patch_cells(spec) if cells is None else cells
     per_cell: dict[str, list[Tensor]] = {"cell": [], "count": [], "left": []}
     presence = []
     for doc in docs:
@@ -337,11 +408,11 @@ def presence_loss(logits: Tensor, targets: dict[str, Tensor]) -> Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits, targets["presence"][:, None].expand_as(logits))
 
 
-def tower_losses(heads: AuxiliaryHeads, features: Tensor, targets: dict[str, Tensor]) -> Tensor:
+def tower_losses(heads: AuxiliaryHeads, features: Tensor, targets: dict[str, Tensor], has_cls: bool = True) -> Tensor:
     """Auxiliary losses on the tower layer LLaVA reads (``features``: [CLS] then patches): each patch its cell's
     digit, that digit's count and its left neighbour, every token the digits present (the tower counts, looks left
-    and takes stock, so the LLM only looks up)."""
-    patches = features[:, 1:]
+    and takes stock, so the LLM only looks up). Without ``has_cls``, ``features`` are patches only."""
+    patches = features[:, 1:] if has_cls else features
     loss = nn.functional.cross_entropy(heads.cell(patches).flatten(0, 1), targets["cell"].flatten())
     for name, head in heads.tower.items():
         loss = loss + nn.functional.cross_entropy(head(patches).flatten(0, 1), targets[name].flatten())
@@ -350,7 +421,7 @@ def tower_losses(heads: AuxiliaryHeads, features: Tensor, targets: dict[str, Ten
 
 def drop_image_tokens(
     embeds: Tensor, inputs: dict[str, Tensor], is_image: Tensor, rng: random.Random, share: float,
-    renumber: float = 0.0, kept_out: list[Tensor] | None = None,
+    renumber: float = 0.0, kept_out: list[Tensor] | None = None, positions: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Model inputs where, in a ``share`` of the sequences, some image tokens stay (a budget drawn log-uniformly in
     2..63 per image, so the small budgets sweeps probe are trained as often as the large ones) and the others are
@@ -360,8 +431,11 @@ def drop_image_tokens(
     :func:`train` drops only after the symbolic warm-up (from the first step it slowed a 3-layer LLM's ``cell``
     lookups: held-out 0.76 at step 1,400, cell 0.26); the shipped recipe drops in half the sequences and renumbers
     half of those, so neither convention is new to the LLM when a method prunes. ``kept_out`` (if given) receives
-    each row's kept token indices."""
+    each row's kept token indices. ``positions``: the full prompt's position ids (default ``0 .. length - 1``;
+    M-RoPE's ``[3, batch, length]`` are kept, never renumbered, as vtprune prunes M-RoPE models)."""
     batch, length = is_image.shape
+    if positions is not None and positions.ndim == 3 and renumber > 0:
+        raise ValueError("renumber must be 0 with M-RoPE positions (pruning keeps their (t, h, w) positions)")
     kept, renumbered = [], []
     for row in range(batch):
         keep = torch.ones(length, dtype=torch.bool)
@@ -382,8 +456,9 @@ def drop_image_tokens(
             for row, rows in enumerate(kept)
         ])  # fmt: skip
 
-    positions = torch.arange(length).expand(batch, -1)
-    position_ids = gather(positions, 0)
+    if positions is None:
+        positions = torch.arange(length).expand(batch, -1)
+    position_ids = torch.stack([gather(axis, 0) for axis in positions]) if positions.ndim == 3 else gather(positions, 0)
     for row, closed in enumerate(renumbered):
         if closed:
             position_ids[row, : len(kept[row])] = torch.arange(len(kept[row]))
@@ -392,14 +467,14 @@ def drop_image_tokens(
 
 
 def pretrain_tower(
-    model: nn.Module, heads: AuxiliaryHeads, captured: dict[str, Tensor], image_processor: Any, steps: int,
-    batch_size: int, seed: int, lr: float, log_every: int,
+    model: nn.Module, heads: AuxiliaryHeads, captured: dict[str, Tensor], processor: Any, steps: int,
+    batch_size: int, seed: int, lr: float, log_every: int, family: Family = LLAVA,
 ) -> None:
     """The tower alone on :func:`tower_losses` (a tenth of an LLM step each): counting and looking left take it
     thousands of steps, which the whole model could not afford."""
     if steps <= 0:
         return
-    tower = model.model.vision_tower
+    tower = family.tower(model)
     parameters = list(tower.parameters()) + list(heads.cell.parameters()) + list(heads.presence.parameters()) + \
         list(heads.tower.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -408,9 +483,9 @@ def pretrain_tower(
     began = time.time()
     for step in range(steps):
         docs = generate("train", batch_size, seed=-(seed * 1_000_003 + step + 1))
-        pixels = image_processor([render(d) for d in docs], return_tensors="pt")["pixel_values"]
-        tower(pixels)
-        loss = tower_losses(heads, captured["features"], patch_targets(docs))
+        family.run_tower(model, family.pixel_inputs(processor, [render(d) for d in docs]))
+        features = family.per_image(captured["features"], len(docs))
+        loss = tower_losses(heads, features, patch_targets(docs, cells=family.tower_cells()), family.has_cls)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -424,8 +499,9 @@ def train(
     steps: int, out: Path | None, *, seed: int = 0, batch_size: int = 24, lr: float = 2e-3, log_every: int = 50,
     eval_docs: int = 400, eval_every: int = 4, turns: int = 12, read_share: float = 0.0, threads: int | None = None,
     text_layers: int = 8, vision_layers: int = 5, symbolic_steps: int = 950, tower_steps: int = 0, drop_share: float = 0.5,
-    renumber_share: float = 0.5, text_width: int = 192, text_intermediate: int = 512,
+    renumber_share: float | None = None, text_width: int = 192, text_intermediate: int = 512,
     type_weights: dict[str, float] | None = None, parse_weight: float = 1.0, parse_layer: int = 2,
+    family: Family = LLAVA,
 ) -> tuple[nn.Module, Any, dict[str, float]]:
     """Train the tower alone on its auxiliary targets for ``tower_steps`` steps, then the whole model for ``steps``
     steps (the first ``symbolic_steps`` with the grid given to the LLM as words); save to ``out`` (if given);
@@ -435,17 +511,23 @@ def train(
     question's answering token must name what it asks about (linear read-outs: a cell question's row and column,
     the digit of the others) after ``parse_layer`` LLM layers, so the lookups have their query ready there. The
     log prints, per question type, the training turns' answer accuracy (each batch is new grids, so it tracks
-    held-out accuracy without an evaluation pass)."""
+    held-out accuracy without an evaluation pass). ``family``: the model family (:data:`LLAVA`, or
+    :data:`vtprune.embedded.train_qwen.QWEN`)."""
     if parse_weight > 0 and not 1 <= parse_layer <= text_layers:
         raise ValueError(f"parse_layer must lie in [1, {text_layers}] (text_layers), got {parse_layer}")
     type_weights = dict(TYPE_WEIGHTS if type_weights is None else type_weights)
-    recipe = {k: v for k, v in locals().items() if k not in ("out", "threads", "log_every", "eval_every")}
+    if renumber_share is None:  # half the dropped sequences renumbered, where pruning may renumber
+        renumber_share = 0.5 if family.renumbers else 0.0
+    recipe = {k: v for k, v in locals().items() if k not in ("out", "threads", "log_every", "eval_every", "family")}
+    recipe["family"] = family.name
     if threads:
         torch.set_num_threads(threads)
     rng = random.Random(seed)
-    processor = build_processor()
-    model = build_model(len(processor.tokenizer), seed, text_layers, vision_layers, text_width, text_intermediate)
-    heads = AuxiliaryHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
+    processor = family.build_processor()
+    model = family.build_model(len(processor.tokenizer), seed, text_layers=text_layers, vision_layers=vision_layers,
+                               text_width=text_width, text_intermediate=text_intermediate)  # fmt: skip
+    text_width = model.config.text_config.hidden_size
+    heads = AuxiliaryHeads(family.tower_width(model), text_width, family.tower_features)
     # clipped apart: the projector's early regression error would otherwise scale the LLM's steps down to nothing
     language = list(model.model.language_model.parameters()) + list(heads.said.parameters()) + \
         list(heads.parse.parameters())
@@ -464,37 +546,39 @@ def train(
     held_out = generate("test", eval_docs, seed=seed + 1000)
     # the word each patch should "say" after the projector: its cell's digit, or "none"
     digit_words = torch.tensor(processor.tokenizer.convert_tokens_to_ids([str(d) for d in range(10)] + ["none"]))
-    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     captured: dict[str, Tensor] = {}
-    projector_hook = model.model.multi_modal_projector.register_forward_hook(
+    projector_hook = family.projector(model).register_forward_hook(
         lambda _m, _i, out: captured.__setitem__("projected", out)
     )
-    tower = model.model.vision_tower
-    layer = getattr(tower, "vision_model", tower).encoder.layers[model.config.vision_feature_layer]
-    hook = layer.register_forward_hook(lambda _m, _i, out: captured.__setitem__("features", out[0] if isinstance(out, tuple) else out))
+    hook = family.feature_layer(model).register_forward_hook(lambda _m, _i, out: captured.__setitem__("features", out))
     model.train()
     began, chunk = time.time(), 0
     right: dict[str, list[float]] = {}
-    pretrain_tower(model, heads, captured, processor.image_processor, tower_steps, batch_size, seed, lr, log_every)
+    pretrain_tower(model, heads, captured, processor, tower_steps, batch_size, seed, lr, log_every, family)
     for step in range(steps):
         docs = generate("train", batch_size, seed=seed * 1_000_003 + step)
         asked: list[Turn] = []
-        inputs = dialogue_batch(processor, docs, turns, rng, read_share, type_weights, asked)
+        inputs = dialogue_batch(processor, docs, turns, rng, read_share, type_weights, asked, family)
         targets = patch_targets(docs)
-        model.model.get_image_features(pixel_values=inputs["pixel_values"])  # the tower and projector, hooked
+        family.encode(model, inputs)  # the tower and projector, hooked
+        projected = family.per_image(captured["projected"], len(docs))
+        features = family.per_image(captured["features"], len(docs))
         is_image = inputs["input_ids"] == image_id
         # each image token as words: its cell's digit word plus the directions of its features
-        symbolic_image = model.get_input_embeddings()(digit_words[targets["cell"]]) + heads.directions(targets)
+        symbolic_image = model.get_input_embeddings()(digit_words[targets["cell"]]) + \
+            heads.directions(targets, family.token_features)
         # warm-up: the LLM reads the grid as those words while the tower and projector learn to produce exactly
         # them; afterwards the LLM reads the projected tokens in the same terms
-        image_rows = symbolic_image if step < symbolic_steps else captured["projected"]
+        image_rows = symbolic_image if step < symbolic_steps else projected
         embeds = model.get_input_embeddings()(inputs["input_ids"])
         embeds = embeds.masked_scatter(is_image[..., None], image_rows.flatten(0, 1).to(embeds.dtype))
         # dropping starts with the projected tokens (from the first step it slowed the 3-layer LLM's lookups)
         share = drop_share if step >= symbolic_steps else 0.0
         kept: list[Tensor] = []
-        output = model(**drop_image_tokens(embeds, inputs, is_image, rng, share, renumber_share, kept),
-                       output_hidden_states=parse_weight > 0)
+        dropped = drop_image_tokens(embeds, inputs, is_image, rng, share, renumber_share, kept,
+                                    family.positions(model, inputs))  # fmt: skip
+        output = model(**dropped, output_hidden_states=parse_weight > 0)
         # each turn's answering token where it sits after the drop (text tokens are never dropped)
         rows = torch.tensor([turn.row for turn in asked])
         at = torch.tensor([int((kept[turn.row] < turn.position).sum()) for turn in asked])
@@ -510,12 +594,12 @@ def train(
                 state = output.hidden_states[parse_layer][rows[asking], at[asking]]
                 wanted = torch.tensor([getattr(asked[i], name) for i in asking])
                 parse_loss = parse_loss + nn.functional.cross_entropy(head(state), wanted)
-        projected = captured["projected"]
-        tower_loss = tower_losses(heads, captured["features"], targets)
+        tower_targets = patch_targets(docs, cells=family.tower_cells())
+        tower_loss = tower_losses(heads, features, tower_targets, family.has_cls)
         # projected patches read through the (tied) LM head as their cell's digit word, and along each feature's
         # read-out as that feature: the terms the LLM learnt them in
         said_loss = nn.functional.cross_entropy(model.lm_head(projected).flatten(0, 1), digit_words[targets["cell"]].flatten())
-        for name in FEATURES:
+        for name in family.token_features:
             said = heads.said[name](projected).flatten(0, 1)
             said_loss = said_loss + nn.functional.cross_entropy(said, targets[name].flatten())
         said_loss = said_loss + presence_loss(heads.said["presence"](projected), targets)
@@ -554,18 +638,22 @@ def train(
     return model, processor, accuracy
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tower-steps", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=1400)
-    parser.add_argument("--symbolic-steps", type=int, default=950)
+def main(family: Family = LLAVA) -> None:
+    """The command line of :func:`train` for ``family`` (its defaults are the shipped recipe)."""
+    import sys
+
+    parser = argparse.ArgumentParser(description=(sys.modules[type(family).__module__].__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--tower-steps", type=int, default=family.schedule["tower_steps"])
+    parser.add_argument("--steps", type=int, default=family.schedule["steps"])
+    parser.add_argument("--symbolic-steps", type=int, default=family.schedule["symbolic_steps"])
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--turns", type=int, default=12)
     parser.add_argument("--text-layers", type=int, default=8)
     parser.add_argument("--vision-layers", type=int, default=5)
     parser.add_argument("--drop-share", type=float, default=0.5)
-    parser.add_argument("--renumber-share", type=float, default=0.5)
+    parser.add_argument("--renumber-share", type=float, default=None,
+                        help="share of the dropped sequences renumbered (default 0.5; 0 for M-RoPE)")
     parser.add_argument("--text-width", type=int, default=192)
     parser.add_argument("--text-intermediate", type=int, default=512)
     parser.add_argument("--cell-weight", type=float, default=TYPE_WEIGHTS["cell"],
@@ -574,7 +662,7 @@ def main() -> None:
     parser.add_argument("--parse-layer", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=family.default_out)
     args = parser.parse_args()
     _, _, accuracy = train(args.steps, args.out, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                            turns=args.turns, text_layers=args.text_layers, vision_layers=args.vision_layers,
@@ -582,7 +670,7 @@ def main() -> None:
                            renumber_share=args.renumber_share, text_width=args.text_width,
                            text_intermediate=args.text_intermediate, parse_weight=args.parse_weight,
                            parse_layer=args.parse_layer, type_weights={**TYPE_WEIGHTS, "cell": args.cell_weight},
-                           threads=args.threads)  # fmt: skip
+                           threads=args.threads, family=family)  # fmt: skip
     print("held-out accuracy", json.dumps(accuracy))
 
 
