@@ -10,7 +10,7 @@ VENV_LATEST := .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
 STAMP_LATEST := $(VENV_LATEST)/.installed
 
-.PHONY: demo test test-latest clean
+.PHONY: demo demo-qwen test test-latest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/vtprune demo
+
+# The same sweep on the embedded LLaVA's Qwen2-VL twin (M-RoPE, no [CLS], a patch merger).
+demo-qwen: $(STAMP)
+	$(VENV)/bin/vtprune demo --model embedded-qwen --out vtprune-demo-qwen
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,5 +1,5 @@
-"""The embedded digits model: the shipped weights load offline and answer held-out questions, pruning costs them
-accuracy, and the training recipe runs (a few steps; CI never retrains)."""
+"""The embedded digits models (the LLaVA and its Qwen2-VL twin): the shipped weights load offline and answer
+held-out questions, pruning costs them accuracy, and the training recipe runs (a few steps; CI never retrains)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 import vtprune
 from vtprune.data.digit_grids import (
@@ -18,9 +18,10 @@ from vtprune.data.digit_grids import (
     normalise_answer,
     render,
 )
-from vtprune.embedded import model_dir
+from vtprune.embedded import EMBEDDED, EMBEDDED_QWEN, MODELS, model_dir
 from vtprune.embedded.train import (
     IMAGE_TOKENS,
+    LLAVA,
     answer_accuracy,
     batch_for,
     build_model,
@@ -31,13 +32,16 @@ from vtprune.embedded.train import (
     prompt_text,
     train,
 )
+from vtprune.embedded.train_qwen import QWEN, merged_patch_cells
+
+FAMILIES = {EMBEDDED: LLAVA, EMBEDDED_QWEN: QWEN}
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    path = model_dir()
-    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
-    return model, AutoProcessor.from_pretrained(path)
+@pytest.fixture(scope="module", params=list(MODELS))
+def shipped(request):
+    """(model, processor) of each shipped model, loaded as users load a checkpoint."""
+    path = model_dir(request.param)
+    return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +49,9 @@ def held_out():
     return generate("test", 200, seed=1000)  # the split's documents are never seen in training
 
 
-def test_shipped_checkpoint_is_an_8_layer_llava_with_cls_and_64_visual_tokens(shipped):
-    model, processor = shipped
+def test_shipped_checkpoint_is_an_8_layer_llava_with_cls_and_64_visual_tokens():
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir())
+    processor = AutoProcessor.from_pretrained(model_dir())
     vision = model.config.vision_config
     assert (vision.image_size // vision.patch_size) ** 2 == IMAGE_TOKENS == 64
     assert model.config.vision_feature_select_strategy == "default"  # [CLS] exists in the tower and is dropped
@@ -54,6 +59,25 @@ def test_shipped_checkpoint_is_an_8_layer_llava_with_cls_and_64_visual_tokens(sh
     record = json.loads((model_dir() / "training.json").read_text())
     assert model.config.text_config.num_hidden_layers == record["text_layers"] == 8
     assert record["steps"] > record["symbolic_steps"] > 0 and record["held_out_accuracy"]["mean over types"] >= 0.90
+
+
+def test_qwen_twin_is_an_8_layer_qwen2_vl_with_m_rope_a_patch_merger_and_64_visual_tokens():
+    from transformers import Qwen2VLForConditionalGeneration
+
+    folder = model_dir(EMBEDDED_QWEN)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert isinstance(model, Qwen2VLForConditionalGeneration)
+    vision, text = model.config.vision_config, model.config.text_config
+    assert vision.spatial_merge_size == 2 and (64 // vision.patch_size // vision.spatial_merge_size) ** 2 == 64
+    assert sum(text.rope_parameters["mrope_section"]) * 2 == text.hidden_size // text.num_attention_heads
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor(text=[prompt_text(processor, "how many 7s are there ?")],
+                       images=[render(generate("test", 1)[0])], return_tensors="pt")  # fmt: skip
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == IMAGE_TOKENS
+    record = json.loads((folder / "training.json").read_text())
+    assert record["family"] == "qwen2_vl" and model.config.text_config.num_hidden_layers == record["text_layers"] == 8
+    assert record["renumber_share"] == 0.0  # M-RoPE positions are never renumbered by pruning
+    assert record["held_out_accuracy"]["mean over types"] >= 0.90
 
 
 @pytest.fixture(scope="module")
@@ -113,19 +137,24 @@ def test_fastv_at_a_sixteenth_costs_accuracy(shipped, held_out, dense):
     assert dense["mean over types"] - fastv_at_4 >= 0.05, (dense, fastv_at_4)  # issue 22's bar
 
 
-def test_every_image_method_applies_to_the_shipped_model():
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_image_method_applies_to_the_shipped_model(name):
     from vtprune.demo import applicable_methods
 
-    _, skipped = applicable_methods(keep=4)
-    # deep enough for every default schedule: only video methods and Qwen's downsample are left out
-    too_shallow = {m: why for m, why in skipped.items() if "takes no video input" not in why and m != "downsample"}
-    assert not too_shallow, too_shallow
+    _, skipped = applicable_methods(4, name)
+    # deep enough for every default schedule: what is left out is left out for the family's make, never its depth
+    # (the LLaVA: video methods and Qwen's downsample; the Qwen twin: [CLS] rankers, CLIP-tower reducers, zoo_prune)
+    for_the_make = ("takes no video input", "[CLS]", "CLIP tower of LLaVA-1.5 only", "combines several patches")
+    other = {m: why for m, why in skipped.items()
+             if not any(reason in why for reason in for_the_make) and (m, name) != ("downsample", EMBEDDED)}  # fmt: skip
+    assert not other, other
 
 
-def test_dialogue_batch_first_turn_is_the_evaluation_prompt():
-    processor = build_processor()
+@pytest.mark.parametrize("family", [LLAVA, QWEN], ids=lambda f: f.name)
+def test_dialogue_batch_first_turn_is_the_evaluation_prompt(family):
+    processor = family.build_processor()
     docs = generate("train", 2, seed=3)
-    batch = dialogue_batch(processor, docs, turns=3, rng=random.Random(0), read_share=0.5)
+    batch = dialogue_batch(processor, docs, turns=3, rng=random.Random(0), read_share=0.5, family=family)
     single = batch_for(processor, docs)
     for row in range(2):
         length = int(single["attention_mask"][row].sum())
@@ -151,8 +180,26 @@ def test_patch_targets_on_a_hand_made_grid():
     assert torch.equal(targets["count"][0].reshape(8, 8)[:2, :2], torch.full((2, 2), 3))
 
 
-def test_tokenizer_names_the_counted_digit_with_the_digit_token():
-    tokenizer = build_processor().tokenizer
+def test_qwen_tower_patches_are_matched_to_their_cells_in_the_processors_order():
+    from PIL import Image
+
+    # each 16 px cell a flat grey of its own (cell k: 10 k + 5); the processor's patches must come from the cell
+    # merged_patch_cells names
+    picture = Image.new("RGB", (64, 64))
+    for k in range(16):
+        picture.paste((10 * k + 5,) * 3, (16 * (k % 4), 16 * (k // 4), 16 * (k % 4) + 16, 16 * (k // 4) + 16))
+    processor = QWEN.build_processor().image_processor
+    pixels = processor([picture], return_tensors="pt")["pixel_values"]  # [256, 3 x 2 x 4 x 4]
+    mean, std = processor.image_mean[0], processor.image_std[0]
+    grey = (pixels[:, : pixels.shape[1] // 3].mean(-1) * std + mean) * 255
+    assert torch.equal(((grey - 5) / 10).round().long(), merged_patch_cells())
+    assert merged_patch_cells()[:8].tolist() == [0, 0, 0, 0, 0, 0, 0, 0]  # two merge windows of cell 0
+    assert merged_patch_cells()[8:12].tolist() == [1] * 4  # the third window: patch columns 4, 5 -> cell column 1
+
+
+@pytest.mark.parametrize("family", [LLAVA, QWEN], ids=lambda f: f.name)
+def test_tokenizer_names_the_counted_digit_with_the_digit_token(family):
+    tokenizer = family.build_processor().tokenizer
     assert tokenizer.tokenize("how many 7s are there ?")[2:4] == ["7", "s"]
     assert tokenizer.tokenize("what digit is in row two column three ?")[5:8] == ["two", "column", "three"]
     assert tokenizer.unk_token_id not in tokenizer("which digit is left of the 10 ?")["input_ids"]
@@ -191,15 +238,40 @@ def test_dropping_image_tokens_keeps_text_labels_and_positions():
         assert torch.equal(closed["labels"][row][closed["labels"][row] != -100], original)
 
 
-def test_training_smoke_run_saves_a_loadable_checkpoint(tmp_path):
+def test_dropping_image_tokens_keeps_m_rope_positions_and_never_renumbers_them():
+    processor = QWEN.build_processor()
+    model = QWEN.build_model(len(processor.tokenizer), 0, text_layers=2, vision_layers=1).eval()
+    docs = generate("train", 3, seed=5)
+    inputs = dialogue_batch(processor, docs, turns=2, rng=random.Random(0), read_share=0.0, family=QWEN)
+    is_image = inputs["input_ids"] == model.config.image_token_id
+    positions = QWEN.positions(model, inputs)
+    assert positions.shape == (3, *inputs["input_ids"].shape)
+    features = torch.cat(list(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output))
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).masked_scatter(is_image[..., None], features)
+    untouched = drop_image_tokens(embeds, inputs, is_image, random.Random(0), share=0.0, positions=positions)
+    own = model(**inputs, mm_token_type_ids=is_image.int()).logits  # Qwen2-VL's own forward, its own positions
+    torch.testing.assert_close(model(**untouched).logits, own, atol=1e-5, rtol=1e-4)
+    kept: list[torch.Tensor] = []
+    dropped = drop_image_tokens(embeds, inputs, is_image, random.Random(0), share=1.0, kept_out=kept,
+                                positions=positions)  # fmt: skip
+    for row, indices in enumerate(kept):
+        assert torch.equal(dropped["position_ids"][:, row, : len(indices)], positions[:, row, indices])
+        assert len(indices) < int(inputs["attention_mask"][row].sum())
+    with pytest.raises(ValueError, match="renumber must be 0"):
+        drop_image_tokens(embeds, inputs, is_image, random.Random(0), share=1.0, renumber=0.5, positions=positions)
+
+
+@pytest.mark.parametrize("family", [LLAVA, QWEN], ids=lambda f: f.name)
+def test_training_smoke_run_saves_a_loadable_checkpoint(tmp_path, family):
     with torch.enable_grad():  # the suite runs without autograd (conftest); training needs it
         _, _, scores = train(2, tmp_path / "ckpt", batch_size=2, turns=2, eval_docs=8, log_every=0,
-                             symbolic_steps=1, tower_steps=2)  # fmt: skip
+                             symbolic_steps=1, tower_steps=2, family=family)  # fmt: skip
     assert set(scores) >= {"cell", "count", "exists", "left", "mean over types"}
-    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "ckpt")
     processor = AutoProcessor.from_pretrained(tmp_path / "ckpt")
     assert model.config.text_config.vocab_size == len(processor.tokenizer)
-    assert json.loads((tmp_path / "ckpt" / "training.json").read_text())["steps"] == 2
+    record = json.loads((tmp_path / "ckpt" / "training.json").read_text())
+    assert record["steps"] == 2 and record["family"] == family.name
 
 
 def test_training_is_seeded():

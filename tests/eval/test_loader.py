@@ -79,8 +79,9 @@ def test_a_file_instead_of_a_folder_is_named(tmp_path):
     assert result.exit_code == 2 and _squeezed("is a file; give the checkpoint's folder") in _squeezed(result.output)
 
 
-def test_show_on_the_embedded_model_draws_a_digit_grid(tmp_path):
-    result = runner.invoke(app, ["show", "--model", "embedded", "--methods", "fastv", "--keep", "16",
+@pytest.mark.parametrize("name", ["embedded", "embedded-qwen"])
+def test_show_on_the_embedded_model_draws_a_digit_grid(tmp_path, name):
+    result = runner.invoke(app, ["show", "--model", name, "--methods", "fastv", "--keep", "16",
                                  "--out", str(tmp_path)])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (tmp_path / "fastv.png").is_file() and (tmp_path / "methods.png").is_file()

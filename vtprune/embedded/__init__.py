@@ -1,14 +1,17 @@
-"""The embedded default model: a tiny LLaVA trained here on grids of real handwritten digits, shipped in the
-package (safetensors, a few MB), so sweeps give real accuracy curves with no download.
+"""The embedded default models: a tiny LLaVA and its Qwen2-VL twin, trained here on grids of real handwritten
+digits and shipped in the package (safetensors, a few MB each), so sweeps give real accuracy curves with no
+download.
 
-``vtprune sweep`` and ``vtprune demo`` use it when no ``--model`` is given; elsewhere pass ``--model embedded`` or
-load it yourself::
+``vtprune sweep`` and ``vtprune demo`` use the LLaVA when no ``--model`` is given; elsewhere pass ``--model
+embedded`` (the LLaVA) or ``--model embedded-qwen`` (the twin: M-RoPE, no [CLS], a 2 x 2 patch merger), or load
+one yourself::
 
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-    model = LlavaForConditionalGeneration.from_pretrained(vtprune.embedded.model_dir())
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained(vtprune.embedded.model_dir())
     processor = AutoProcessor.from_pretrained(vtprune.embedded.model_dir())
 
-It is retrained with ``python -m vtprune.embedded.train`` (seeded; see that module for the recipe).
+They are retrained with ``python -m vtprune.embedded.train`` and ``python -m vtprune.embedded.train_qwen``
+(seeded; see those modules for the recipe).
 """
 
 from __future__ import annotations
@@ -16,12 +19,23 @@ from __future__ import annotations
 from pathlib import Path
 
 EMBEDDED = "embedded"
-MODEL_DIR = Path(__file__).resolve().parent / "digits-llava"
+EMBEDDED_QWEN = "embedded-qwen"
+HERE = Path(__file__).resolve().parent
+# model name -> (folder, the module that retrains it)
+MODELS = {
+    EMBEDDED: (HERE / "digits-llava", "vtprune.embedded.train"),
+    EMBEDDED_QWEN: (HERE / "digits-qwen2-vl", "vtprune.embedded.train_qwen"),
+}
+MODEL_DIR = MODELS[EMBEDDED][0]
 
 
-def model_dir() -> Path:
-    """Folder of the embedded checkpoint (``config.json``, ``model.safetensors``, tokenizer, processor)."""
-    if not (MODEL_DIR / "model.safetensors").exists():
-        raise FileNotFoundError(f"the embedded model is missing from {MODEL_DIR}; retrain it with "
-                                "python -m vtprune.embedded.train")  # fmt: skip
-    return MODEL_DIR
+def model_dir(name: str = EMBEDDED) -> Path:
+    """Folder of an embedded checkpoint (``config.json``, ``model.safetensors``, tokenizer, processor);
+    ``name``: ``embedded`` (the LLaVA) or ``embedded-qwen`` (its Qwen2-VL twin)."""
+    if name not in MODELS:
+        raise ValueError(f"embedded model must be one of {', '.join(MODELS)}, got {name!r}")
+    folder, trainer = MODELS[name]
+    if not (folder / "model.safetensors").exists():
+        raise FileNotFoundError(f"the embedded model {name} is missing from {folder}; retrain it with "
+                                f"python -m {trainer}")  # fmt: skip
+    return folder

@@ -24,12 +24,14 @@ DEFAULT_PROMPT = "Describe the image in detail."
 def check_model_spec(spec: str) -> None:
     """Fail with one short message when ``spec`` cannot name a model: every command checks it the same way.
 
-    Accepted: ``embedded``, a random model (``tiny:<family>``, ``shaped:llava``), an existing local folder, or an
+    Accepted: ``embedded`` or ``embedded-qwen``, a random model (``tiny:<family>``, ``shaped:llava``), an existing local folder, or an
     ``organisation/name`` hub id. Anything else that looks like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) must
     exist, so a typo'd folder is reported as such instead of becoming a hub request. A local folder's
     ``*.safetensors`` headers are read, so truncated weights are named before anything slow starts.
     """
-    if spec in SYNTHETIC or spec == "embedded":
+    from vtprune.embedded import MODELS
+
+    if spec in SYNTHETIC or spec in MODELS:
         return
     path = Path(spec).expanduser()
     if path.exists():
@@ -40,8 +42,8 @@ def check_model_spec(spec: str) -> None:
         _check_weights(path)
         return
     if ":" in spec:
-        raise ValueError(f"model must be a checkpoint folder, an organisation/name hub id, embedded, or one of "
-                         f"{', '.join(SYNTHETIC)}; got {spec!r}")  # fmt: skip
+        raise ValueError(f"model must be a checkpoint folder, an organisation/name hub id, embedded, embedded-qwen, "
+                         f"or one of {', '.join(SYNTHETIC)}; got {spec!r}")  # fmt: skip
     if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
         raise ValueError(f"model: no checkpoint folder at {spec!r} (and it is not an organisation/name hub id)")
     if _offline():
@@ -106,10 +108,10 @@ def load_model(
                 raise ValueError(f"{spec} has no processor; use {', '.join(WITH_PROCESSOR)}")
             processor = tiny_processor(family, model)
         return model.to(device), processor
-    if spec == "embedded":
-        from vtprune.embedded import model_dir
+    from vtprune.embedded import MODELS, model_dir
 
-        spec = str(model_dir())
+    if spec in MODELS:
+        spec = str(model_dir(spec))
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")

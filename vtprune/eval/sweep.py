@@ -109,9 +109,9 @@ def _config_of(model: str) -> Any:
         return tiny_model(model.split(":", 1)[1]).config
     from transformers import AutoConfig
 
-    from vtprune.embedded import EMBEDDED, model_dir
+    from vtprune.embedded import MODELS, model_dir
 
-    return AutoConfig.from_pretrained(str(model_dir()) if model == EMBEDDED else model)
+    return AutoConfig.from_pretrained(str(model_dir(model)) if model in MODELS else model)
 
 
 def default_keeps(model: str) -> list[int | float]:
