@@ -45,3 +45,12 @@ def test_methods_lists_the_registry():
     assert result.exit_code == 0
     for name in ("fastv", "random", "uniform"):
         assert name in result.output
+
+
+def test_demo_rejects_a_bad_budget_or_model_once_before_any_work(tmp_path):
+    result = runner.invoke(app, ["demo", "--keep", "8,0", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "keep must be an int >= 1" in _text(result.output), result.output
+    assert "skipped" not in result.output  # checked before the methods are probed at that budget
+    result = runner.invoke(app, ["demo", "--model", "tiny:llava", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "model must be one of embedded, embedded-qwen" in _text(result.output)
+    assert not list(tmp_path.iterdir())

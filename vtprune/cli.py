@@ -106,17 +106,28 @@ def demo(
     limit: int = typer.Option(200, min=1, help="Held-out documents per point."),
     out: Path = typer.Option(Path("vtprune-demo"), help="Folder for results.jsonl, summary.csv, pareto.png."),
     batch_size: int = typer.Option(50, min=1, help="Prompts per generate call."),
+    model: str = typer.Option("embedded", help="embedded (the digits LLaVA) or embedded-qwen (its Qwen2-VL twin)."),
 ) -> None:
-    """The main job: sweep the methods at several budgets on the embedded digits model through lmms-eval."""
+    """The main job: sweep the methods at several budgets on an embedded digits model through lmms-eval."""
+    from vtprune.core.budget import validate_keep
     from vtprune.demo import applicable_methods
+    from vtprune.embedded import MODELS
 
+    if model not in MODELS:
+        raise typer.BadParameter(f"model must be one of {', '.join(MODELS)} (the demo's embedded models), got {model!r}")
+    keeps = [parse_keep(part) for part in _split(keep) or []]
+    try:  # once here, before every method is probed with it
+        for part in (p for k in keeps for p in (k if isinstance(k, tuple) else (k,))):
+            validate_keep(part)
+    except (ValueError, TypeError) as error:
+        raise typer.BadParameter(str(error)) from error
     names = _split(methods)
     if names is None:
-        budgets = [int(k) for k in _split(keep) or [] if k.isdigit()]  # malformed ones are the sweep's to reject
-        names, skipped = applicable_methods(min(budgets, default=4))
+        budgets = [k for k in keeps if isinstance(k, int)]
+        names, skipped = applicable_methods(min(budgets, default=4), model)
         for name, reason in skipped.items():
             Console().print(f"[dim]{name}: skipped ({reason})[/dim]")
-    sweep(model="embedded", methods=",".join(names), keep=keep, tasks="vtprune_digits", limit=limit, out=out,
+    sweep(model=model, methods=",".join(names), keep=keep, tasks="vtprune_digits", limit=limit, out=out,
           budget="final", budget_unit="video", batch_size=batch_size, device=None, dtype="auto", include_path=None,
           option=[], metric="type_accuracy", use_ray=False, ray_address=None, ray_workers=None)  # fmt: skip
 
@@ -205,7 +216,7 @@ def dtop_command(
 
 MODEL_HELP = (
     "A checkpoint folder or organisation/name hub id (loaded with from_pretrained and its processor), embedded "
-    "(the trained digits LLaVA shipped in the package), or a random model: "
+    "(the trained digits LLaVA shipped in the package), embedded-qwen (its Qwen2-VL twin), or a random model: "
     "tiny:<family> (llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5, gemma3, "
     "mistral3, internvl, glm4v, smolvlm, paligemma), "
     "shaped:llava (LLaVA-1.5-shaped, 576 image tokens)."
@@ -216,7 +227,7 @@ def _load(
     model: str, image: Path | None, prompt: str, dtype: str, device: str, video: Path | None = None
 ) -> tuple:
     """(model, inputs, tokenizer, prompt) for a command, with bad input turned into a clear usage error."""
-    from vtprune.embedded import EMBEDDED
+    from vtprune.embedded import MODELS
     from vtprune.eval.inputs import embedded_example, load_model, prepare_inputs
 
     try:
@@ -224,7 +235,7 @@ def _load(
         picture: Path | object | None = image
         if video is not None and image is not None:
             raise ValueError("give --image or --video, not both")
-        if model == EMBEDDED and image is None and video is None:
+        if model in MODELS and image is None and video is None:
             picture, prompt = embedded_example(prompt)
         inputs = prepare_inputs(loaded, processor, image=picture, prompt=prompt, video=video)
     except (ValueError, TypeError) as error:

@@ -71,6 +71,20 @@ def test_unknown_budget_unit_and_vit_budget_unit_are_clear_errors():
     assert getattr(model, "_vtprune_pruning", None) is None  # nothing left installed
 
 
+def test_modalities_say_which_items_a_pruning_reduces():
+    # what the demo reads to leave video methods out of an image benchmark: a video method leaves images whole
+    qwen = tiny_model("qwen2_vl")
+    batch = make_batch(qwen, [[3, Image((16, 24)), 2, Video(3, (16, 24)), 4]])
+    with vtprune.wrap(qwen, "evs", keep=0.25) as pruning:
+        assert pruning.modalities == ("video",)
+        qwen(**batch)
+        assert [kept.numel() for kept in pruning.last.stages[0].kept_per_item][0] == 24  # the image: every token
+    with vtprune.wrap(qwen, "random", keep=0.25) as pruning:
+        assert pruning.modalities == ("image", "video")
+    with vtprune.wrap(tiny_model("llava"), "random", keep=4) as pruning:
+        assert pruning.modalities == ("image",)  # LLaVA-1.5 takes no video
+
+
 def test_images_are_unaffected_by_the_unit():
     model = tiny_model("qwen2_vl")
     batch = make_batch(model, [[3, Image((16, 24)), 2, Image((24, 16)), 4]])

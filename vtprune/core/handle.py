@@ -44,6 +44,15 @@ class Pruning:
         return self._engine.adapter.family
 
     @property
+    def modalities(self) -> tuple[str, ...]:
+        """The kinds of visual items ("image", "video") this pruning reduces on this model before or during the
+        prefill; items of other kinds keep every token there (a video method leaves images whole)."""
+        kinds: set[str] = set(self._engine.info.modalities) if self._engine.tower is not None else set()
+        for stage in self._engine.stages:
+            kinds |= set(stage.modalities or self._engine.info.modalities)
+        return tuple(kind for kind in self._engine.info.modalities if kind in kinds)
+
+    @property
     def synchronize_timers(self) -> bool:
         """Whether the overhead timers wait for the GPU (exact device time, slightly slower); off by default."""
         return self._engine.synchronize_timers
