@@ -143,8 +143,9 @@ def test_every_image_method_applies_to_the_shipped_model(name):
 
     _, skipped = applicable_methods(4, name)
     # deep enough for every default schedule: what is left out is left out for the family's make, never its depth
-    # (the LLaVA: video methods and Qwen's downsample; the Qwen twin: [CLS] rankers, CLIP-tower reducers, zoo_prune)
-    for_the_make = ("takes no video input", "[CLS]", "CLIP tower of LLaVA-1.5 only", "combines several patches")
+    # (video methods; on the LLaVA Qwen's downsample; on the twin [CLS] rankers, CLIP-tower reducers, zoo_prune)
+    for_the_make = ("takes no video input", "prunes videos only", "[CLS]", "CLIP tower of LLaVA-1.5 only",
+                    "combines several patches")  # fmt: skip
     other = {m: why for m, why in skipped.items()
              if not any(reason in why for reason in for_the_make) and (m, name) != ("downsample", EMBEDDED)}  # fmt: skip
     assert not other, other
