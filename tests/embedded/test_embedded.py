@@ -8,7 +8,11 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+)
 
 import vtprune
 from vtprune.data.digit_grids import (

@@ -19,8 +19,6 @@ What differs from the LLaVA's recipe, and why (ours):
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,13 +31,10 @@ from vtprune.embedded.train import (
     IMAGE_SIZE,
     INIT_STD,
     SPECIALS,
-    TYPE_WEIGHTS,
     Family,
     vocabulary,
 )
-from vtprune.embedded.train import (
-    main as _main,
-)
+from vtprune.embedded.train import main as train_main
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "digits-qwen2-vl"
@@ -182,7 +177,7 @@ QWEN = QwenFamily()
 
 
 def main() -> None:
-    _main(QWEN)
+    train_main(QWEN)
 
 
 if __name__ == "__main__":
