@@ -114,7 +114,7 @@ def demo(
     from vtprune.embedded import MODELS
 
     if model not in MODELS:
-        raise typer.BadParameter(f"model must be one of {', '.join(MODELS)} (the demo's embedded models), got {model!r}")
+        raise typer.BadParameter(f"model must be one of {', '.join(MODELS)} (the demo's models), got {model!r}")
     keeps = [parse_keep(part) for part in _split(keep) or []]
     try:  # once here, before every method is probed with it
         for part in (p for k in keeps for p in (k if isinstance(k, tuple) else (k,))):

@@ -24,10 +24,10 @@ DEFAULT_PROMPT = "Describe the image in detail."
 def check_model_spec(spec: str) -> None:
     """Fail with one short message when ``spec`` cannot name a model: every command checks it the same way.
 
-    Accepted: ``embedded`` or ``embedded-qwen``, a random model (``tiny:<family>``, ``shaped:llava``), an existing local folder, or an
-    ``organisation/name`` hub id. Anything else that looks like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) must
-    exist, so a typo'd folder is reported as such instead of becoming a hub request. A local folder's
-    ``*.safetensors`` headers are read, so truncated weights are named before anything slow starts.
+    Accepted: ``embedded`` or ``embedded-qwen``, a random model (``tiny:<family>``, ``shaped:llava``), an existing
+    local folder, or an ``organisation/name`` hub id. Anything else that looks like a path (``./x``, ``/x``, ``~/x``,
+    ``a/b/c``) must exist, so a typo'd folder is reported as such instead of becoming a hub request. A local
+    folder's ``*.safetensors`` headers are read, so truncated weights are named before anything slow starts.
     """
     from vtprune.embedded import MODELS
 
