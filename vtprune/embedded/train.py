@@ -90,20 +90,27 @@ def vocabulary() -> list[str]:
     return SPECIALS + list(dict.fromkeys(words))
 
 
-def build_processor() -> Any:
-    """Word-level tokenizer + CLIP image processor at 64 px + a LLaVA-1.5-style chat template."""
+def word_tokenizer(words: list[str], extra_special_tokens: dict[str, str]) -> Any:
+    """A word-level tokenizer over ``words`` (ids in that order; numbers kept whole, split from letters), with the
+    task's pad / bos / eos / unk and the family's ``extra_special_tokens`` (its image markers)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    words = vocabulary()
     word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=False)]
     )
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=word_level, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens=extra_special_tokens,
     )  # fmt: skip
+
+
+def build_processor() -> Any:
+    """Word-level tokenizer + CLIP image processor at 64 px + a LLaVA-1.5-style chat template."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer = word_tokenizer(vocabulary(), {"image_token": "<image>"})
     size = {"shortest_edge": IMAGE_SIZE}
     image_processor = CLIPImageProcessor(size=size, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return LlavaProcessor(

@@ -33,6 +33,7 @@ from vtprune.embedded.train import (
     SPECIALS,
     Family,
     vocabulary,
+    word_tokenizer,
 )
 from vtprune.embedded.train import main as train_main
 
@@ -42,28 +43,20 @@ PATCH, MERGE = 4, 2  # 16 x 16 patches merged 2 x 2: 64 visual tokens, each 8 x 
 QWEN_SPECIALS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}  # fmt: skip
 IMAGE_TEXT = "<|vision_start|><|image_pad|><|vision_end|>"
+# the first token ids: the LLaVA's specials without its <image>, then Qwen's vision tokens
+SPECIAL_WORDS = [w for w in SPECIALS if w != "<image>"] + list(QWEN_SPECIALS.values())
 
 
 def build_processor() -> Any:
     """Word-level tokenizer (the LLaVA's words, Qwen's vision tokens) + Qwen2-VL's image processor at 64 px + the
     LLaVA's one-turn chat template with Qwen's image markers."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
-        PreTrainedTokenizerFast,
         Qwen2VLImageProcessor,
         Qwen2VLProcessor,
         Qwen2VLVideoProcessor,
     )
 
-    words = [w for w in SPECIALS if w != "<image>"] + list(QWEN_SPECIALS.values()) + vocabulary()[len(SPECIALS) :]
-    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=False)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_level, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        extra_special_tokens=QWEN_SPECIALS,
-    )  # fmt: skip
+    tokenizer = word_tokenizer(SPECIAL_WORDS + vocabulary()[len(SPECIALS) :], QWEN_SPECIALS)
     pixels = IMAGE_SIZE * IMAGE_SIZE
     sizes = dict(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
     return Qwen2VLProcessor(
@@ -81,7 +74,7 @@ def build_model(
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    ids = {name: i for i, name in enumerate([w for w in SPECIALS if w != "<image>"] + list(QWEN_SPECIALS.values()))}
+    ids = {name: i for i, name in enumerate(SPECIAL_WORDS)}
     heads = 4
     text = dict(
         hidden_size=text_width, intermediate_size=text_intermediate, num_hidden_layers=text_layers,
