@@ -164,6 +164,7 @@ def model_info(adapter: Adapter) -> ModelInfo:
         no_cls_reason=adapter.no_cls_reason,
         tower_attention=adapter.tower_attention,
         modalities=tuple(adapter.visual_token_ids()),
+        hidden_size=int(getattr(adapter.text_config, "hidden_size", 0) or 0),
     )
 
 
@@ -200,6 +201,8 @@ def checked_stages(config: Method, stages: list[Stage], info: ModelInfo) -> list
                 f"{config.name}: earlier_caches cuts the stage's dropped tokens from the KV caches of the layers "
                 f"before it, which needs an in-LLM stage and full-attention caches, but {where}"
             )
+        if stage.dynamic and stage.layer is None:
+            raise ValueError(f"{config.name}: a dynamic stage (items may keep no token) must lie inside the LLM")
         if not (stage.scale > 0 or (stage.scale == 0 and stage.layer is not None)):
             raise ValueError(
                 f"{config.name}: stage scale must be positive (0 only inside the LLM: drop every visual token), "

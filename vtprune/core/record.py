@@ -73,3 +73,15 @@ class ForwardRecord:
     # visual tokens masking decode stages hid from later layers while generating (DyCoke), per step the stage ran:
     # vtprune.core.engine.decode.DecodeMask (step, layer, first_layer, hidden, hidden_per_item, chosen)
     decode_masks: list[Any] = field(default_factory=list)
+
+    def exit_layers(self) -> list[int | None]:
+        """Per sample, the decoder layer from which none of its visual tokens is left (an in-LLM stage kept none:
+        DyVTE's exit, ToDRE's ``drop_all``); None where some reach the last layer or the sample has none."""
+        exits: list[int | None] = []
+        for sample in range(len(self.tokens_per_layer[0]) if self.tokens_per_layer else 0):
+            exits.append(None)
+            for stage in self.stages:
+                if stage.layer is not None and sample < len(stage.kept) and stage.kept[sample].numel() == 0:
+                    exits[-1] = stage.layer
+                    break
+        return exits

@@ -53,6 +53,8 @@ class ModelInfo:
     tower_attention: bool = False
     # the kinds of visual input the family takes ("image", "video")
     modalities: tuple[str, ...] = ("image",)
+    # the language model's hidden width (trained methods check their weights against it; 0: unknown)
+    hidden_size: int = 0
 
     def scale_layers(
         self, layers: tuple[int, ...], reference_depth: int = 32, *, minimum: int = 1, maximum: int | None = None
@@ -177,6 +179,9 @@ class Stage:
     * ``budget_rule``: ``fn(keep, item) -> int``, the tokens an item keeps at this stage instead of the engine's
       count (capped at the item's selectable tokens), e.g. EVS's ``max(N, int(T * N * keep))`` that keeps a video's
       first frame whole; for a rule that depends on the budget and the item's shape alone.
+    * ``dynamic``: the method's ``select`` decides each item's count, anywhere from 0 (the item's visual tokens all
+      leave the sequence here: DyVTE's exit; in-LLM stages only) to the item's budget (ATP-LLaVA's instance-wise
+      counts); without it a method keeps at least one token of an item whose budget is positive.
     * ``earlier_caches``: an in-LLM stage whose dropped tokens also leave the KV caches of the decoder layers before
       it once the prefill is done (PruneVid's retroactive cut), so every decode step attends to the kept tokens
       only, in every layer. The prefill is unchanged; the record lists the cut as a decode drop of step 0. Needs
@@ -204,6 +209,9 @@ class Stage:
     positions: str | None = None
     budget_rule: Callable[[Keep, VisualItem], int] | None = None
     earlier_caches: bool = False
+    # the method decides how many tokens each item keeps, from none (every visual token of the item leaves here:
+    # DyVTE's exit) to its budget (an instance-wise count: ATP-LLaVA's learned thresholds)
+    dynamic: bool = False
 
     @property
     def needs_vision_call(self) -> bool:
@@ -299,6 +307,8 @@ class Method:
     merges: ClassVar[bool] = False
     # the wrap's budget_unit values the method accepts (EVS moves budget between a video's frames: "video" only)
     budget_units: ClassVar[tuple[str, ...]] = BUDGET_UNITS
+    # True for methods whose modules were trained (DyVTE, ATP-LLaVA, TokenFLEX): they load weights from safetensors
+    trained: ClassVar[bool] = False
     positions: str = "keep"
 
     def __post_init__(self) -> None:

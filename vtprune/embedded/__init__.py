@@ -27,6 +27,8 @@ MODELS = {
     EMBEDDED_QWEN: (HERE / "digits-qwen2-vl", "vtprune.embedded.train_qwen"),
 }
 MODEL_DIR = MODELS[EMBEDDED][0]
+# weights of the trained methods (DyVTE, ATP-LLaVA, TokenFLEX) for the embedded LLaVA, one folder per method
+TRAINED = HERE / "trained"
 
 
 def model_dir(name: str = EMBEDDED) -> Path:

@@ -44,6 +44,7 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -384,9 +385,13 @@ def patch_targets(
     return targets
 
 
-def answer_accuracy(model: nn.Module, processor: Any, docs: list[dict[str, Any]], batch: int = 100) -> dict[str, float]:
+def answer_accuracy(
+    model: nn.Module, processor: Any, docs: list[dict[str, Any]], batch: int = 100,
+    after_batch: Callable[[], None] | None = None,
+) -> dict[str, float]:
     """Greedy accuracy per question type, read off the next-token logits after the prompt (every answer is one
-    word). Prompts are left-padded so the last row is the prompt's end also when a wrapped model prunes tokens."""
+    word). Prompts are left-padded so the last row is the prompt's end also when a wrapped model prunes tokens.
+    ``after_batch`` runs after each batch's forward (e.g. to read a wrapped model's record of it)."""
     correct: dict[str, list[float]] = {}
     tokenizer = processor.tokenizer
     was_training = model.training
@@ -399,6 +404,8 @@ def answer_accuracy(model: nn.Module, processor: Any, docs: list[dict[str, Any]]
                 prompts = [prompt_text(processor, doc["question"]) for doc in chunk]
                 inputs = processor(text=prompts, images=[render(d) for d in chunk], return_tensors="pt", padding=True)
                 predicted = model(**inputs).logits[:, -1].argmax(-1)
+                if after_batch is not None:
+                    after_batch()
                 for row, doc in enumerate(chunk):
                     answer = tokenizer(f" {doc['answer']}", add_special_tokens=False)["input_ids"][0]
                     correct.setdefault(doc["type"], []).append(float(int(predicted[row]) == answer))

@@ -85,6 +85,17 @@ def llm_flops(
     return layers, shape.lm_head_flops(sum(rows)), decode
 
 
+def sample_llm_flops(shape: LanguageShape, tokens_per_layer: list[list[int]]) -> list[float]:
+    """Per sample, the prefill FLOPs of its decoder layers and its LM head rows (its own real tokens at each layer:
+    samples of one batch may keep different tokens, e.g. leave visual tokens at different layers)."""
+    batch = len(tokens_per_layer[0]) if tokens_per_layer else 0
+    return [
+        sum(shape.layer_flops(counts[b], counts[b], layer) for layer, counts in enumerate(tokens_per_layer))
+        + shape.lm_head_flops(tokens_per_layer[-1][b])
+        for b in range(batch)
+    ]
+
+
 def vision_flops(shape: ModelShape, images: list[dict[str, Any]]) -> tuple[float, float]:
     """(tower FLOPs, projector / merger FLOPs) for the encoder inputs ``images``: for CLIP towers
     ``{"views": v}`` per image (with ``block_rows``, the rows entering each block and leaving the last, and

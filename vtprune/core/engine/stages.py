@@ -72,7 +72,7 @@ class StageRunner:
             if isinstance(chosen, Merged):
                 selections[i] = chosen.indices
                 current.merges[view.item.index] = self._merged(view, chosen, stage)
-        check_selections(self.method.name, views, selections)
+        check_selections(self.method.name, views, selections, may_empty=stage.dynamic)
 
         keep = layout.valid & ~layout.visual
         kept_per_item = []
@@ -258,13 +258,13 @@ def kept_per_sample(items: list[VisualItem], kept_per_item: list[Tensor], batch:
     ]
 
 
-def check_selections(name: str, views: list[ItemView], selections: list[Tensor]) -> None:
+def check_selections(name: str, views: list[ItemView], selections: list[Tensor], may_empty: bool = False) -> None:
     if len(selections) != len(views):
         raise RuntimeError(f"{name} returned {len(selections)} selections for {len(views)} images")
     for view, chosen in zip(views, selections):
         if chosen.ndim != 1 or chosen.dtype not in (torch.int32, torch.int64):
             raise RuntimeError(f"{name} must return 1-D integer indices per image, got {chosen.dtype} {chosen.shape}")
-        if chosen.numel() > view.budget or (view.budget > 0 and chosen.numel() == 0):
+        if chosen.numel() > view.budget or (view.budget > 0 and chosen.numel() == 0 and not may_empty):
             raise RuntimeError(f"{name} kept {chosen.numel()} tokens of an image whose budget is {view.budget}")
         if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= view.num_tokens):
             raise RuntimeError(f"{name} returned indices outside [0, {view.num_tokens})")
