@@ -107,6 +107,8 @@ CONFIGS = [
     ("holitom", {"inner_ratio": 0.0, "contextual": 0.5, "positions": "keep"}),
     ("prunevid", {}),
     ("prunevid", {"tau": 0.9, "temporal_segment_ratio": 0.5, "positions": "keep"}),
+    # DyVTE's static exit: every visual token of every sample leaves at layer 2 (the gates are model-specific)
+    ("dyvte", {"layer": 2}),
 ]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in CONFIGS]
 

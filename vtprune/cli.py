@@ -155,6 +155,8 @@ def list_methods_command() -> None:
             options = {k: v for k, v in saved.items() if k != "method"}
             defaults = ", ".join(f"{k}={v}" for k, v in options.items())
             where = " [ViT: timm / open_clip / CLIP, and LLaVA-1.5's tower]" if kind == "vit" else ""
+            if getattr(cls, "trained", False):  # wraps a VLM, with modules trained by python -m vtprune.train.<name>
+                where += f" [trained: python -m vtprune.train.{name}]"
             table.add_row(name, config.summary + where, config.paper, defaults)
     Console().print(table)
 

@@ -68,6 +68,8 @@ def test_keep_all_equals_dense(family, method, options, keep):
         pytest.skip("todre drop_all=True removes every visual token at its late layer, whatever the budget")
     if method == "dycoke" and options.get("k") is not None:
         pytest.skip("dycoke with k set keeps the authors' int((1 - k) * N) per pruned frame, whatever the budget")
+    if method == "dyvte" and options.get("layer") is not None:
+        pytest.skip("dyvte's static exit removes every visual token at its layer, whatever the budget")
     model = tiny_model(family)
     batch = make_batch(model, samples_for(family))
     dense = model(**batch).logits
@@ -280,7 +282,10 @@ def test_sequence_lengths_and_kept_follow_the_budget(family, method, options):
                     newlines = newline_tokens(model, part)
                     size = record.items[len(items)]["num_tokens"] - newlines
                     image_budgeted = stage.modalities is None or "image" in stage.modalities
-                    items.append((sample, (min(budget * views, size) if image_budgeted else size) + newlines))
+                    image_budget = budget * views
+                    if stage.budget_rule is not None:  # the method's own count (DyVTE's exit: none)
+                        image_budget = stage.budget_rule(keep, VisualItem(0, sample, "image", size, 0))
+                    items.append((sample, (min(image_budget, size) if image_budgeted else size) + newlines))
                 elif isinstance(part, Video):  # one item, keep counting the whole video (budget_unit="video")
                     video_budgeted = stage.modalities is None or "video" in stage.modalities
                     entry = record.items[len(items)]

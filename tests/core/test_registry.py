@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -23,9 +24,10 @@ def test_method_configs_round_trip_through_json():
         assert data["method"] == config.name
         assert vtprune.Method.from_dict(data) == config
     llm = [
-        "adaptinfer", "catp", "dart", "divprune", "downsample", "dycoke", "entropyprune", "evs", "fastervlm", "fastv",
+        "adaptinfer", "atp", "catp", "dart", "divprune", "downsample", "dycoke", "dyvte", "entropyprune", "evs",
+        "fastervlm", "fastv",
         "fastvid", "hiprune", "holitom", "infohorizon", "mmtok", "mustdrop", "pdrop", "pool", "prunevid", "random",
-        "sparsevlm", "todre", "transprune", "uniform", "vflowopt", "visiondrop", "visionzip", "vispruner", "vtc_cls",
+        "sparsevlm", "todre", "tokenflex", "transprune", "uniform", "vflowopt", "visiondrop", "visionzip", "vispruner", "vtc_cls",
         "zoo_prune",
     ]  # fmt: skip
     assert vtprune.list_methods("llm") == llm
@@ -38,7 +40,13 @@ def test_method_configs_round_trip_through_json():
 
 
 def test_shared_configs_cover_every_llm_method():
-    assert {method for method, _ in CONFIGS} == set(vtprune.list_methods("llm"))
+    """Trained methods whose modules only exist for the embedded model (ATP-LLaVA, TokenFLEX) are tested there, in
+    their own files; every other LLM-side method runs on every family's tiny model."""
+    trained_only = {"atp", "tokenflex"}
+    assert {method for method, _ in CONFIGS} == set(vtprune.list_methods("llm")) - trained_only
+    for name in trained_only:
+        assert vtprune.method_class(name).trained
+        assert (Path(__file__).parents[1] / "methods" / f"test_{name}.py").exists()
 
 
 def test_methods_refuse_exactly_the_families_they_cannot_serve():

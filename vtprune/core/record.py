@@ -85,3 +85,21 @@ class ForwardRecord:
                     exits[-1] = stage.layer
                     break
         return exits
+
+    def visual_tokens_per_layer(self) -> list[float]:
+        """Per sample, its visual tokens (all its images) averaged over the decoder layers: what the LLM attends to,
+        layer by layer (comparable between methods that prune before the LLM, in stages, or exit at a layer)."""
+        layers = len(self.tokens_per_layer)
+        stages = {stage.layer: stage for stage in self.stages}
+        averages = []
+        for sample in range(len(self.tokens_per_layer[0]) if layers else 0):
+            current = sum(item["num_tokens"] for item in self.items if item["sample"] == sample)
+            if None in stages:
+                current = int(stages[None].kept[sample].numel())
+            total = 0
+            for layer in range(layers):
+                if layer in stages:
+                    current = int(stages[layer].kept[sample].numel())
+                total += current
+            averages.append(total / layers)
+        return averages

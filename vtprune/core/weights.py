@@ -55,9 +55,17 @@ def load_weights(method: str, path: Path) -> tuple[dict[str, Tensor], dict[str, 
     return tensors, meta
 
 
-def check_trained_for(method: str, path: Path, meta: dict[str, Any], hidden_size: int, num_layers: int) -> None:
-    """Refuse a model whose language model differs in width or depth from the one the weights were trained on."""
+def check_trained_for(
+    method: str, path: Path, meta: dict[str, Any], hidden_size: int, num_layers: int, family: str = ""
+) -> None:
+    """Refuse a model of another family (``ModelInfo.family``, where the weights name theirs) or whose language model
+    differs in width or depth from the one the weights were trained on."""
     want = (meta.get("hidden_size"), meta.get("num_layers"))
+    if family and meta.get("family") and family != meta["family"]:
+        raise ValueError(
+            f"{method}: the weights at {path} were trained on {meta.get('trained_on', 'another model')} (family "
+            f"{meta['family']!r}), not on a {family!r} model; train weights for it with python -m vtprune.train.{method}"
+        )
     if hidden_size and (hidden_size, num_layers) != want:
         raise ValueError(
             f"{method}: the weights at {path} were trained on {meta.get('trained_on', 'another model')} (a "

@@ -236,8 +236,8 @@ class VtpruneLMM(lmms):
         def means(costs: list[dict[str, Any]]) -> dict[str, Any]:
             documents = len({(cost["task"], cost.get("doc")) for cost in costs})
             summary: dict[str, Any] = {"forwards": len(costs), "documents": documents}
-            for key in ("visual_tokens", "sample_visual_tokens", "sample_visual_tokens_before", "tflops_prefill",
-                        "prefill_ms"):  # fmt: skip
+            for key in ("visual_tokens", "sample_visual_tokens", "sample_visual_tokens_before",
+                        "visual_tokens_per_layer", "tflops_prefill", "prefill_ms"):  # fmt: skip
                 values = [cost[key] for cost in costs if key in cost]
                 summary[key] = sum(values) / len(values) if values else None
             return summary
@@ -267,6 +267,7 @@ class VtpruneLMM(lmms):
             per_sample[item["sample"]].append(kept.numel())
         for item in record.items:
             before[item["sample"]] += item["num_tokens"]
+        per_layer = record.visual_tokens_per_layer()
         for sample, (task, doc) in enumerate(docs):
             counts = per_sample.get(sample, [])
             cost = {"task": task, "doc": doc, "tflops_prefill": flops.prefill / 1e12 / batch, "prefill_ms": prefill_ms / batch}
@@ -275,6 +276,8 @@ class VtpruneLMM(lmms):
                 # a sample's items summed: comparable between budget units (a video is one item or one per frame)
                 cost["sample_visual_tokens"] = sum(counts)
                 cost["sample_visual_tokens_before"] = before[sample]
+                # a sample's visual tokens averaged over the decoder layers (in-LLM stages, DyVTE's exits)
+                cost["visual_tokens_per_layer"] = per_layer[sample]
             self.costs.append(cost)
 
     # -- work --------------------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def _summarize_setup(rows: list[dict[str, Any]], metric: str | None) -> list[dic
                 "score": score, "vs_dense": score / reference if reference else None,
                 "tflops": cost.get("tflops_prefill"), "prefill_ms": cost.get("prefill_ms"),
                 "visual_tokens": cost.get("visual_tokens"), "sample_visual_tokens": cost.get("sample_visual_tokens"),
-                "documents": cost.get("documents"),
+                "visual_tokens_per_layer": cost.get("visual_tokens_per_layer"), "documents": cost.get("documents"),
             })  # fmt: skip
     order = {DENSE: -1}
     records.sort(key=lambda r: (tasks.index(r["task"]), order.get(r["method"], 0), r["method"], -_final(r["keep"])))
@@ -97,8 +97,9 @@ def table(records: list[dict[str, Any]], title: str = "vtprune sweep") -> Any:
     per_sample = any(
         r.get("sample_visual_tokens") is not None and r["sample_visual_tokens"] != r["visual_tokens"] for r in records
     )  # fmt: skip
-    headers = ("task", "method", "keep", "visual tokens", *(("tokens / sample",) if per_sample else ()), "score",
-               "vs dense", "prefill TFLOPs", "prefill ms")  # fmt: skip
+    # a sample's visual tokens averaged over the decoder layers: what in-LLM stages and exits (DyVTE) cost
+    headers = ("task", "method", "keep", "visual tokens", *(("tokens / sample",) if per_sample else ()),
+               "tokens / layer", "score", "vs dense", "prefill TFLOPs", "prefill ms")  # fmt: skip
     for header in (("setup",) if several else ()) + headers:
         view.add_column(header, justify="left" if header in ("setup", "task", "method") else "right")
     for r in records:
@@ -107,6 +108,7 @@ def table(records: list[dict[str, Any]], title: str = "vtprune sweep") -> Any:
             r["task"], r["method"], budget_label(r["keep"]),
             _number(r["visual_tokens"], "{:.1f}"),
             *((_number(r.get("sample_visual_tokens"), "{:.1f}"),) if per_sample else ()),
+            _number(r.get("visual_tokens_per_layer"), "{:.1f}"),
             f"{r['metric']} {r['score']:.3f}", _number(r["vs_dense"], "{:.1%}"),
             _number(r["tflops"], "{:.3g}"), _number(r["prefill_ms"], "{:.1f}"),
         )  # fmt: skip

@@ -42,23 +42,6 @@ def held_out_docs(count: int) -> list[dict[str, Any]]:
     return generate("test", count, seed=HELD_OUT_SEED)
 
 
-def layer_average_visual(record: Any, num_layers: int) -> list[float]:
-    """Per sample, its visual tokens averaged over the decoder layers (what the LLM attends to, layer by layer)."""
-    per_sample = []
-    for sample in range(len(record.tokens_per_layer[0])):
-        before = sum(item["num_tokens"] for item in record.items if item["sample"] == sample)
-        counts, current = [], before
-        stages = {stage.layer: stage for stage in record.stages}
-        if None in stages:
-            current = int(stages[None].kept[sample].numel())
-        for layer in range(num_layers):
-            if layer in stages:
-                current = int(stages[layer].kept[sample].numel())
-            counts.append(current)
-        per_sample.append(sum(counts) / num_layers)
-    return per_sample
-
-
 def evaluate(
     model: nn.Module, processor: Any, docs: list[dict[str, Any]], method: str | None, keep: Any = 1.0,
     batch: int = 100, **options: Any,
@@ -68,10 +51,8 @@ def evaluate(
     import vtprune
     from vtprune.eval.flops import model_shape, sample_llm_flops
 
-    num_layers = model.config.text_config.num_hidden_layers
-    if method is None:
-        accuracy = answer_accuracy(model, processor, docs, batch=batch)
-        return {"accuracy": accuracy, "visual_tokens_per_layer": 64.0, "llm_gflops": None}
+    if method is None:  # random keeping every token is the dense model, with a record to count from
+        method, keep, options = "random", 1.0, {}
     shape = model_shape(model)
     visual: list[float] = []
     flops: list[float] = []
@@ -80,7 +61,7 @@ def evaluate(
 
         def read() -> None:
             record = handle.last
-            visual.extend(layer_average_visual(record, num_layers))
+            visual.extend(record.visual_tokens_per_layer())
             flops.extend(sample_llm_flops(shape.language, record.tokens_per_layer))
             exits.extend(record.exit_layers())
 
