@@ -12,7 +12,6 @@ from torch.testing import assert_close
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vtprune
-import vtprune.methods.tokenflex
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.layout import GridPart, VisualItem
 from vtprune.core.registry import Merged, ModelInfo, Stage
@@ -37,7 +36,6 @@ LLAVA_8 = ModelInfo(family="llava", num_layers=8, has_cls_token=True, mrope=Fals
 
 @pytest.fixture(scope="module")
 def embedded():
-    torch.set_num_threads(1)
     path = model_dir()
     return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 

@@ -1,12 +1,14 @@
 """Pruning methods: one module per method, each registering its class in the core registry when imported."""
 
 from vtprune.methods.adaptinfer import AdaptInfer
+from vtprune.methods.atp import ATPLLaVA
 from vtprune.methods.catp import CATP
 from vtprune.methods.dart import DART
 from vtprune.methods.divprune import DivPrune
 from vtprune.methods.downsample import Downsample
 from vtprune.methods.dtop import DToPSegmenter
 from vtprune.methods.dycoke import DyCoke
+from vtprune.methods.dyvte import DyVTE
 from vtprune.methods.entropyprune import EntropyPrune
 from vtprune.methods.evit import EViT
 from vtprune.methods.evs import EVS
@@ -25,6 +27,7 @@ from vtprune.methods.prunevid import PruneVid
 from vtprune.methods.random import Random
 from vtprune.methods.sparsevlm import SparseVLM
 from vtprune.methods.todre import ToDRE
+from vtprune.methods.tokenflex import TokenFLEX
 from vtprune.methods.tome import ToMe
 from vtprune.methods.transprune import TransPrune
 from vtprune.methods.uniform import Uniform
@@ -37,12 +40,14 @@ from vtprune.methods.zoo_prune import ZooPrune
 
 __all__ = [
     "AdaptInfer",
+    "ATPLLaVA",
     "CATP",
     "DART",
     "DivPrune",
     "Downsample",
     "DToPSegmenter",
     "DyCoke",
+    "DyVTE",
     "EViT",
     "EVS",
     "EntropyPrune",
@@ -61,6 +66,7 @@ __all__ = [
     "Random",
     "SparseVLM",
     "ToDRE",
+    "TokenFLEX",
     "ToMe",
     "TransPrune",
     "Uniform",
