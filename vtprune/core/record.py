@@ -78,9 +78,10 @@ class ForwardRecord:
         """Per sample, the decoder layer from which none of its visual tokens is left (an in-LLM stage kept none:
         DyVTE's exit, ToDRE's ``drop_all``); None where some reach the last layer or the sample has none."""
         exits: list[int | None] = []
+        with_items = {item["sample"] for item in self.items}
         for sample in range(len(self.tokens_per_layer[0]) if self.tokens_per_layer else 0):
             exits.append(None)
-            for stage in self.stages:
+            for stage in self.stages if sample in with_items else ():
                 if stage.layer is not None and sample < len(stage.kept) and stage.kept[sample].numel() == 0:
                     exits[-1] = stage.layer
                     break
