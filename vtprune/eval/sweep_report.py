@@ -146,7 +146,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def plot(records: list[dict[str, Any]], path: str | Path, title: str = "vtprune sweep") -> Path:
     """Per task: score vs prefill FLOPs (each method's points, its Pareto front drawn as a line, dense as a star)
-    and score vs visual tokens kept per image (or per video). Each method keeps its colour and marker of
+    and score vs the visual tokens each sample holds averaged over the LLM's layers (results from before that was
+    recorded: the tokens kept per image, or per video). Each method keeps its colour and marker of
     :func:`vtprune.eval.style.method_style` in every plot; FLOPs read in GFLOPs or TFLOPs by their size."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -159,6 +160,10 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str = "vtprune 
     columns = 1 + (len(methods) + 1) // 24  # legend columns beside the panels
     figure = Figure(figsize=(12 + 1.6 * columns, 4.2 * max(1, len(panels))), layout="constrained")
     axes = figure.subplots(max(1, len(panels)), 2, squeeze=False)
+    # what the LLM attends to, averaged over its layers, where recorded: the cost of in-LLM stages and exits (DyVTE
+    # keeps none at the end, ATP a different count per layer); older results only have the final count per image
+    per_layer = all(r.get("visual_tokens_per_layer") is not None for r in records if r["method"] != DENSE)
+    tokens_key = "visual_tokens_per_layer" if per_layer else "visual_tokens"
     for row, (setup, task) in zip(axes, panels):
         mine = [r for r in records if r["task"] == task and r.get("setup") == setup]
         dense = next((r for r in mine if r["method"] == DENSE), None)
@@ -169,7 +174,7 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str = "vtprune 
             row[0].scatter(costs, [p["score"] for p in points], **style.points(), alpha=0.35, s=26, linewidths=0)
             front = pareto_front([(c, p["score"]) for c, p in zip(costs, points)])
             row[0].plot([c for c, _ in front], [s for _, s in front], **style.line(), markersize=6, label=method)
-            by_tokens = sorted((p["visual_tokens"], p["score"]) for p in points if p["visual_tokens"] is not None)
+            by_tokens = sorted((p[tokens_key], p["score"]) for p in points if p[tokens_key] is not None)
             row[1].plot([t for t, _ in by_tokens], [s for _, s in by_tokens], **style.line(), markersize=6)
         if dense is not None:
             if dense["tflops"] is not None:
@@ -178,8 +183,9 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str = "vtprune 
         metric = mine[0]["metric"] if mine else ""
         row[0].set_xlabel(f"prefill {unit} per sample")
         plain_numbers(row[0].xaxis)
-        row[1].set_xlabel("visual tokens kept per image (or video)")
-        budget_axis(row[1], [r["visual_tokens"] for r in mine if r["method"] != DENSE])
+        row[1].set_xlabel("visual tokens per sample, mean over the LLM's layers" if per_layer
+                          else "visual tokens kept per image (or video)")  # fmt: skip
+        budget_axis(row[1], [r[tokens_key] for r in mine if r["method"] != DENSE])
         for axis in row:
             axis.set_ylabel(f"{task}: {metric}")
             axis.grid(alpha=0.3)
