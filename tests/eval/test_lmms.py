@@ -154,6 +154,27 @@ def test_generation_task_through_the_real_evaluator_matches_plain_generate(check
             assert sample["resps"][0][0] == answer.split("\n")[0]
 
 
+def test_per_sample_costs_follow_each_samples_own_exit_layer():
+    """DyVTE's samples leave their visual tokens at different layers of one batch: each sample's FLOPs and layer
+    average are its own, the summary counts the exits, and the per-sample FLOPs add up to the batch's."""
+    from vtprune.eval.lmms_model import VtpruneLMM
+
+    lm = VtpruneLMM(pretrained="embedded", method="dyvte", keep=1.0, batch_size=8)
+    _evaluate(lm, ["vtprune_digits"], 16)
+    costs, summary = lm.costs, lm.cost_summary()
+    lm.close()
+    exits = [cost.get("exit_layer") for cost in costs]
+    assert sum(summary["exit_layers"].values()) == sum(e is not None for e in exits) and len(set(exits)) > 1
+    # a later exit costs more FLOPs, and a sample exiting at layer l holds its 64 tokens for l of the 8 layers
+    cheapest = {}
+    for cost in costs:
+        layer = cost.get("exit_layer") or 8
+        cheapest[layer] = min(cheapest.get(layer, float("inf")), cost["tflops_prefill"])
+        assert abs(cost["visual_tokens_per_layer"] - 64 * layer / 8) < 1e-6
+    layers = sorted(cheapest)
+    assert all(cheapest[a] < cheapest[b] for a, b in zip(layers, layers[1:]))
+
+
 def test_loglikelihood_is_the_continuations_summed_loss(checkpoint):
     from lmms_eval.api.instance import Instance
 

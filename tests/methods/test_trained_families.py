@@ -52,7 +52,7 @@ def weights_for(model, method: str, folder) -> str:
     return str(save_weights(folder / method, modules.state_dict(), meta))
 
 
-CASES = [("atp", f) for f in ATP_FAMILIES] + [("dyvte", f) for f in FAMILIES if f != "qwen3_5"]
+CASES = [("atp", f) for f in ATP_FAMILIES] + [("dyvte", f) for f in FAMILIES]
 CASES += [("tokenflex", f) for f in FLEX_FAMILIES]
 
 
@@ -98,3 +98,9 @@ def test_the_untrained_modules_above_do_prune_each_sample_differently(tmp_path):
     with vtprune.wrap(model, "dyvte", keep=0.5, weights=weights_for(model, "dyvte", tmp_path)) as pruning:
         model(**batch)
         assert pruning.last.exit_layers() == [2, 1, None]
+
+
+def test_atp_refuses_a_model_whose_scoring_layer_has_no_softmax_attention(tmp_path):
+    model = tiny_model("qwen3_5")  # its tiny hybrid's layers 0 and 2 are linear attention
+    with pytest.raises(ValueError, match="layer=1 has no softmax-attention layer before it"):
+        vtprune.wrap(model, "atp", keep=0.5, weights=weights_for(model, "atp", tmp_path))

@@ -55,7 +55,7 @@ from loguru import logger
 
 import vtprune
 from vtprune.core.budget import parse_budget
-from vtprune.eval.flops import prefill_flops
+from vtprune.eval.flops import model_shape, prefill_flops, sample_llm_flops
 from vtprune.eval.inputs import load_model
 
 DENSE = "dense"
@@ -240,6 +240,9 @@ class VtpruneLMM(lmms):
                         "visual_tokens_per_layer", "tflops_prefill", "prefill_ms"):  # fmt: skip
                 values = [cost[key] for cost in costs if key in cost]
                 summary[key] = sum(values) / len(values) if values else None
+            exits = [cost["exit_layer"] for cost in costs if "exit_layer" in cost]
+            if exits:  # where samples' visual tokens all left (DyVTE): how many left at each layer
+                summary["exit_layers"] = {layer: exits.count(layer) for layer in sorted(set(exits))}
             return summary
 
         tasks = dict.fromkeys(cost["task"] for cost in self.costs)
@@ -268,9 +271,17 @@ class VtpruneLMM(lmms):
         for item in record.items:
             before[item["sample"]] += item["num_tokens"]
         per_layer = record.visual_tokens_per_layer()
+        exits = record.exit_layers()
+        # each sample's share of the batch's FLOPs by its own tokens per layer (samples may leave visual tokens at
+        # different layers: DyVTE's exits, ATP's instance-wise counts)
+        own = sample_llm_flops(model_shape(self.model).language, record.tokens_per_layer)
+        shares = [f / sum(own) for f in own] if len(own) == batch and sum(own) > 0 else [1 / batch] * batch
         for sample, (task, doc) in enumerate(docs):
             counts = per_sample.get(sample, [])
-            cost = {"task": task, "doc": doc, "tflops_prefill": flops.prefill / 1e12 / batch, "prefill_ms": prefill_ms / batch}
+            cost = {"task": task, "doc": doc, "tflops_prefill": flops.prefill / 1e12 * shares[sample],
+                    "prefill_ms": prefill_ms / batch}  # fmt: skip
+            if sample < len(exits) and exits[sample] is not None:
+                cost["exit_layer"] = exits[sample]
             if counts:
                 cost["visual_tokens"] = sum(counts) / len(counts)
                 # a sample's items summed: comparable between budget units (a video is one item or one per frame)
