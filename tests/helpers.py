@@ -26,6 +26,7 @@ from vtprune.testing import (
 
 __all__ = [
     "CONFIGS",
+    "assert_batch_equals_each_sample_alone",
     "IDS",
     "inapplicable",
     "FAMILIES",
@@ -265,3 +266,26 @@ def view_count(model, image: Image) -> int:
 
 def pooled(rows: list[torch.Tensor]) -> BaseModelOutputWithPooling:
     return BaseModelOutputWithPooling(pooler_output=list(rows))
+
+
+def assert_batch_equals_each_sample_alone(model, family: str, method, keep, padding_side: str = "left", **options):
+    """A padded batch of ``singles_for(model, family)`` wrapped with ``method`` gives each sample's logits rows and
+    kept tokens exactly as the sample alone does (the last sample has no image)."""
+    from torch.testing import assert_close
+
+    import vtprune
+
+    singles = singles_for(model, family)
+    batch = with_positions(model, collate(model, singles, padding_side=padding_side))
+    with vtprune.wrap(model, method, keep=keep, **options) as pruning:
+        batched = model(**batch).logits
+        batched_index = pruning.last.output_index
+        batched_kept = [[k.clone() for k in stage] for stage in pruning.kept]
+        for sample, single in enumerate(singles):
+            alone = model(**with_positions(model, single)).logits
+            has_image = sample < 2
+            alone_index = pruning.last.output_index if has_image else torch.arange(alone.shape[1])[None]
+            assert_close(rows_of(batched, batched_index, sample), rows_of(alone, alone_index, 0), rtol=1e-4, atol=1e-4)
+            if has_image:
+                for stage, kept in enumerate(pruning.kept):
+                    assert torch.equal(kept[0], batched_kept[stage][sample])

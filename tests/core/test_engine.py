@@ -15,7 +15,7 @@ from tests.helpers import (
     IDS,
     Image,
     Video,
-    collate,
+    assert_batch_equals_each_sample_alone,
     extend_prompt,
     generate_matches_frozen_recomputation,
     inapplicable,
@@ -23,9 +23,7 @@ from tests.helpers import (
     make_batch,
     newline_tokens,
     pooled,
-    rows_of,
     samples_for,
-    singles_for,
     tiny_model,
     view_count,
     visual_counts,
@@ -193,21 +191,7 @@ def test_cached_decoding_equals_recomputation_with_frozen_selection(family, meth
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("method,options", CONFIGS, ids=IDS)
 def test_batch_equals_each_sample_alone(family, method, options, padding_side):
-    model = tiny_model(family)
-    singles = singles_for(model, family)
-    batch = with_positions(model, collate(model, singles, padding_side=padding_side))
-    with vtprune.wrap(model, method, keep=4, **options) as pruning:
-        batched = model(**batch).logits
-        batched_index = pruning.last.output_index
-        batched_kept = [[k.clone() for k in stage] for stage in pruning.kept]
-        for sample, single in enumerate(singles):
-            alone = model(**with_positions(model, single)).logits
-            has_image = sample < 2
-            alone_index = pruning.last.output_index if has_image else torch.arange(alone.shape[1])[None]
-            assert_close(rows_of(batched, batched_index, sample), rows_of(alone, alone_index, 0), rtol=1e-4, atol=1e-4)
-            if has_image:
-                for stage, kept in enumerate(pruning.kept):
-                    assert torch.equal(kept[0], batched_kept[stage][sample])
+    assert_batch_equals_each_sample_alone(tiny_model(family), family, method, 4, padding_side, **options)
 
 
 @pytest.mark.parametrize("method,options", CONFIGS, ids=IDS)

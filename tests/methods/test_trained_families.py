@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.testing import assert_close
 
 import vtprune
 from tests.helpers import (
-    collate,
+    assert_batch_equals_each_sample_alone,
     generate_matches_frozen_recomputation,
     make_batch,
-    rows_of,
     samples_for,
-    singles_for,
     tiny_model,
-    with_positions,
 )
 from vtprune.api import model_info
 from vtprune.core.weights import save_weights
@@ -59,22 +55,8 @@ CASES += [("tokenflex", f) for f in FLEX_FAMILIES]
 @pytest.mark.parametrize("method,family", CASES, ids=[f"{m}-{f}" for m, f in CASES])
 def test_trained_modules_batch_equals_each_sample_alone(method, family, tmp_path):
     model = tiny_model(family)
-    weights = weights_for(model, method, tmp_path)
-    singles = singles_for(model, family)
-    batch = with_positions(model, collate(model, singles, padding_side="left"))
     keep = 4 if method == "tokenflex" else 0.5
-    with vtprune.wrap(model, method, keep=keep, weights=weights) as pruning:
-        batched = model(**batch).logits
-        batched_index = pruning.last.output_index
-        batched_kept = [[k.clone() for k in stage] for stage in pruning.kept]
-        for sample, single in enumerate(singles):
-            alone = model(**with_positions(model, single)).logits
-            has_image = sample < 2
-            alone_index = pruning.last.output_index if has_image else torch.arange(alone.shape[1])[None]
-            assert_close(rows_of(batched, batched_index, sample), rows_of(alone, alone_index, 0), rtol=1e-4, atol=1e-4)
-            if has_image:
-                for stage, kept in enumerate(pruning.kept):
-                    assert torch.equal(kept[0], batched_kept[stage][sample])
+    assert_batch_equals_each_sample_alone(model, family, method, keep, weights=weights_for(model, method, tmp_path))
 
 
 @pytest.mark.parametrize("method,family", CASES, ids=[f"{m}-{f}" for m, f in CASES])
