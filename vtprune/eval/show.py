@@ -145,36 +145,41 @@ def show(
         record = pruning.last
         if not record.item_grids or not record.item_grids[0]:
             raise ValueError("show needs an image as the prompt's first visual item (it got none with a patch grid)")
-        panels.append((name, kept_mask(record), record.stages[-1].kept_per_item[0].numel()))
+        count = record.stages[-1].kept_per_item[0].numel()
+        # in-LLM stages keep more before their last one (ATP), an exit keeps none after it (DyVTE): say so
+        exit_layer, per_layer = record.exit_layers()[0], record.visual_tokens_per_layer()[0]
+        detail = f", all leave at layer {exit_layer}" if exit_layer is not None else ""
+        detail += f"; {per_layer:.1f} per layer" if abs(per_layer - count) > 0.05 else ""
+        panels.append((name, kept_mask(record), count, detail))
     written = []
     title = f"keep={keep}" + (f" - prompt: {prompt}" if prompt else "")
 
-    def heading(name, masks, count):
+    def heading(name, masks, count, detail):
         if masks is None:  # re-encoded on a smaller grid: every part of the image is still seen, more coarsely
             return f"{name}: {count} tokens, re-encoded"
         note = f", {int(masks[1].sum())} merged" if masks[1].any() else ""
-        return f"{name}: {count} kept{note}"
+        return f"{name}: {count} kept{note}{detail}"
 
     def finish(figure, shown, width):
-        masks = [mask for _, mask, _ in shown if mask is not None]
+        masks = [mask for _, mask, _, _ in shown if mask is not None]
         if masks:
             merged = any(bool(mask[1].any()) for mask in masks)
             figure.legend(handles=legend_handles(merged), loc="outside lower center", ncols=3, fontsize=8,
                           frameon=False)  # fmt: skip
         figure.suptitle("\n".join(textwrap.wrap(title, width)), fontsize=8 if width < 100 else 9)
 
-    for name, mask, count in panels:
+    for name, mask, count, detail in panels:
         figure = Figure(figsize=(4, 4.8), layout="constrained", dpi=110)
         axis = figure.subplots()
-        draw_kept(axis, image, mask, heading(name, mask, count))
-        finish(figure, [(name, mask, count)], 60)
+        draw_kept(axis, image, mask, heading(name, mask, count, detail))
+        finish(figure, [(name, mask, count, detail)], 60)
         path = out / f"{name}.png"
         figure.savefig(path, dpi=110)
         written.append(path)
     figure = Figure(figsize=(3.2 * len(panels), 4.2), layout="constrained", dpi=110)
     axes = figure.subplots(1, len(panels), squeeze=False)
-    for axis, (name, mask, count) in zip(axes[0], panels):
-        draw_kept(axis, image, mask, heading(name, mask, count))
+    for axis, (name, mask, count, detail) in zip(axes[0], panels):
+        draw_kept(axis, image, mask, heading(name, mask, count, detail))
     finish(figure, panels, 120)
     path = out / "methods.png"
     figure.savefig(path, dpi=110)
