@@ -1,12 +1,13 @@
 """The trained methods against every training-free one, on the embedded LLaVA's held-out questions.
 
-    python -m vtprune.train.compare [--docs 400] [--keeps 32,16,8,4] [--out vtprune/embedded/trained/comparison.jsonl]
+    python -m vtprune.train.compare [--docs 400] [--keeps 32,16,8,4] [--out vtprune-compare.jsonl]
 
 Every method the embedded model takes (``vtprune demo``'s list) runs at each keep on the same held-out documents;
 each point records accuracy, the visual tokens per decoder layer and the LLM prefill GFLOPs per sample (from the
 wrapped model's records). Then, for each trained point, the best training-free point at equal or lower FLOPs and the
 best at equal or fewer visual tokens per layer (2 % tolerance). Points are appended as they finish and reused on a
-rerun, so an interrupted run resumes.
+rerun, so an interrupted run resumes. The README's table is ``vtprune/embedded/trained/comparison.jsonl`` (the
+repository's copy; pass it as ``--out`` to reprint it without rerunning).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from typing import Any
 import torch
 
 import vtprune
-from vtprune.embedded import TRAINED
 from vtprune.train.common import evaluate, held_out_docs, load_frozen
 
 TOLERANCE = 1.02  # "equal" cost: within 2 %
-DEFAULT_OUT = TRAINED / "comparison.jsonl"
+DEFAULT_OUT = Path("vtprune-compare.jsonl")
 
 
 def best_within(points: list[dict[str, Any]], key: str, limit: float) -> dict[str, Any] | None:
