@@ -25,10 +25,9 @@ def test_method_configs_round_trip_through_json():
         assert vtprune.Method.from_dict(data) == config
     llm = [
         "adaptinfer", "atp", "catp", "dart", "divprune", "downsample", "dycoke", "dyvte", "entropyprune", "evs",
-        "fastervlm", "fastv",
-        "fastvid", "hiprune", "holitom", "infohorizon", "mmtok", "mustdrop", "pdrop", "pool", "prunevid", "random",
-        "sparsevlm", "todre", "tokenflex", "transprune", "uniform", "vflowopt", "visiondrop", "visionzip", "vispruner", "vtc_cls",
-        "zoo_prune",
+        "fastervlm", "fastv", "fastvid", "hiprune", "holitom", "infohorizon", "mmtok", "mustdrop", "pdrop", "pool",
+        "prunevid", "random", "sparsevlm", "todre", "tokenflex", "transprune", "uniform", "vflowopt", "visiondrop",
+        "visionzip", "vispruner", "vtc_cls", "zoo_prune",
     ]  # fmt: skip
     assert vtprune.list_methods("llm") == llm
     assert vtprune.list_methods("vit") == ["evit", "flowcut", "tome"]

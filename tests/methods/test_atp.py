@@ -62,7 +62,8 @@ def hand_context(attention: torch.Tensor, keep: float) -> PruneContext:
         return attention[slots] * real[..., None].float()
 
     stage = Stage(layer=1, attention_from=0, dynamic=True, budget_rule=_AllTokens(keep))
-    return PruneContext(stage=stage, model=EMBEDDED_INFO, layout=layout, items=[view], signals=Signals(attention_rows=rows))
+    signals = Signals(attention_rows=rows)
+    return PruneContext(stage=stage, model=EMBEDDED_INFO, layout=layout, items=[view], signals=signals)
 
 
 def test_rule_keeps_tokens_above_theta_r_plus_the_lattice(tmp_path):

@@ -64,7 +64,8 @@ def check_trained_for(
     if family and meta.get("family") and family != meta["family"]:
         raise ValueError(
             f"{method}: the weights at {path} were trained on {meta.get('trained_on', 'another model')} (family "
-            f"{meta['family']!r}), not on a {family!r} model; train weights for it with python -m vtprune.train.{method}"
+            f"{meta['family']!r}), not on a {family!r} model; train weights for it with "
+            f"python -m vtprune.train.{method}"
         )
     if hidden_size and (hidden_size, num_layers) != want:
         raise ValueError(

@@ -238,8 +238,9 @@ def train(
                 log(entry)
         masks.ratio = None
         meta = {
-            "method": "atp", "hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers,
-            "trained_on": model_name, "family": "llava", "layers": layers, "width": WIDTH, "features": 6, "seed": seed, "steps": steps,
+            "method": "atp", "family": "llava", "hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers,
+            "trained_on": f"the embedded digits LLaVA ({model_name})", "layers": layers, "width": WIDTH,
+            "features": 6, "seed": seed, "steps": steps,
         }  # fmt: skip
         path = save_weights(folder, modules.state_dict(), meta)
         docs = held_out_docs(eval_docs) if eval_docs else []

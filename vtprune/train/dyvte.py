@@ -47,7 +47,9 @@ THRESHOLDS = (0.7, 0.9, 0.97)
 COMPARED = ("fastv", "pdrop", "todre")
 
 
-def gate_examples(model: nn.Module, processor: Any, docs: list[dict[str, Any]], batch: int = 128) -> tuple[Tensor, Tensor]:
+def gate_examples(
+    model: nn.Module, processor: Any, docs: list[dict[str, Any]], batch: int = 128
+) -> tuple[Tensor, Tensor]:
     """Gate inputs ``[N, L - 1, 2H]`` (the exit after each layer but the last) and exit labels ``[N, L - 1]``."""
     layers = model.config.text_config.num_hidden_layers
     tokenizer = processor.tokenizer

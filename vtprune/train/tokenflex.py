@@ -126,7 +126,7 @@ def train(
         return record
     out = Path(out)
     meta = {"method": NAME, "family": "llava", "hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers,
-            "trained_on": f"the embedded LLaVA ({model_name})", **meta_widths}  # fmt: skip
+            "trained_on": f"the embedded digits LLaVA ({model_name})", **meta_widths}  # fmt: skip
     path = save_weights(out, flex.state_dict(), meta)
     if eval_docs:
         docs = held_out_docs(eval_docs)
