@@ -318,3 +318,23 @@ def test_dtop_exits_picture_has_class_and_exit_block_legends(tmp_path, figures):
     picture = _pixels(path)
     for patch in exits.get_patches():  # each exit colour is drawn (legend swatch at least) in the picture
         assert _count(picture, tuple(np.array(patch.get_facecolor()[:3]) * 255), 3) > 0
+
+
+def test_the_sweep_table_shows_tokens_per_layer_only_where_they_differ_from_the_kept_count():
+    from rich.console import Console
+
+    from vtprune.eval.sweep_report import table
+
+    def record(method, kept, per_layer):
+        return {"task": "t", "metric": "accuracy", "method": method, "keep": kept, "score": 0.9, "vs_dense": 1.0,
+                "tflops": 1.0, "prefill_ms": 1.0, "visual_tokens": kept, "sample_visual_tokens": kept,
+                "visual_tokens_per_layer": per_layer}  # fmt: skip
+
+    def shown(records):
+        console = Console(width=200, record=True)
+        console.print(table(records))
+        return console.export_text()
+
+    assert "tokens / layer" not in shown([record("random", 8, 8.0), record("pool", 4, 4.0)])
+    text = shown([record("random", 8, 8.0), record("dyvte", 0, 21.1)])  # DyVTE keeps none at the end
+    assert "tokens / layer" in text and "21.1" in text

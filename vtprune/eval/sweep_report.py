@@ -97,9 +97,16 @@ def table(records: list[dict[str, Any]], title: str = "vtprune sweep") -> Any:
     per_sample = any(
         r.get("sample_visual_tokens") is not None and r["sample_visual_tokens"] != r["visual_tokens"] for r in records
     )  # fmt: skip
-    # a sample's visual tokens averaged over the decoder layers: what in-LLM stages and exits (DyVTE) cost
+    # a sample's visual tokens averaged over the decoder layers, where some method's differ from what it keeps at
+    # the end: what in-LLM stages and exits (DyVTE) cost
+    per_layer = any(
+        r.get("visual_tokens_per_layer") is not None
+        and abs(r["visual_tokens_per_layer"] - (r.get("sample_visual_tokens") or r["visual_tokens"] or 0)) > 0.05
+        for r in records
+    )
     headers = ("task", "method", "keep", "visual tokens", *(("tokens / sample",) if per_sample else ()),
-               "tokens / layer", "score", "vs dense", "prefill TFLOPs", "prefill ms")  # fmt: skip
+               *(("tokens / layer",) if per_layer else ()), "score", "vs dense", "prefill TFLOPs",
+               "prefill ms")  # fmt: skip
     for header in (("setup",) if several else ()) + headers:
         view.add_column(header, justify="left" if header in ("setup", "task", "method") else "right")
     for r in records:
@@ -108,7 +115,7 @@ def table(records: list[dict[str, Any]], title: str = "vtprune sweep") -> Any:
             r["task"], r["method"], budget_label(r["keep"]),
             _number(r["visual_tokens"], "{:.1f}"),
             *((_number(r.get("sample_visual_tokens"), "{:.1f}"),) if per_sample else ()),
-            _number(r.get("visual_tokens_per_layer"), "{:.1f}"),
+            *((_number(r.get("visual_tokens_per_layer"), "{:.1f}"),) if per_layer else ()),
             f"{r['metric']} {r['score']:.3f}", _number(r["vs_dense"], "{:.1%}"),
             _number(r["tflops"], "{:.3g}"), _number(r["prefill_ms"], "{:.1f}"),
         )  # fmt: skip
