@@ -14,7 +14,7 @@ from vtprune.core.layout import GridPart, Layout, VisualItem
 from vtprune.core.registry import ModelInfo, Stage
 from vtprune.core.weights import ModuleCache, load_weights, save_weights
 from vtprune.embedded import TRAINED
-from vtprune.embedded.train import prompt_text, render
+from vtprune.embedded.train import prompt_batch
 from vtprune.methods.atp import (
     SPATIAL_SCORE,
     ATPLLaVA,
@@ -115,13 +115,7 @@ def test_errors_bad_path_and_wrong_model(tmp_path):
 
 
 def left_padded(processor, docs):
-    tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        prompts = [prompt_text(processor, d["question"]) for d in docs]
-        return processor(text=prompts, images=[render(d) for d in docs], return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
+    return prompt_batch(processor, docs)[0]
 
 
 def test_keep_all_is_dense_and_batch_matches_single(frozen):

@@ -14,9 +14,8 @@ from vtprune.core.budget import tokens_to_keep
 from vtprune.core.layout import VisualItem
 from vtprune.core.registry import ModelInfo
 from vtprune.core.weights import load_weights, save_weights
-from vtprune.data.digit_grids import render
 from vtprune.embedded import model_dir
-from vtprune.embedded.train import prompt_text
+from vtprune.embedded.train import prompt_batch
 from vtprune.methods.dyvte import SHIPPED, DyVTE, ExitGates, cap_layer, exit_features
 from vtprune.train.common import evaluate, held_out_docs
 
@@ -28,9 +27,7 @@ def embedded():
 
 
 def prompts(processor, docs):
-    processor.tokenizer.padding_side = "left"
-    text = [prompt_text(processor, doc["question"]) for doc in docs]
-    return processor(text=text, images=[render(d) for d in docs], return_tensors="pt", padding=True)
+    return prompt_batch(processor, docs)[0]
 
 
 def test_gate_input_is_the_mean_text_after_the_image_and_the_last_token():

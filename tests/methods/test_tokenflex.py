@@ -16,9 +16,8 @@ from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.layout import GridPart, VisualItem
 from vtprune.core.registry import Merged, ModelInfo, Stage
 from vtprune.core.weights import save_weights
-from vtprune.data.digit_grids import render
 from vtprune.embedded import model_dir
-from vtprune.embedded.train import prompt_text
+from vtprune.embedded.train import prompt_batch
 from vtprune.methods.tokenflex import (
     FlexProjector,
     TokenFLEX,
@@ -50,9 +49,7 @@ def flex_file(tmp_path_factory):
 
 
 def prompts(processor, docs):
-    processor.tokenizer.padding_side = "left"
-    text = [prompt_text(processor, d["question"]) for d in docs]
-    return processor(text=text, images=[render(d) for d in docs], return_tensors="pt", padding=True)
+    return prompt_batch(processor, docs)[0]
 
 
 def test_pooled_features_are_swiglu_of_adaptive_avg_pool(flex_file, tmp_path):

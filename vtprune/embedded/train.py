@@ -385,6 +385,20 @@ def patch_targets(
     return targets
 
 
+def prompt_batch(processor: Any, docs: list[dict[str, Any]]) -> tuple[dict[str, Tensor], Tensor]:
+    """The documents' evaluation prompts, left-padded so the last row is each prompt's end also when a wrapped model
+    prunes tokens (the tokenizer's padding side is restored), and each answer's token (every answer is one word)."""
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        prompts = [prompt_text(processor, doc["question"]) for doc in docs]
+        inputs = processor(text=prompts, images=[render(d) for d in docs], return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    answers = [tokenizer(f" {doc['answer']}", add_special_tokens=False)["input_ids"][0] for doc in docs]
+    return inputs, torch.tensor(answers)
+
+
 def answer_accuracy(
     model: nn.Module, processor: Any, docs: list[dict[str, Any]], batch: int = 100,
     after_batch: Callable[[], None] | None = None,
@@ -393,24 +407,19 @@ def answer_accuracy(
     word). Prompts are left-padded so the last row is the prompt's end also when a wrapped model prunes tokens.
     ``after_batch`` runs after each batch's forward (e.g. to read a wrapped model's record of it)."""
     correct: dict[str, list[float]] = {}
-    tokenizer = processor.tokenizer
     was_training = model.training
     model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         with torch.no_grad():
             for start in range(0, len(docs), batch):
                 chunk = docs[start : start + batch]
-                prompts = [prompt_text(processor, doc["question"]) for doc in chunk]
-                inputs = processor(text=prompts, images=[render(d) for d in chunk], return_tensors="pt", padding=True)
+                inputs, answers = prompt_batch(processor, chunk)
                 predicted = model(**inputs).logits[:, -1].argmax(-1)
                 if after_batch is not None:
                     after_batch()
                 for row, doc in enumerate(chunk):
-                    answer = tokenizer(f" {doc['answer']}", add_special_tokens=False)["input_ids"][0]
-                    correct.setdefault(doc["type"], []).append(float(int(predicted[row]) == answer))
+                    correct.setdefault(doc["type"], []).append(float(int(predicted[row]) == int(answers[row])))
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     scores = {kind: sum(v) / len(v) for kind, v in sorted(correct.items())}
     scores["mean over types"] = sum(scores.values()) / len(scores)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from vtprune.core.registry import ModelInfo
 from vtprune.core.weights import save_weights
-from vtprune.embedded.train import answer_accuracy, prompt_text, render
+from vtprune.embedded.train import answer_accuracy, prompt_batch
 from vtprune.methods.atp import (
     AUTHORS_LAYERS,
     REFERENCE_DEPTH,
@@ -158,19 +158,6 @@ def annealed(step: int, steps: int) -> float:
     return TEMPERATURE * (FINAL_TEMPERATURE / TEMPERATURE) ** (step / max(steps - 1, 1))
 
 
-def prompts(processor: Any, docs: list[dict[str, Any]]) -> tuple[dict[str, Tensor], Tensor]:
-    """Left-padded single-question prompts and each one's answer token."""
-    tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        texts = [prompt_text(processor, doc["question"]) for doc in docs]
-        inputs = processor(text=texts, images=[render(d) for d in docs], return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
-    answers = [tokenizer(f" {d['answer']}", add_special_tokens=False)["input_ids"][0] for d in docs]
-    return inputs, torch.tensor(answers)
-
-
 def soft_figures(model: nn.Module, processor: Any, masks: SoftMasks, docs: list[dict[str, Any]], keep: int) -> dict:
     """Held-out accuracy and visual tokens per layer of the soft-mask (training) model at ``keep``."""
     kept: list[Tensor] = []
@@ -219,7 +206,7 @@ def train(
     history = []
     try:
         for step in range(steps):
-            inputs, answers = prompts(processor, training_docs(batch, seed, step))
+            inputs, answers = prompt_batch(processor, training_docs(batch, seed, step))
             ratio = rng.uniform(*RATIO_RANGE)
             masks.ratio = torch.full((len(answers),), ratio)
             masks.temperature = annealed(step, steps)

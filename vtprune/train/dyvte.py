@@ -25,8 +25,7 @@ from torch import Tensor, nn
 
 import vtprune
 from vtprune.core.weights import save_weights
-from vtprune.data.digit_grids import render
-from vtprune.embedded.train import prompt_text
+from vtprune.embedded.train import prompt_batch
 from vtprune.methods.dyvte import ExitGates, exit_features
 from vtprune.train.common import (
     arguments,
@@ -52,18 +51,11 @@ def gate_examples(
 ) -> tuple[Tensor, Tensor]:
     """Gate inputs ``[N, L - 1, 2H]`` (the exit after each layer but the last) and exit labels ``[N, L - 1]``."""
     layers = model.config.text_config.num_hidden_layers
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
     image_id = model.config.image_token_id
     features, labels = [], []
     with torch.no_grad():
         for start in range(0, len(docs), batch):
-            chunk = docs[start : start + batch]
-            prompts = [prompt_text(processor, doc["question"]) for doc in chunk]
-            inputs = processor(text=prompts, images=[render(d) for d in chunk], return_tensors="pt", padding=True)
-            answers = torch.tensor(
-                [tokenizer(f" {d['answer']}", add_special_tokens=False)["input_ids"][0] for d in chunk]
-            )
+            inputs, answers = prompt_batch(processor, docs[start : start + batch])
             full = model(**inputs, output_hidden_states=True)
             valid, visual = inputs["attention_mask"].bool(), inputs["input_ids"] == image_id
             # hidden_states[k + 1] is what layer k outputs (before the final norm for k < L - 1)
