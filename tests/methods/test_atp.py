@@ -13,7 +13,7 @@ from vtprune.core.context import ItemView, PruneContext, Signals
 from vtprune.core.layout import GridPart, Layout, VisualItem
 from vtprune.core.registry import ModelInfo, Stage
 from vtprune.core.weights import ModuleCache, load_weights, save_weights
-from vtprune.embedded import TRAINED
+from vtprune.embedded import trained_dir
 from vtprune.embedded.train import prompt_batch
 from vtprune.methods.atp import (
     SPATIAL_SCORE,
@@ -27,7 +27,7 @@ from vtprune.methods.atp import (
 from vtprune.train.common import evaluate, held_out_docs, load_frozen
 
 EMBEDDED_INFO = ModelInfo(family="llava", num_layers=8, has_cls_token=True, mrope=False, hidden_size=192)
-SHIPPED = TRAINED / "atp"
+SHIPPED = trained_dir("atp")
 
 
 @pytest.fixture(scope="module")

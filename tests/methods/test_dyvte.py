@@ -13,11 +13,13 @@ import vtprune
 from vtprune.core.budget import tokens_to_keep
 from vtprune.core.layout import VisualItem
 from vtprune.core.registry import ModelInfo
-from vtprune.core.weights import load_weights, save_weights
-from vtprune.embedded import model_dir
+from vtprune.core.weights import WEIGHTS_FILE, load_weights, save_weights
+from vtprune.embedded import model_dir, trained_dir
 from vtprune.embedded.train import prompt_batch
-from vtprune.methods.dyvte import SHIPPED, DyVTE, ExitGates, cap_layer, exit_features
+from vtprune.methods.dyvte import DyVTE, ExitGates, cap_layer, exit_features
 from vtprune.train.common import evaluate, held_out_docs
+
+SHIPPED = trained_dir("dyvte") / WEIGHTS_FILE
 
 
 @pytest.fixture(scope="module")

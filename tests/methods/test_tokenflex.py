@@ -16,14 +16,13 @@ from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.layout import GridPart, VisualItem
 from vtprune.core.registry import Merged, ModelInfo, Stage
 from vtprune.core.weights import save_weights
-from vtprune.embedded import model_dir
+from vtprune.embedded import model_dir, trained_dir
 from vtprune.embedded.train import prompt_batch
 from vtprune.methods.tokenflex import (
     FlexProjector,
     TokenFLEX,
     cell_corners,
     flex_shape,
-    shipped_weights,
 )
 from vtprune.train.common import evaluate, held_out_docs
 from vtprune.train.tokenflex import flex_inputs, tower_grid, train
@@ -143,7 +142,7 @@ def test_smoke_training_writes_loadable_weights(embedded, tmp_path):
 
 def test_shipped_weights_reproduce_their_held_out_figure(embedded):
     model, processor = embedded
-    recorded = json.loads((shipped_weights().parent / "training.json").read_text())["held_out"]
+    recorded = json.loads((trained_dir("tokenflex") / "training.json").read_text())["held_out"]
     figure = recorded["tokenflex"]["16"]
     result = evaluate(model, processor, held_out_docs(recorded["documents"]), "tokenflex", 16)
     assert abs(result["accuracy"]["mean over types"] - figure["accuracy"]["mean over types"]) <= 0.02

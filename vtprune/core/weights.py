@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from vtprune.core.registry import ModelInfo
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -73,6 +76,17 @@ def check_trained_for(
             f"{want[1]}-layer language model of width {want[0]}), but this model's has {num_layers} layers of width "
             f"{hidden_size}; train weights for it with python -m vtprune.train.{method}"
         )
+
+
+def checked_weights(
+    method: str, given: str | Path | None, shipped: Path, model: ModelInfo
+) -> tuple[Path, dict[str, Any]]:
+    """The weights file a trained method loads (:func:`weights_path`) and its metadata; a clear error when they were
+    trained on another model than ``model`` (what a method's ``stages()`` calls, so a wrap refuses at once)."""
+    path = weights_path(method, given, shipped)
+    _, meta = load_weights(method, path)
+    check_trained_for(method, path, meta, model.hidden_size, model.num_layers, model.family)
+    return path, meta
 
 
 class ModuleCache:

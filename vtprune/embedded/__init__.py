@@ -31,6 +31,11 @@ MODEL_DIR = MODELS[EMBEDDED][0]
 TRAINED = HERE / "trained"
 
 
+def trained_dir(method: str) -> Path:
+    """Folder of a trained method's weights and ``training.json`` shipped for the embedded LLaVA."""
+    return TRAINED / method
+
+
 def model_dir(name: str = EMBEDDED) -> Path:
     """Folder of an embedded checkpoint (``config.json``, ``model.safetensors``, tokenizer, processor);
     ``name``: ``embedded`` (the LLaVA) or ``embedded-qwen`` (its Qwen2-VL twin)."""

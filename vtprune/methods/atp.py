@@ -31,7 +31,7 @@ visual tokens the budget loss was trained for (ours), so the counts are instance
 average; ``r >= 1`` keeps every token (ours: keep extreme = dense). The thresholds were trained with the LLM frozen
 (ours; the paper's Tab. 3 freezes it too) by ``python -m vtprune.train.atp``; see that module for the loss. Weights:
 ``weights=None`` loads the ones shipped for the embedded LLaVA; another model needs its own
-(``check_trained_for`` refuses a model of another width or depth when the method is wrapped).
+(``checked_weights`` refuses a model of another family, width or depth when the method is wrapped).
 """
 
 from __future__ import annotations
@@ -49,12 +49,8 @@ from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.layout import Layout, VisualItem
 from vtprune.core.registry import Method, ModelInfo, Stage, register_method
 from vtprune.core.signals import query_slots
-from vtprune.core.weights import (
-    ModuleCache,
-    check_trained_for,
-    load_weights,
-    weights_path,
-)
+from vtprune.core.weights import ModuleCache, checked_weights, weights_path
+from vtprune.embedded import trained_dir
 from vtprune.methods.uniform import evenly_spaced, lattice
 
 AUTHORS_LAYERS, REFERENCE_DEPTH = (4, 14, 24), 32  # unofficial code's module layers of LLaVA-1.5-7B
@@ -64,13 +60,6 @@ TEMPERATURE = 10.0  # soft masks' sharpness at the start of training (unofficial
 FEATURES = 6  # threshold network input: std / max of both log scores, r, log r
 WIDTH = 32  # threshold network hidden width (ours)
 LOG_FLOOR = 1e-4  # normalised scores are clamped here before the log (a token nobody attends to)
-
-
-def shipped_weights() -> Path:
-    """The weights trained for the embedded LLaVA (``vtprune/embedded/trained/atp/model.safetensors``)."""
-    from vtprune.embedded import TRAINED
-
-    return TRAINED / "atp" / "model.safetensors"
 
 
 class ThresholdNet(nn.Module):
@@ -199,12 +188,10 @@ class ATPLLaVA(Method):
     positions: str = "keep"
 
     def _path(self) -> Path:
-        return weights_path(self.name, self.weights, shipped_weights())
+        return weights_path(self.name, self.weights, trained_dir(self.name))
 
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
-        path = self._path()
-        _, meta = load_weights(self.name, path)
-        check_trained_for(self.name, path, meta, model.hidden_size, model.num_layers, family=model.family)
+        path, meta = checked_weights(self.name, self.weights, trained_dir(self.name), model)
         layers = model.scale_layers(AUTHORS_LAYERS, REFERENCE_DEPTH)
         if list(meta.get("layers", layers)) != layers:
             raise ValueError(f"{self.name}: the weights at {path} are for modules at layers {meta['layers']}, "

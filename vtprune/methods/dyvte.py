@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -51,10 +52,8 @@ from vtprune.core.budget import Keep, tokens_to_keep
 from vtprune.core.context import PruneContext
 from vtprune.core.layout import VisualItem
 from vtprune.core.registry import Method, ModelInfo, Stage, register_method
-from vtprune.core.weights import ModuleCache, check_trained_for, load_weights, weights_path
-from vtprune.embedded import TRAINED
-
-SHIPPED = TRAINED / "dyvte" / "model.safetensors"
+from vtprune.core.weights import ModuleCache, checked_weights, weights_path
+from vtprune.embedded import trained_dir
 
 
 class ExitGates(nn.Module):
@@ -120,14 +119,15 @@ class DyVTE(Method):
                              f"got {self.threshold}")  # fmt: skip
         self._gate_cache = ModuleCache()
 
+    def _path(self) -> Path:
+        return weights_path(self.name, self.weights, trained_dir(self.name))
+
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
         layers = model.num_layers
         if self.layer is not None:
             model.check_layer(self.name, "layer", self.layer, minimum=1)
             return [Stage(layer=self.layer, dynamic=True, budget_rule=lambda keep, item: 0)]
-        path = weights_path(self.name, self.weights, SHIPPED)
-        _, meta = load_weights(self.name, path)
-        check_trained_for(self.name, path, meta, model.hidden_size, layers, model.family)
+        checked_weights(self.name, self.weights, trained_dir(self.name), model)
 
         def rule(layer: int):  # the item's tokens before its cap layer, none from it on
             return lambda keep, item: item.num_selectable if layer < cap_layer(keep, item, layers) else 0
@@ -136,15 +136,15 @@ class DyVTE(Method):
 
     def select(self, ctx: PruneContext) -> list[Tensor]:
         layout, hidden = ctx.layout, ctx.hidden_states
-        exits = torch.ones(layout.batch_size, dtype=torch.bool, device=hidden.device)
-        if self.layer is None and self.threshold < 1.0 and bool(layout.visual.any()):
-            path = weights_path(self.name, self.weights, SHIPPED)
-            gates = self._gate_cache.get(path, ExitGates.from_meta, hidden.device, hidden.dtype)
+        if self.layer is not None:  # the static exit: every sample leaves here
+            exits = torch.ones(layout.batch_size, dtype=torch.bool, device=hidden.device)
+        elif self.threshold < 1.0 and bool(layout.visual.any()):
+            gates = self._gate_cache.get(self._path(), ExitGates.from_meta, hidden.device, hidden.dtype)
             # the gate of layer k reads what layer k outputs: the input of this stage's layer k + 1
             logits = gates(ctx.stage.layer - 1, exit_features(hidden, layout.valid, layout.visual))
             exits = logits.float().softmax(-1)[:, 1] > self.threshold
-        elif self.layer is None:
-            exits = torch.zeros_like(exits)
+        else:  # never fires, or no visual token left to leave
+            exits = torch.zeros(layout.batch_size, dtype=torch.bool, device=hidden.device)
         selections = []
         for view in ctx.items:
             leave = view.budget == 0 or bool(exits[view.sample])

@@ -42,21 +42,10 @@ from torch import Tensor, nn
 from vtprune.core.budget import Keep, pooled_shape, split_budget, tokens_to_keep
 from vtprune.core.context import ItemView, PruneContext
 from vtprune.core.registry import Merged, Method, ModelInfo, Stage, register_method
-from vtprune.core.weights import (
-    ModuleCache,
-    check_trained_for,
-    load_weights,
-    weights_path,
-)
+from vtprune.core.weights import ModuleCache, checked_weights, weights_path
+from vtprune.embedded import trained_dir
 
 NAME = "tokenflex"
-
-
-def shipped_weights() -> Path:
-    """The weights file shipped for the embedded LLaVA."""
-    from vtprune.embedded import TRAINED
-
-    return TRAINED / NAME / "model.safetensors"
 
 
 class FlexProjector(nn.Module):
@@ -120,7 +109,7 @@ class TokenFLEX(Method):
         return False  # a grid may hold fewer tokens than the budget
 
     def _path(self) -> Path:
-        return weights_path(self.name, self.weights, shipped_weights())
+        return weights_path(self.name, self.weights, trained_dir(self.name))
 
     def stages(self, model: ModelInfo, keep: Keep) -> list[Stage]:
         if not model.per_token_projector:
@@ -128,9 +117,7 @@ class TokenFLEX(Method):
                 f"{self.name}: pools the tower's patch features and replaces a per-token projector, but "
                 f"{model.family_name or model.family}'s projector combines several patches per token"
             )
-        path = self._path()
-        _, meta = load_weights(self.name, path)
-        check_trained_for(self.name, path, meta, model.hidden_size, model.num_layers, family=model.family)
+        checked_weights(self.name, self.weights, trained_dir(self.name), model)
         return [Stage(layer=None, encoder_features=True)]
 
     def select(self, ctx: PruneContext) -> list[Merged]:

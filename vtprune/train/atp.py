@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from vtprune.core.registry import ModelInfo
 from vtprune.core.weights import save_weights
+from vtprune.embedded import trained_dir
 from vtprune.embedded.train import answer_accuracy, prompt_batch
 from vtprune.methods.atp import (
     AUTHORS_LAYERS,
@@ -56,7 +57,6 @@ from vtprune.train.common import (
     evaluate,
     held_out_docs,
     load_frozen,
-    shipped,
     training_docs,
     write_training,
 )
@@ -191,7 +191,7 @@ def train(
     """Train the ATP modules, write ``model.safetensors`` and ``training.json`` to ``out`` (default: the shipped
     folder) and return the training record."""
     started = time.time()
-    folder = Path(out) if out is not None else shipped("atp")
+    folder = Path(out) if out is not None else trained_dir("atp")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model, processor = load_frozen(model_name)
@@ -257,7 +257,7 @@ def train(
 
 
 def main() -> None:
-    args = arguments("Train ATP-LLaVA's threshold networks on the frozen embedded LLaVA.", STEPS, shipped("atp"))
+    args = arguments("Train ATP-LLaVA's threshold networks on the frozen embedded LLaVA.", STEPS, trained_dir("atp"))
     train(steps=args.steps, seed=args.seed, eval_docs=args.eval_docs, out=args.out, model_name=args.model)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vtprune.data.digit_grids import generate
-from vtprune.embedded import EMBEDDED, TRAINED, model_dir
+from vtprune.embedded import EMBEDDED, model_dir
 from vtprune.embedded.train import answer_accuracy
 
 HELD_OUT_SEED = 1000  # the test split's documents the embedded models' tests score; never seen in training
@@ -88,11 +88,6 @@ def arguments(description: str, steps: int, out: Path) -> argparse.Namespace:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args
-
-
-def shipped(method: str) -> Path:
-    """Folder of the weights shipped for the embedded LLaVA."""
-    return TRAINED / method
 
 
 def write_training(folder: Path, record: dict[str, Any], started: float) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 import vtprune
 from vtprune.core.weights import save_weights
+from vtprune.embedded import trained_dir
 from vtprune.embedded.train import prompt_batch
 from vtprune.methods.dyvte import ExitGates, exit_features
 from vtprune.train.common import (
@@ -32,7 +33,6 @@ from vtprune.train.common import (
     evaluate,
     held_out_docs,
     load_frozen,
-    shipped,
     training_docs,
     write_training,
 )
@@ -120,7 +120,7 @@ def train(
     features, labels = gate_examples(model, processor, training_docs(docs, seed, 0))
     valid_features, valid_labels = gate_examples(model, processor, training_docs(max(docs // 8, 2), seed, 1))
     gates, losses = fit_gates(features, labels, steps, seed, width)
-    out = Path(out) if out is not None else shipped("dyvte")
+    out = Path(out) if out is not None else trained_dir("dyvte")
     meta = {
         "method": "dyvte", "family": vtprune.adapter_for(model).family, "num_layers": layers, "width": width,
         "hidden_size": model.config.text_config.hidden_size, "trained_on": f"the embedded digits LLaVA ({name})",
@@ -154,7 +154,7 @@ def train(
 
 
 def main() -> None:
-    args = arguments("Train DyVTE's exit gates (vtprune.methods.dyvte) on a frozen model.", 600, shipped("dyvte"))
+    args = arguments("Train DyVTE's exit gates (vtprune.methods.dyvte) on a frozen model.", 600, trained_dir("dyvte"))
     record = train(steps=args.steps, seed=args.seed, out=args.out, eval_docs=args.eval_docs, name=args.model)
     for key, value in record.get("held_out", {}).items():
         print(f"{key:28s} acc {value['accuracy']['mean over types']:.4f}  visual/layer "

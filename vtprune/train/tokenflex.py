@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from vtprune.core.budget import pooled_shape
 from vtprune.core.weights import WEIGHTS_FILE, save_weights
-from vtprune.embedded import EMBEDDED
+from vtprune.embedded import EMBEDDED, trained_dir
 from vtprune.embedded.train import dialogue_batch
 from vtprune.methods.tokenflex import NAME, FlexProjector
 from vtprune.train.common import (
@@ -33,7 +33,6 @@ from vtprune.train.common import (
     evaluate,
     held_out_docs,
     load_frozen,
-    shipped,
     training_docs,
     write_training,
 )
@@ -141,7 +140,7 @@ def train(
 
 
 def main() -> None:
-    args = arguments(__doc__.split("\n\n")[0], STEPS, shipped(NAME))
+    args = arguments(__doc__.split("\n\n")[0], STEPS, trained_dir(NAME))
     record = train(args.steps, args.seed, eval_docs=args.eval_docs, out=args.out, model_name=args.model)
     print({k: v for k, v in record.items() if k != "recipe"})
 
