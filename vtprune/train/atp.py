@@ -77,6 +77,7 @@ class SoftMasks:
         self.decoder = model.model.language_model.layers
         self.image_token = model.config.image_token_id
         self.ratio: Tensor | None = None  # [B] target ratio per sample
+        self.fixed_ratio: float | None = None  # evaluation: every forward's samples get this ratio
         self.probs: Tensor | None = None
         self.temperature = TEMPERATURE
         self.handles = [model.register_forward_pre_hook(self._start, with_kwargs=True)]
@@ -105,6 +106,8 @@ class SoftMasks:
         self.instruction = valid & (slots > last_visual[:, None])
         # visual slots per sample, [B, 64] (one image per prompt)
         self.slots = torch.argsort((~self.visual).to(torch.int8), dim=1, stable=True)[:, :IMAGE_TOKENS]
+        if self.fixed_ratio is not None:
+            self.ratio = torch.full((ids.shape[0],), self.fixed_ratio)
         self.keep = torch.ones(ids.shape, dtype=torch.float32)  # cumulative mask per slot
         self.fractions: list[Tensor] = []  # per module, [B] kept fraction from its layer on
         self.probs = None
@@ -162,24 +165,14 @@ def soft_figures(model: nn.Module, processor: Any, masks: SoftMasks, docs: list[
     """Held-out accuracy and visual tokens per layer of the soft-mask (training) model at ``keep``."""
     kept: list[Tensor] = []
     num_layers = model.config.text_config.num_hidden_layers
-    masks.ratio = torch.full((100,), keep / IMAGE_TOKENS)
-    original = masks._start
-
-    def start(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        original(module, args, kwargs)
-        masks.ratio = torch.full((kwargs["input_ids"].shape[0],), keep / IMAGE_TOKENS)
-
-    masks.handles[0].remove()
-    masks.handles[0] = model.register_forward_pre_hook(start, with_kwargs=True)
+    masks.fixed_ratio = keep / IMAGE_TOKENS
     try:
         with torch.no_grad():
             accuracy = answer_accuracy(
                 model, processor, docs, after_batch=lambda: kept.append(masks.layer_average(num_layers))
             )
     finally:
-        masks.handles[0].remove()
-        masks.handles[0] = model.register_forward_pre_hook(original, with_kwargs=True)
-        masks.ratio = None
+        masks.fixed_ratio = masks.ratio = None
     return {"accuracy": accuracy, "visual_tokens_per_layer": float(torch.cat(kept).mean()) * IMAGE_TOKENS}
 
 
